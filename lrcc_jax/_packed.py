@@ -1,0 +1,178 @@
+"""Inference layout that makes skipping cheap: unit-major weight blocks.
+
+At batch 1 a dense layer is bound by the weight bytes it reads. Reading only the selected
+units is cheap when each unit's weights are contiguous, i.e. rows of `Wᵀ` (n_out, n_in);
+gathering columns of the (n_in, n_out) training layout is slower than the whole dense
+product on XLA:CPU (DESIGN, "Where the speed comes from"). `pack` does that transpose once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lrcc_jax import _checks, _mask
+from lrcc_jax._estimator import LowRankEstimator
+
+Array = jax.Array
+Strategy = Literal["auto", "gather", "dense"]
+
+# A gathered weight row costs about this many dense rows on XLA:CPU (0.36 ms for 410 of
+# 4096 rows against 1.4 ms dense, 4096 wide, experiments/bench_layer.py). "auto" gathers
+# only when rows * capacity * GATHER_COST < n_blocks, i.e. when it beats the dense product.
+GATHER_COST = 2.5
+
+
+class PackedDense(NamedTuple):
+  """A ReLU layer packed for compute-skipping inference.
+
+  Attributes:
+    weight: (n_blocks, block_size, n_in) unit-major weights: block `b`, unit `j` holds
+      column `b * block_size + j` of the Flax kernel.
+    bias: (n_blocks, block_size) bias.
+    u: (n_in, r) estimator factor.
+    v: (r, n_out) estimator factor.
+  """
+
+  weight: Array
+  bias: Array
+  u: Array
+  v: Array
+
+  @property
+  def block_size(self) -> int:
+    return self.weight.shape[1]
+
+  @property
+  def n_in(self) -> int:
+    return self.weight.shape[2]
+
+  @property
+  def n_out(self) -> int:
+    return self.weight.shape[0] * self.weight.shape[1]
+
+  @property
+  def estimator(self) -> LowRankEstimator:
+    return LowRankEstimator(self.u, self.v)
+
+
+def pack(
+    kernel: Array,
+    bias: Array,
+    est: LowRankEstimator,
+    *,
+    block_size: int = 1,
+    dtype: jnp.dtype | None = None,
+) -> PackedDense:
+  r"""Packs a layer for `packed_dense`: transposes the kernel to unit-major blocks.
+
+  Do this once, outside the inference loop: the transpose reads and writes every weight.
+  The packed form holds one copy of the weights plus the estimator factors.
+
+  Args:
+    kernel: (n_in, n_out) Flax-layout kernel.
+    bias: (n_out,) bias.
+    est: the layer's estimator.
+    block_size: static size of contiguous unit blocks; must divide n_out.
+    dtype: optional storage dtype for the weights (e.g. `jnp.bfloat16` halves the bytes
+      read); products still accumulate in the input's dtype.
+
+  Returns:
+    A `PackedDense`.
+
+  Raises:
+    ValueError: on mismatched shapes or a bad block size.
+  """
+  n_in, n_out = _checks.check_kernel(kernel, bias)
+  _checks.check_estimator(est, n_in, n_out)
+  n_blocks = _checks.check_block_size(block_size, n_out)
+  weight = jnp.reshape(kernel.T, (n_blocks, block_size, n_in))
+  if dtype is not None:
+    weight = weight.astype(dtype)
+  return PackedDense(weight, jnp.reshape(bias, (n_blocks, block_size)), est.u, est.v)
+
+
+def skip_pays(rows: int, capacity: int | None, n_blocks: int) -> bool:
+  """Static choice of the "auto" strategy: gather only when it reads fewer bytes than dense."""
+  return capacity is not None and rows * capacity * GATHER_COST < n_blocks
+
+
+def packed_dense(
+    x: Array,
+    packed: PackedDense,
+    *,
+    threshold: float | Array = 0.0,
+    capacity: int | None = None,
+    strategy: Strategy = "auto",
+) -> Array:
+  r"""Conditional ReLU layer that computes only the selected blocks.
+
+  Same values as `conditional_dense` (and `masked_dense` under the contract's mask `M`).
+  With `capacity = k`, each row gathers its `k` best-scoring weight blocks and computes
+  `k · block_size` dot products, so the flops and the weight bytes read are
+  `O(rows · k · block_size · n_in)` instead of `O(n_out · n_in)`; the estimator adds
+  `r (n_in + n_out)` per row. Selection is `top_k` with static `k`: no `cond`, no loops,
+  one compiled program for every input.
+
+  `strategy="auto"` decides from static shapes: when `rows · k` is so large that the
+  gathers would read more than the dense product (`skip_pays`), it computes densely and
+  masks, which gives the same values and never loses much to dense. `"gather"` and
+  `"dense"` force a path (for benchmarks and tests).
+
+  Without a capacity the number of selected units is data dependent, which static shapes
+  cannot exploit: the product is dense and then masked.
+
+  Args:
+    x: (..., n_in) inputs; leading dimensions are independent rows.
+    packed: output of `pack`.
+    threshold: blocks whose score is not above it are zero.
+    capacity: optional static number of blocks computed per row, in [1, n_blocks].
+    strategy: "auto", "gather" or "dense".
+
+  Returns:
+    (..., n_out) activations.
+
+  Raises:
+    ValueError: on a wrong input width, a bad capacity or strategy.
+  """
+  n_blocks, block_size, n_in = packed.weight.shape
+  n_out = n_blocks * block_size
+  _checks.check_features(x, n_in, "packed layer")
+  capacity = _checks.check_capacity(capacity, n_blocks, block_size)
+  if strategy not in ("auto", "gather", "dense"):
+    raise ValueError(f"strategy={strategy!r} must be 'auto', 'gather' or 'dense'.")
+
+  lead = x.shape[:-1]
+  xr = jnp.reshape(x, (-1, n_in))
+  rows = xr.shape[0]
+  bias_flat = jnp.reshape(packed.bias, (1, n_out)).astype(xr.dtype)
+  z_hat = jax.lax.stop_gradient((xr @ packed.u) @ packed.v + bias_flat)
+  scores = _mask.block_scores(z_hat, block_size)
+
+  gather = capacity is not None and (
+      strategy == "gather" or (strategy == "auto" and skip_pays(rows, capacity, n_blocks))
+  )
+  if not gather:
+    keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
+    w = jnp.reshape(packed.weight, (n_out, n_in)).astype(xr.dtype)
+    z = jax.lax.dot_general(xr, w, (((1,), (1,)), ((), ()))) + bias_flat
+    y = jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
+    return jnp.reshape(y, lead + (n_out,))
+
+  idx = _mask.top_blocks(scores, capacity)  # (rows, k), ascending
+  keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
+  if rows == 1:
+    w = packed.weight[idx[0]].astype(xr.dtype)  # (k, bs, n_in): one contiguous-row gather
+    z = jnp.einsum("kbi,i->kb", w, xr[0])[None]
+  else:
+    w = packed.weight[idx].astype(xr.dtype)  # (rows, k, bs, n_in)
+    z = jnp.einsum("rkbi,ri->rkb", w, xr)
+  z = z + packed.bias[idx].astype(xr.dtype)
+  vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+  row_ids = jnp.arange(rows)[:, None]
+  y = jnp.zeros((rows, n_blocks, block_size), vals.dtype).at[row_ids, idx].set(
+      vals, unique_indices=True, indices_are_sorted=True
+  )
+  return jnp.reshape(y, lead + (n_out,))

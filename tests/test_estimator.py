@@ -1,0 +1,119 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrcc_jax as L
+
+
+def _rand(seed, *shape):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_fit_svd_is_the_optimal_rank_r_approximation():
+  w = _rand(0, 20, 12)
+  est = L.fit_svd(jnp.asarray(w), 5)
+  chex.assert_shape(est.u, (20, 5))
+  chex.assert_shape(est.v, (5, 12))
+  s = np.linalg.svd(w, compute_uv=False)
+  err = np.linalg.norm(w - np.asarray(est.u @ est.v))
+  np.testing.assert_allclose(err, np.sqrt(np.sum(s[5:] ** 2)), rtol=1e-4)
+
+
+def test_full_rank_reproduces_kernel():
+  w = _rand(1, 9, 13)
+  est = L.fit_svd(jnp.asarray(w), 9)
+  np.testing.assert_allclose(np.asarray(est.u @ est.v), w, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 13, 100])
+def test_fit_svd_rank_out_of_range_names_values(rank):
+  with pytest.raises(ValueError, match=rf"rank={rank}.*\(12, 13\).*\[1, 12\]"):
+    L.fit_svd(jnp.zeros((12, 13)), rank)
+
+
+def test_fit_svd_rejects_non_int_rank_and_bad_kernel():
+  with pytest.raises(ValueError, match="rank must be a static Python int"):
+    L.fit_svd(jnp.zeros((4, 4)), 2.5)
+  with pytest.raises(ValueError, match=r"kernel must be 2-D.*\(4,\)"):
+    L.fit_svd(jnp.zeros((4,)), 1)
+
+
+def test_estimate_matches_numpy_for_any_leading_dims():
+  w, b = _rand(2, 16, 8), _rand(3, 8)
+  est = L.fit_svd(jnp.asarray(w), 3)
+  x = _rand(4, 2, 3, 16)
+  got = L.estimate(jnp.asarray(x), est, jnp.asarray(b))
+  want = (x @ np.asarray(est.u)) @ np.asarray(est.v) + b
+  chex.assert_shape(got, (2, 3, 8))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(L.estimate(jnp.asarray(x), est)), want - b, rtol=1e-4, atol=1e-4)
+
+
+def test_estimate_wrong_width_names_shapes():
+  est = L.fit_svd(jnp.ones((16, 8)), 2)
+  with pytest.raises(ValueError, match=r"x has shape \(3, 15\).*n_in=16"):
+    L.estimate(jnp.zeros((3, 15)), est)
+
+
+def test_sign_mask_threshold_and_nan_is_computed_not_hidden():
+  est = L.LowRankEstimator(jnp.eye(3), jnp.eye(3))
+  x = jnp.array([[0.5, -0.2, 0.0]])
+  np.testing.assert_array_equal(np.asarray(L.sign_mask(x, est)), [[True, False, False]])
+  np.testing.assert_array_equal(
+      np.asarray(L.sign_mask(x, est, threshold=-0.3)), [[True, True, True]]
+  )
+  np.testing.assert_array_equal(
+      np.asarray(L.sign_mask(x, est, jnp.array([-1.0, 0.0, 0.1]))), [[False, False, True]]
+  )
+  # A NaN estimate is never a confident "inactive": the unit is computed.
+  nan_est = L.LowRankEstimator(jnp.eye(3), jnp.array([[1.0, 0, 0], [0, jnp.nan, 0], [0, 0, 1]]))
+  np.testing.assert_array_equal(np.asarray(L.sign_mask(x, nan_est)), [[True, True, False]])
+
+
+def _proj_err(x, w, est):
+  return np.linalg.norm(x @ (w - np.asarray(est.u @ est.v)))
+
+
+def test_data_aware_beats_svd_on_its_inputs():
+  rng = np.random.default_rng(5)
+  w = rng.standard_normal((30, 20)).astype(np.float32)
+  x = (rng.standard_normal((200, 30)) * np.linspace(0.01, 3.0, 30)).astype(np.float32)
+  svd = L.fit_svd(jnp.asarray(w), 4)
+  da = L.fit_data_aware(jnp.asarray(w), 4, jnp.asarray(x))
+  assert _proj_err(x, w, da) < 0.9 * _proj_err(x, w, svd)
+
+
+def test_data_aware_singular_inputs_are_safe():
+  rng = np.random.default_rng(6)
+  w = rng.standard_normal((20, 10)).astype(np.float32)
+  x = rng.standard_normal((50, 20)).astype(np.float32)
+  x[:, :8] = 0.0  # constant border pixels: X^T X is singular
+  est = L.fit_data_aware(jnp.asarray(w), 3, jnp.asarray(x))
+  assert np.all(np.isfinite(np.asarray(est.u))) and np.all(np.isfinite(np.asarray(est.v)))
+  assert _proj_err(x, w, est) <= 1.01 * _proj_err(x, w, L.fit_svd(jnp.asarray(w), 3))
+  full = L.fit_data_aware(jnp.asarray(w), 10, jnp.asarray(x))
+  np.testing.assert_allclose(x @ np.asarray(full.u @ full.v), x @ w, rtol=1e-3, atol=1e-3)
+
+
+def test_data_aware_bad_inputs():
+  w = jnp.zeros((6, 5))
+  with pytest.raises(ValueError, match=r"x has shape \(10, 7\).*n_in=6"):
+    L.fit_data_aware(w, 2, jnp.zeros((10, 7)))
+  with pytest.raises(ValueError, match=r"at least rank=4 calibration rows, got 3"):
+    L.fit_data_aware(w, 4, jnp.zeros((3, 6)))
+  with pytest.raises(ValueError, match=r"rank=6"):
+    L.fit_data_aware(w, 6, jnp.zeros((10, 6)))
+
+
+def test_estimator_functions_jit_and_vmap():
+  w = jnp.asarray(_rand(7, 10, 6))
+  x = jnp.asarray(_rand(8, 4, 10))
+  est = jax.jit(L.fit_svd, static_argnums=1)(w, 3)
+  chex.assert_trees_all_close(est, L.fit_svd(w, 3), atol=1e-5)
+  batched = jax.vmap(lambda r: L.estimate(r, est))(x)
+  chex.assert_trees_all_close(batched, L.estimate(x, est), atol=1e-5)
+  jitted = jax.jit(L.fit_data_aware, static_argnums=1)(w, 3, x)
+  eager = L.fit_data_aware(w, 3, x)
+  chex.assert_trees_all_close(jitted.u @ jitted.v, eager.u @ eager.v, rtol=1e-3, atol=1e-3)

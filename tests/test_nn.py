@@ -1,0 +1,103 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrcc_jax as L
+from lrcc_jax.nn import ConditionalDense, ConditionalMLP, EstimatorFactor, packed_mlp
+
+
+def _model(**kw):
+  kw.setdefault("ranks", [6, 4])
+  return ConditionalMLP(20, [16, 12], 5, rngs=nnx.Rngs(0), **kw)
+
+
+def _x(rows=8, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((rows, 20)), jnp.float32)
+
+
+def test_modes_agree_with_functional_core():
+  m = _model(thresholds=[-0.1, 0.0], capacities=[5, None], block_sizes=[2, 1])
+  x = _x()
+  layer = m.layers[0]
+  np.testing.assert_allclose(
+      np.asarray(layer(x, "mask")),
+      np.asarray(L.conditional_dense(x, layer.kernel[...], layer.bias[...], layer.estimator, threshold=-0.1, capacity=5, block_size=2)),
+      rtol=1e-6,
+  )
+  dense = jax.nn.relu(x @ layer.kernel[...] + layer.bias[...][None])
+  np.testing.assert_allclose(np.asarray(layer(x, "dense")), np.asarray(dense), rtol=1e-6)
+  chex.assert_trees_all_close(m(x, mode="skip"), m(x, mode="mask"), atol=1e-5)
+  packed = m.pack()
+  chex.assert_trees_all_close(
+      packed_mlp(x, packed, thresholds=m.thresholds, capacities=[5, None]), m(x, mode="mask"), atol=1e-5
+  )
+
+
+def test_full_rank_mask_mode_equals_dense_mode():
+  m = _model(ranks=[16, 12])
+  x = _x()
+  chex.assert_trees_all_close(m(x, mode="mask"), m(x, mode="dense"), atol=1e-5)
+
+
+def test_factors_are_not_trainable_and_refit_tracks_kernel():
+  m = _model()
+  params = nnx.state(m, nnx.Param)
+  assert all("u" not in str(path[-1]) and "v" not in str(path[-1]) for path, _ in nnx.to_flat_state(params))
+  factors = nnx.state(m, EstimatorFactor)
+  assert len(nnx.to_flat_state(factors)) == 4
+  layer = m.layers[1]
+  layer.kernel[...] = layer.kernel[...] * 2.0
+  m.refit()
+  chex.assert_trees_all_close(layer.estimator, L.fit_svd(layer.kernel[...], 4), atol=1e-5)
+  m.refit(_x(40), method="data_aware", ranks=[3, 2])
+  assert m.ranks == (3, 2)
+
+
+def test_return_activations_and_dropout():
+  m = _model(dropout_rate=0.5)
+  x = _x()
+  m.eval()
+  logits, acts = m(x, return_activations=True)
+  chex.assert_shape(logits, (8, 5))
+  assert [a.shape for a in acts] == [(8, 16), (8, 12)]
+  assert all(float(a.min()) >= 0 for a in acts)
+  m.train()
+  assert not np.allclose(np.asarray(m(x)), np.asarray(logits))
+
+
+def test_calibrate_reaches_recall_per_layer():
+  m = _model(ranks=[2, 2])
+  x = _x(200)
+  thresholds = m.calibrate(x, recall=0.95)
+  assert len(thresholds) == 2 and all(t < 0 for t in thresholds)
+  h = x
+  for layer in m.layers:
+    s = L.estimator_stats(h, layer.kernel[...], layer.bias[...], layer.estimator, layer.threshold)
+    assert float(s["recall"]) >= 0.95
+    h = layer(h, "mask")
+
+
+def test_bad_configuration_errors():
+  with pytest.raises(ValueError, match="ranks has 3 entries but the network has 2"):
+    _model(ranks=[1, 2, 3])
+  with pytest.raises(ValueError, match=r"rank=17"):
+    _model(ranks=[17, 2])
+  with pytest.raises(ValueError, match="mode='fast'"):
+    _model()(_x(), mode="fast")
+  with pytest.raises(ValueError, match=r"capacity=9 is outside \[1, 8\]"):
+    ConditionalDense(4, 16, rank=2, capacity=9, block_size=2, rngs=nnx.Rngs(0))
+
+
+def test_jitted_mask_mode_traces_once():
+  m = _model()
+
+  @nnx.jit
+  @chex.assert_max_traces(n=1)
+  def f(m, x):
+    return m(x, mode="mask")
+
+  for seed in range(3):
+    f(m, _x(seed=seed))

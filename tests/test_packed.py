@@ -1,0 +1,142 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import lrcc_jax as L
+from helpers import reference_mask, selection_margin
+from test_layers import _layer, layer_cases
+
+
+@given(layer_cases(), st.sampled_from(["auto", "gather", "dense"]))
+def test_packed_dense_equals_masked_reference(case, strategy):
+  n_in, n_out, rank, block_size, capacity, threshold, batch, seed = case
+  w, b, est = _layer(seed, n_in, n_out, rank)
+  x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(batch + (n_in,)), jnp.float32)
+  z_hat = np.asarray(L.estimate(x, est, b))
+  assume(selection_margin(z_hat, threshold, capacity, block_size) > 1e-4)
+  mask = reference_mask(z_hat, threshold, capacity, block_size)
+  packed = L.pack(w, b, est, block_size=block_size)
+  got = L.packed_dense(x, packed, threshold=threshold, capacity=capacity, strategy=strategy)
+  chex.assert_shape(got, batch + (n_out,))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(L.masked_dense(x, w, b, mask)), rtol=1e-4, atol=1e-5)
+  cond = L.conditional_dense(x, w, b, est, threshold=threshold, capacity=capacity, block_size=block_size)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(cond), rtol=1e-4, atol=1e-5)
+
+
+def test_pack_layout_is_unit_major_blocks():
+  w, b, est = _layer(0, 5, 12, 3)
+  p = L.pack(w, b, est, block_size=4)
+  chex.assert_shape(p.weight, (3, 4, 5))
+  chex.assert_shape(p.bias, (3, 4))
+  for blk in range(3):
+    for j in range(4):
+      np.testing.assert_array_equal(np.asarray(p.weight[blk, j]), np.asarray(w[:, 4 * blk + j]))
+  assert (p.n_in, p.n_out, p.block_size) == (5, 12, 4)
+  with pytest.raises(ValueError, match="block_size=5 must be a positive divisor of n_out=12"):
+    L.pack(w, b, est, block_size=5)
+
+
+def test_packed_errors_name_values():
+  w, b, est = _layer(0, 6, 12, 2)
+  p = L.pack(w, b, est, block_size=3)
+  with pytest.raises(ValueError, match=r"x has shape \(7,\).*n_in=6"):
+    L.packed_dense(jnp.zeros((7,)), p)
+  with pytest.raises(ValueError, match=r"capacity=5 is outside \[1, 4\]"):
+    L.packed_dense(jnp.zeros((6,)), p, capacity=5)
+  with pytest.raises(ValueError, match="strategy='fast'"):
+    L.packed_dense(jnp.zeros((6,)), p, capacity=1, strategy="fast")
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gather_path_gradients_equal_masked_reference(rows):
+  w, b, est = _layer(1, 8, 12, 3)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 8)), jnp.float32)
+  mask = L.unit_mask(L.estimate(x, est, b), 0.0, 2, 2)
+
+  def loss_packed(x, packed):
+    return jnp.sum(L.packed_dense(x, packed, capacity=2, strategy="gather") ** 2)
+
+  def loss_ref(x, w, b):
+    return jnp.sum(L.masked_dense(x, w, b, mask) ** 2)
+
+  gx, gp = jax.grad(loss_packed, argnums=(0, 1))(x, L.pack(w, b, est, block_size=2))
+  rx, rw, rb = jax.grad(loss_ref, argnums=(0, 1, 2))(x, w, b)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gp.weight).reshape(12, 8).T, np.asarray(rw), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gp.bias).reshape(12), np.asarray(rb), rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(gp.u)) and not np.any(np.asarray(gp.v))
+
+
+def test_jit_vmap_and_leading_dims_agree():
+  w, b, est = _layer(3, 10, 16, 4)
+  p = L.pack(w, b, est, block_size=2)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 10)), jnp.float32)
+  f = lambda x: L.packed_dense(x, p, threshold=-0.1, capacity=3, strategy="gather")
+  ref = f(x)
+  chex.assert_trees_all_close(jax.jit(f)(x), ref, atol=1e-6)
+  chex.assert_trees_all_close(jax.vmap(jax.vmap(f))(x), ref, atol=1e-6)
+  chex.assert_trees_all_close(f(x[0, 0]), ref[0, 0], atol=1e-6)
+
+
+def _primitive_names(jaxpr):
+  """Every primitive in a jaxpr, descending into sub-jaxprs (pjit, custom_jvp, ...)."""
+  from jax.extend.core import jaxprs_in_params
+
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jaxprs_in_params(eqn.params):
+      names |= _primitive_names(sub)
+  return names
+
+
+@pytest.mark.parametrize("strategy", ["gather", "dense", "auto"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_skipping_paths_are_cond_free(strategy, rows):
+  w, b, est = _layer(5, 16, 32, 4)
+  p = L.pack(w, b, est, block_size=4)
+  x = jnp.ones((rows, 16))
+  fns = {
+      "packed": lambda x: L.packed_dense(x, p, threshold=0.1, capacity=2, strategy=strategy),
+      "conditional": lambda x: L.conditional_dense(x, w, b, est, capacity=2, block_size=4),
+      "mask": lambda x: L.sign_mask(x, est, b),
+      "stats": lambda x: L.estimator_stats(x, w, b, est),
+      "calibrate": lambda x: L.calibrate_threshold(x, w, b, est),
+  }
+  for name, fn in fns.items():
+    prims = _primitive_names(jax.make_jaxpr(fn)(x).jaxpr)
+    bad = {p for p in prims if p in ("cond", "while") or "callback" in p}
+    assert not bad, (name, bad)
+  jaxpr = jax.make_jaxpr(fns["packed"])(x).jaxpr
+  gathers = any(
+      e.primitive.name == "gather" and e.invars[0].aval.shape == p.weight.shape for e in jaxpr.eqns
+  )
+  assert gathers == (strategy == "gather" or (strategy == "auto" and rows == 1))
+
+
+def test_no_recompilation_on_repeated_calls():
+  w, b, est = _layer(6, 12, 24, 4)
+  p = L.pack(w, b, est, block_size=2)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(x, p, t):
+    return L.packed_dense(x, p, threshold=t, capacity=3)
+
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    f(jnp.asarray(rng.standard_normal((12,)), jnp.float32), p, jnp.float32(0.1 * i))
+
+
+def test_bf16_storage_error_is_bounded():
+  w, b, est = _layer(7, 64, 32, 8)
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 64)), jnp.float32)
+  exact = L.packed_dense(x, L.pack(w, b, est), capacity=8, strategy="gather")
+  half = L.packed_dense(x, L.pack(w, b, est, dtype=jnp.bfloat16), capacity=8, strategy="gather")
+  # bf16 keeps 8 mantissa bits: |Δz| <= 2^-8 · Σ|x_i w_ij| per unit.
+  bound = 2.0**-8 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)))
+  assert np.all(np.abs(np.asarray(half - exact)) <= bound + 1e-6)

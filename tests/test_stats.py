@@ -1,0 +1,66 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrcc_jax as L
+from test_layers import _layer
+
+
+def _data(seed=0, n_in=20, n_out=30, rank=4, rows=64):
+  w, b, est = _layer(seed, n_in, n_out, rank)
+  x = jnp.asarray(np.random.default_rng(seed + 10).standard_normal((rows, n_in)), jnp.float32)
+  z = np.asarray(x @ w + b[None])
+  z_hat = np.asarray(L.estimate(x, est, b))
+  return x, w, b, est, z, z_hat
+
+
+@pytest.mark.parametrize("threshold", [-0.3, 0.0, 0.2])
+def test_estimator_stats_match_numpy(threshold):
+  x, w, b, est, z, z_hat = _data()
+  stats = jax.jit(L.estimator_stats)(x, w, b, est, threshold)
+  active, computed = z > 0, z_hat > threshold
+  np.testing.assert_allclose(float(stats["recall"]), (active & computed).sum() / active.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["precision"]), (active & computed).sum() / computed.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["computed_fraction"]), computed.mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["density"]), active.mean(), rtol=1e-6)
+
+
+def test_full_rank_stats_are_perfect():
+  x, w, b, _, z, _ = _data()
+  est = L.fit_svd(w, 20)
+  stats = L.estimator_stats(x, w, b, est)
+  assert float(stats["recall"]) > 0.999 and float(stats["precision"]) > 0.999
+
+
+def test_empty_sets_give_recall_and_precision_one():
+  w = jnp.zeros((3, 4))
+  b = -jnp.ones((4,))
+  stats = L.estimator_stats(jnp.ones((2, 3)), w, b, L.fit_svd(w, 1))
+  assert float(stats["recall"]) == 1.0 and float(stats["precision"]) == 1.0
+  assert float(stats["density"]) == 0.0
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.99, 1.0])
+def test_calibrated_threshold_is_the_largest_reaching_recall(target):
+  x, w, b, est, z, z_hat = _data(seed=3)
+  t = float(jax.jit(lambda x: L.calibrate_threshold(x, w, b, est, recall=target))(x))
+  active = z > 0
+  recall_at = lambda t: (active & (z_hat > t)).sum() / active.sum()
+  assert recall_at(t) >= target
+  # Any larger threshold that changes the selection loses recall below the target.
+  above = np.sort(z_hat[active & (z_hat > t)])
+  assert recall_at(above[0]) < target
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.01])
+def test_calibrate_recall_out_of_range(bad):
+  x, w, b, est, _, _ = _data()
+  with pytest.raises(ValueError, match=rf"recall={bad} must lie in \(0, 1\]"):
+    L.calibrate_threshold(x, w, b, est, recall=bad)
+
+
+def test_calibrate_wrong_width():
+  x, w, b, est, _, _ = _data()
+  with pytest.raises(ValueError, match=r"x has shape \(64, 19\).*n_in=20"):
+    L.calibrate_threshold(x[:, :19], w, b, est)
