@@ -155,3 +155,21 @@ def test_no_recompilation_on_repeated_calls():
   rng = np.random.default_rng(0)
   for i in range(4):
     f(jnp.asarray(rng.standard_normal((3, 10)), jnp.float32), w, b, est, jnp.float32(-0.1 * i))
+
+
+@given(
+    st.integers(1, 40), st.integers(1, 6), st.data(),
+)
+def test_top_k_membership_is_top_k_with_ties_to_lower_index(n, rows, data):
+  from lrcc_jax import _mask
+
+  k = data.draw(st.integers(1, n))
+  # Few distinct values, NaN and infinities: ties everywhere.
+  pool = st.sampled_from([-np.inf, -2.0, -0.0, 0.0, 1.5, 1.5, 3.0, np.inf, np.nan])
+  vals = np.array(data.draw(st.lists(pool, min_size=rows * n, max_size=rows * n)), np.float32)
+  scores = jnp.asarray(vals.reshape(rows, n))
+  got = np.asarray(_mask.top_k_membership(scores, k))
+  _, idx = jax.lax.top_k(_mask.ranking_scores(scores), k)
+  want = np.zeros((rows, n), bool)
+  np.put_along_axis(want, np.asarray(idx), True, axis=-1)
+  np.testing.assert_array_equal(got, want)

@@ -1,0 +1,116 @@
+"""Latency benchmarks: dense jit against the compute-skipping `packed_dense`.
+
+Protocol (DESIGN, "Measuring"): both sides are jitted, compiled and warmed up outside the
+timed region, `pack` runs once beforehand, every call ends in `block_until_ready`, the two
+sides are interleaved, and each figure is the median of `repeats` repeats. Ratios are
+reported next to the FLOP model's figure, with the device, jax version and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrcc_jax._estimator import fit_svd
+from lrcc_jax._flops import LayerCost, theoretical_speedup
+from lrcc_jax._layers import masked_dense, unit_mask
+from lrcc_jax._packed import pack, packed_dense, skip_pays
+from lrcc_jax._estimator import estimate
+
+
+def environment() -> dict:
+  """Where the figures were measured."""
+  dev = jax.devices()[0]
+  return {
+      "device_kind": dev.device_kind,
+      "platform": dev.platform,
+      "jax_version": jax.__version__,
+      "cpu_count": os.cpu_count(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "machine": platform.machine(),
+  }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], jax.Array]], *, repeats: int = 9, calls: int = 20
+) -> dict[str, float]:
+  """Median seconds per call of each thunk, with the thunks interleaved in every repeat."""
+  for fn in fns.values():  # compile + warm up
+    fn().block_until_ready()
+    fn().block_until_ready()
+  samples: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(calls):
+        fn().block_until_ready()
+      samples[name].append((time.perf_counter() - start) / calls)
+  return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def bench_layer(
+    width: int = 4096,
+    rank: int = 64,
+    batches: Sequence[int] = (1, 8, 64),
+    fractions: Sequence[float] = (0.05, 0.10, 0.25),
+    *,
+    repeats: int = 9,
+    seed: int = 0,
+) -> list[dict]:
+  """One `width`×`width` f32 ReLU layer: dense jit vs `packed_dense` at fixed capacities."""
+  k_w, k_b, k_x = jax.random.split(jax.random.key(seed), 3)
+  kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
+  bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
+  est = fit_svd(kernel, rank)
+  packed = jax.block_until_ready(pack(kernel, bias, est))
+  dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+  rows = []
+  for batch in batches:
+    x = jax.random.normal(k_x, (batch, width), jnp.float32)
+    for frac in fractions:
+      cap = max(1, int(round(frac * width)))
+      skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
+      mask = unit_mask(estimate(x, est, bias), 0.0, cap)
+      np.testing.assert_allclose(  # the timed path computes the contract's values
+          np.asarray(skip_fn(x)), np.asarray(masked_dense(x, kernel, bias, mask)), rtol=1e-4, atol=1e-4
+      )
+      t = time_interleaved({"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}, repeats=repeats)
+      gathered = skip_pays(batch, cap, width)
+      flop_ratio = theoretical_speedup([LayerCost(width, width, rank, frac)]) if gathered else 1.0
+      measured = t["dense"] / t["skip"]
+      rows.append({
+          "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
+          "capacity": cap, "path": "gather" if gathered else "dense+mask",
+          "dense_ms": 1e3 * t["dense"], "skip_ms": 1e3 * t["skip"],
+          "measured_speedup": measured, "flop_model_speedup": flop_ratio,
+          "fraction_of_model": measured / flop_ratio,
+      })
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  head = f"{'batch':>5} {'cap':>5} {'path':>10} {'dense ms':>9} {'skip ms':>8} {'speedup':>8} {'model':>7} {'achieved':>8}"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    lines.append(
+        f"{r['batch']:>5} {r['capacity_fraction']:>5.0%} {r['path']:>10} {r['dense_ms']:>9.3f}"
+        f" {r['skip_ms']:>8.3f} {r['measured_speedup']:>7.2f}x {r['flop_model_speedup']:>6.2f}x"
+        f" {r['fraction_of_model']:>8.0%}"
+    )
+  return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict, out_dir: str | os.PathLike = "experiments/results") -> Path:
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"{name}.json"
+  path.write_text(json.dumps(payload, indent=2) + "\n")
+  return path
