@@ -19,6 +19,9 @@ from lrcc_jax._layers import unit_mask as unit_mask
 from lrcc_jax._packed import PackedDense as PackedDense
 from lrcc_jax._packed import pack as pack
 from lrcc_jax._packed import packed_dense as packed_dense
+from lrcc_jax._sparse import SparseRows as SparseRows
+from lrcc_jax._sparse import densify as densify
+from lrcc_jax._sparse import sparse_packed_dense as sparse_packed_dense
 from lrcc_jax._stats import calibrate_threshold as calibrate_threshold
 from lrcc_jax._stats import estimator_stats as estimator_stats
 

@@ -114,3 +114,76 @@ def write_results(name: str, payload: dict, out_dir: str | os.PathLike = "experi
   path = out / f"{name}.json"
   path.write_text(json.dumps(payload, indent=2) + "\n")
   return path
+
+
+def random_mlp(width: int, depth: int, rank: int, capacity: int, *, num_classes: int = 10, seed: int = 0):
+  """A `depth`-layer `width`-wide ConditionalMLP with random weights, for latency only."""
+  from flax import nnx
+
+  from lrcc_jax.nn import ConditionalMLP
+
+  return ConditionalMLP(
+      width, [width] * depth, num_classes, ranks=rank, capacities=capacity, rngs=nnx.Rngs(seed)
+  )
+
+
+def bench_mlp(
+    model,
+    batches: Sequence[int] = (1,),
+    *,
+    repeats: int = 9,
+    seed: int = 0,
+    x_pool: np.ndarray | None = None,
+) -> list[dict]:
+  """A whole `ConditionalMLP`: dense jit vs skip mode (`packed_mlp`, "auto" strategy).
+
+  Both sides see the same inputs: rows of `x_pool` when given (real data), else Gaussian.
+  The FLOP-model figure uses the computed fractions measured on those inputs.
+  """
+  from lrcc_jax.nn import packed_mlp
+
+  model.eval()
+  packed = jax.block_until_ready(model.pack())
+  thresholds, capacities = model.thresholds, [l.capacity for l in model.layers]
+  kernels = [(l.kernel[...], l.bias[...]) for l in model.layers]
+  head = (model.head.kernel[...], model.head.bias[...])
+
+  def dense(x):
+    for k, b in kernels:
+      x = jax.nn.relu(x @ k + b[None])
+    return x @ head[0] + head[1][None]
+
+  dense_fn = jax.jit(dense)
+  rows = []
+  rng = np.random.default_rng(seed)
+  n_in = kernels[0][0].shape[0]
+  for batch in batches:
+    if x_pool is not None:
+      x = jnp.asarray(x_pool[rng.choice(len(x_pool), batch, replace=False)])
+    else:
+      x = jnp.asarray(rng.standard_normal((batch, n_in)), jnp.float32)
+    skip_fn = jax.jit(lambda x: packed_mlp(x, packed, thresholds=thresholds, capacities=capacities))
+    _, acts = packed_mlp(x, packed, thresholds=thresholds, capacities=capacities, return_activations=True)
+    ref = model(x, mode="mask")
+    np.testing.assert_allclose(np.asarray(skip_fn(x)), np.asarray(ref), rtol=1e-3, atol=1e-3)
+    t = time_interleaved({"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}, repeats=repeats)
+    fractions = [float(jnp.mean(a != 0)) for a in acts]
+    computed = [
+        min(1.0, c * l.block_size / l.kernel.shape[1]) if c is not None else 1.0
+        for c, l in zip(capacities, model.layers)
+    ]
+    costs, c_in = [], 1.0
+    for layer, c, frac in zip(model.layers, computed, fractions):
+      costs.append(LayerCost(layer.kernel.shape[0], layer.kernel.shape[1], layer.rank, c, c_in))
+      c_in = c
+    costs.append(LayerCost(head[0].shape[0], head[0].shape[1], None, 1.0, c_in))
+    flop = theoretical_speedup(costs)
+    measured = t["dense"] / t["skip"]
+    rows.append({
+        "batch": batch, "widths": [n_in] + [k.shape[1] for k, _ in kernels],
+        "ranks": list(model.ranks), "capacities": capacities, "computed_fraction": computed,
+        "nonzero_fraction": fractions, "dense_ms": 1e3 * t["dense"], "skip_ms": 1e3 * t["skip"],
+        "measured_speedup": measured, "flop_model_speedup": flop,
+        "fraction_of_model": measured / flop,
+    })
+  return rows

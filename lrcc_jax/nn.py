@@ -13,6 +13,7 @@ built with ``wrt=nnx.Param`` never trains them; `refit` recomputes them from the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -23,7 +24,8 @@ from flax import nnx
 from lrcc_jax import _checks
 from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
 from lrcc_jax._layers import conditional_dense
-from lrcc_jax._packed import PackedDense, pack, packed_dense
+from lrcc_jax._packed import PackedDense, pack, packed_dense, skip_pays
+from lrcc_jax._sparse import densify, sparse_linear, sparse_packed_dense
 from lrcc_jax._stats import calibrate_threshold
 
 Array = jax.Array
@@ -266,14 +268,58 @@ def packed_mlp(
     thresholds: Sequence[float],
     capacities: Sequence[int | None],
     return_activations: bool = False,
+    strategy: Literal["auto", "sparse", "layerwise"] = "auto",
 ) -> Array | tuple[Array, list[Array]]:
-  """Skip-mode inference of a packed `ConditionalMLP`: `packed_dense` layer by layer."""
+  """Skip-mode inference of a packed `ConditionalMLP`.
+
+  ``"sparse"`` keeps every hidden activation as `SparseRows` (indices, values), so each
+  layer reads only the estimator rows and weights of its active inputs (input sparsity,
+  `sparse_packed_dense`); it needs a capacity on every hidden layer. ``"layerwise"`` runs
+  `packed_dense` layer by layer on dense activations. ``"auto"`` picks ``"sparse"`` when
+  every layer has a capacity and gathering pays at this batch size (`skip_pays`), else
+  ``"layerwise"`` (whose layers fall back to dense products at large batches). All give
+  the same values.
+
+  Args:
+    x: (rows, n_in) inputs (or (n_in,)).
+    packed: output of `ConditionalMLP.pack`.
+    thresholds: one per hidden layer.
+    capacities: one per hidden layer (blocks per row), None for no cap.
+    return_activations: also return the dense hidden activations.
+    strategy: "auto", "sparse" or "layerwise".
+
+  Returns:
+    Logits, and optionally the list of hidden activations.
+  """
   if not len(thresholds) == len(capacities) == len(packed.layers):
     raise ValueError(
         f"{len(packed.layers)} layers need as many thresholds and capacities, got"
         f" {len(thresholds)} and {len(capacities)}."
     )
-  acts, h = [], x
+  if strategy not in ("auto", "sparse", "layerwise"):
+    raise ValueError(f"strategy={strategy!r} must be 'auto', 'sparse' or 'layerwise'.")
+  rows = math.prod(x.shape[:-1])
+  sparse_ok = all(c is not None for c in capacities)
+  if strategy == "sparse" and not sparse_ok:
+    raise ValueError(f"strategy='sparse' needs a capacity on every layer, got {list(capacities)}.")
+  if strategy == "auto":
+    sparse_ok = sparse_ok and all(
+        skip_pays(rows, c, l.weight.shape[0]) for l, c in zip(packed.layers, capacities)
+    )
+    strategy = "sparse" if sparse_ok else "layerwise"
+
+  acts = []
+  if strategy == "sparse":
+    lead = x.shape[:-1]
+    h = jnp.reshape(x, (-1, x.shape[-1]))
+    for layer, t, c in zip(packed.layers, thresholds, capacities):
+      h = sparse_packed_dense(h, layer, threshold=t, capacity=c)
+      if return_activations:
+        acts.append(jnp.reshape(densify(h, layer.n_out), lead + (layer.n_out,)))
+    logits = jnp.reshape(sparse_linear(h, packed.head_kernel, packed.head_bias), lead + (-1,))
+    return (logits, acts) if return_activations else logits
+
+  h = x
   for layer, t, c in zip(packed.layers, thresholds, capacities):
     h = packed_dense(h, layer, threshold=t, capacity=c)
     acts.append(h)

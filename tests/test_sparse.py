@@ -1,0 +1,55 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrcc_jax as L
+from lrcc_jax._sparse import SparseRows, densify, sparse_packed_dense
+from lrcc_jax.nn import ConditionalMLP, packed_mlp
+from test_layers import _layer
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_sparse_layer_equals_packed_dense_on_dense_and_sparse_inputs(block_size, rows):
+  w1, b1, e1 = _layer(0, 12, 16, 4)
+  w2, b2, e2 = _layer(1, 16, 20, 5)
+  p1, p2 = L.pack(w1, b1, e1, block_size=block_size), L.pack(w2, b2, e2, block_size=block_size)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 12)), jnp.float32)
+  c1, c2 = 8 // block_size, 6 // block_size
+  h1 = sparse_packed_dense(x, p1, threshold=-0.05, capacity=c1)
+  ref1 = L.packed_dense(x, p1, threshold=-0.05, capacity=c1)
+  chex.assert_shape(h1.indices, (rows, c1 * block_size))
+  np.testing.assert_allclose(np.asarray(densify(h1, 16)), np.asarray(ref1), rtol=1e-5, atol=1e-6)
+  h2 = sparse_packed_dense(h1, p2, threshold=0.0, capacity=c2)
+  ref2 = L.conditional_dense(ref1, w2, b2, e2, capacity=c2, block_size=block_size)
+  np.testing.assert_allclose(np.asarray(densify(h2, 20)), np.asarray(ref2), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_chain_of_mlp_equals_layerwise_conditional_dense():
+  m = ConditionalMLP(20, [32, 24, 16], 5, ranks=[8, 6, 4], thresholds=[-0.1, 0.0, 0.0],
+                     capacities=[10, 8, 6], rngs=nnx.Rngs(3))
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 20)), jnp.float32)
+  packed = m.pack()
+  kw = dict(thresholds=m.thresholds, capacities=[10, 8, 6], return_activations=True)
+  logits, acts = packed_mlp(x, packed, strategy="sparse", **kw)
+  ref_logits, ref_acts = m(x, mode="mask", return_activations=True)
+  chex.assert_trees_all_close(acts, ref_acts, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  jitted = jax.jit(lambda x: packed_mlp(x, packed, strategy="sparse", thresholds=m.thresholds, capacities=[10, 8, 6]))
+  chex.assert_trees_all_close(jitted(x), ref_logits, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(packed_mlp(x[0], packed, strategy="sparse", **kw)[0], ref_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_errors():
+  w, b, e = _layer(0, 6, 8, 2)
+  p = L.pack(w, b, e)
+  with pytest.raises(ValueError, match="needs a capacity"):
+    sparse_packed_dense(jnp.zeros((1, 6)), p, capacity=None)
+  with pytest.raises(ValueError, match=r"\(1, 3\) and \(1, 2\)"):
+    sparse_packed_dense(SparseRows(jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 2))), p, capacity=2)
+  m = ConditionalMLP(6, [8], 2, ranks=[2], rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="capacity on every layer"):
+    packed_mlp(jnp.zeros((1, 6)), m.pack(), thresholds=[0.0], capacities=[None], strategy="sparse")
