@@ -40,12 +40,20 @@ def environment() -> dict:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], jax.Array]], *, repeats: int = 9, calls: int = 20
+    fns: dict[str, Callable[[], jax.Array]], *, repeats: int = 9, calls: int | None = None
 ) -> dict[str, float]:
-  """Median seconds per call of each thunk, with the thunks interleaved in every repeat."""
+  """Median seconds per call of each thunk, with the thunks interleaved in every repeat.
+
+  `calls` per repeat defaults to enough calls for about 20 ms of the slowest thunk.
+  """
+  slowest = 0.0
   for fn in fns.values():  # compile + warm up
     fn().block_until_ready()
+    start = time.perf_counter()
     fn().block_until_ready()
+    slowest = max(slowest, time.perf_counter() - start)
+  if calls is None:
+    calls = int(min(50, max(3, 0.02 / max(slowest, 1e-6))))
   samples: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
@@ -187,3 +195,101 @@ def bench_mlp(
         "fraction_of_model": measured / flop,
     })
   return rows
+
+
+def memory_report(width_in: int, width_out: int, rank: int, packed, skip_fn, x) -> dict:
+  """Bytes of the dense parameters, of the packed form, and XLA's temporaries for skip."""
+  dense_bytes = 4 * (width_in * width_out + width_out)
+  packed_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(packed))
+  factor_bytes = 4 * rank * (width_in + width_out)
+  compiled = skip_fn.lower(x).compile()
+  analysis = compiled.memory_analysis()
+  temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else None
+  return {
+      "dense_param_bytes": dense_bytes,
+      "packed_bytes": packed_bytes,
+      "packed_over_dense_plus_factors": packed_bytes / (dense_bytes + factor_bytes),
+      "skip_temp_bytes": temp,
+  }
+
+
+def bench_suite(
+    widths: Sequence[int] = (1024, 4096, 8192),
+    batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+    fractions: Sequence[float] = (0.05, 0.10, 0.25, 0.50),
+    *,
+    rank: int = 64,
+    repeats: int = 7,
+    progress: bool = True,
+) -> list[dict]:
+  """Single layers: dense jit vs mask (dense product, then mask) vs skip (`packed_dense`)."""
+  from lrcc_jax._layers import conditional_dense
+
+  rows = []
+  grid = [(w, b, f) for w in widths for b in batches for f in fractions]
+  bar = None
+  if progress:
+    import tqdm
+
+    bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr)
+  for width in widths:
+    k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
+    kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
+    bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
+    est = fit_svd(kernel, rank)
+    packed = jax.block_until_ready(pack(kernel, bias, est))
+    dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+    for batch in batches:
+      x = jax.random.normal(k_x, (batch, width), jnp.float32)
+      for frac in fractions:
+        cap = max(1, int(round(frac * width)))
+        skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
+        mask_fn = jax.jit(lambda x, cap=cap: conditional_dense(x, kernel, bias, est, capacity=cap))
+        t = time_interleaved(
+            {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
+            repeats=repeats,
+        )
+        gathered = skip_pays(batch, cap, width)
+        model = theoretical_speedup([LayerCost(width, width, rank, frac)])
+        row = {
+            "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
+            "path": "gather" if gathered else "dense+mask",
+            "dense_ms": 1e3 * t["dense"], "mask_ms": 1e3 * t["mask"], "skip_ms": 1e3 * t["skip"],
+            "skip_speedup": t["dense"] / t["skip"], "mask_speedup": t["dense"] / t["mask"],
+            "flop_model_speedup": model, "fraction_of_model": t["dense"] / t["skip"] / model,
+        }
+        if batch == 1:
+          row["memory"] = memory_report(width, width, rank, packed, skip_fn, x)
+        rows.append(row)
+        if bar is not None:
+          bar.update()
+  if bar is not None:
+    bar.close()
+  return rows
+
+
+def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
+  """Speed-up of skip over dense against batch size, one panel per width."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  widths = sorted({r["width"] for r in rows})
+  fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False)
+  for ax, width in zip(axes[0], widths):
+    for frac in sorted({r["capacity_fraction"] for r in rows}):
+      sel = [r for r in rows if r["width"] == width and r["capacity_fraction"] == frac]
+      ax.plot([r["batch"] for r in sel], [r["skip_speedup"] for r in sel], "o-", label=f"skip, {frac:.0%}")
+    mask = [r for r in rows if r["width"] == width and r["capacity_fraction"] == 0.1]
+    ax.plot([r["batch"] for r in mask], [r["mask_speedup"] for r in mask], "k--", label="mask after dense, 10%")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_title(f"{width}x{width} layer, rank {rows[0]['rank']}")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speed-up over dense jit")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

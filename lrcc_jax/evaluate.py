@@ -1,0 +1,494 @@
+"""Test-set evaluation of a trained `ConditionalMLP`: errors, estimator quality, FLOPs.
+
+`evaluate_model` reproduces the paper's protocol (Davis & Arel, arXiv:1312.4461): fit the
+low-rank sign estimators at the requested ranks, then report the test error of the dense
+network next to that of the conditional network, the estimator's recall and the fraction
+of units it computes per hidden layer, and the theoretical speed-up of the FLOP model
+(DESIGN, "FLOP model"). Everything the estimator is fitted or calibrated on comes from the
+training split; the test split is only ever evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrcc_jax import _checks
+from lrcc_jax._flops import LayerCost, theoretical_speedup
+from lrcc_jax._stats import _exact_and_estimate
+from lrcc_jax.data import Dataset, normalize
+from lrcc_jax.nn import ConditionalMLP, EstimatorFactor, PackedMLP, packed_mlp
+
+Array = jax.Array
+Estimator = Literal["svd", "data_aware", "trained"]
+ESTIMATORS: tuple[str, ...] = ("svd", "data_aware")
+"""The closed-form estimator fits; `available_estimators` adds ``"trained"`` when present."""
+
+RESULT_KEYS: tuple[str, ...] = (
+    "dataset",
+    "n_examples",
+    "test_error_dense",
+    "test_error_conditional",
+    "ranks",
+    "threshold",
+    "estimator",
+    "density",
+    "recall",
+    "computed_fraction",
+    "theoretical_speedup",
+)
+"""The keys of `evaluate_model`'s result (DESIGN, "Command line", ``evaluate``)."""
+
+CAPACITY_KEYS: tuple[str, ...] = ("capacities", "test_error_capacity")
+"""The keys `evaluate_model` adds when it is given `capacities`."""
+
+
+def _fit_trained_fn() -> Any:
+  """`lrcc_jax._trained.fit_trained`, or None where that module is not there (yet)."""
+  try:
+    from lrcc_jax._trained import fit_trained  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return fit_trained
+
+
+def available_estimators() -> tuple[str, ...]:
+  """`ESTIMATORS`, plus ``"trained"`` when `lrcc_jax._trained.fit_trained` exists."""
+  return ESTIMATORS + (("trained",) if _fit_trained_fn() is not None else ())
+
+
+def check_ranks(ranks: Any, model: ConditionalMLP) -> list[int] | None:
+  """Validates per-layer estimator ranks against a model's hidden layers.
+
+  Args:
+    ranks: None (keep the model's ranks), one int for every layer, or one per layer.
+    model: the network.
+
+  Returns:
+    None or a list of Python ints, one per hidden layer.
+
+  Raises:
+    ValueError: naming the layer, if the count or a rank is out of range.
+  """
+  if ranks is None:
+    return None
+  n = len(model.layers)
+  if isinstance(ranks, Sequence) and not isinstance(ranks, str):
+    ranks = list(ranks)
+    if len(ranks) != n:
+      raise ValueError(f"ranks={ranks} has {len(ranks)} entries but the model has {n} hidden layers.")
+  else:
+    ranks = [ranks] * n
+  checked = []
+  for i, (r, layer) in enumerate(zip(ranks, model.layers)):
+    try:
+      checked.append(_checks.check_rank(r, *layer.kernel.shape))
+    except ValueError as err:
+      raise ValueError(f"ranks[{i}] (hidden layer {i + 1}): {err}") from None
+  return checked
+
+
+def _check_thresholds(threshold: Any, n: int) -> list[float] | None:
+  """Per-layer float thresholds, or None for ``"calibrated"``."""
+  if isinstance(threshold, str):
+    if threshold != "calibrated":
+      raise ValueError(f"threshold={threshold!r} must be a number, one per layer, or 'calibrated'.")
+    return None
+  if isinstance(threshold, Sequence):
+    if len(threshold) != n:
+      raise ValueError(
+          f"threshold has {len(threshold)} entries but the model has {n} hidden layers."
+      )
+    return [float(t) for t in threshold]
+  return [float(threshold)] * n
+
+
+def calibration_subset(dataset: Dataset, rows: int, seed: int = 0) -> np.ndarray:
+  """A seeded subset of `rows` normalised training images (all of them if fewer).
+
+  Args:
+    dataset: the data; only its training split is read.
+    rows: how many rows to draw, at least 1.
+    seed: seed of the draw.
+
+  Returns:
+    float32 (min(rows, n_train), n_features) array, in training-set order.
+  """
+  rows = _checks.as_static_int(rows, "calibration_rows")
+  if rows < 1:
+    raise ValueError(f"calibration_rows={rows} must be at least 1.")
+  n_train = len(dataset.train_images)
+  if n_train == 0:
+    raise ValueError(f"{dataset.name}: the training split is empty; nothing to calibrate on.")
+  idx = np.sort(np.random.default_rng(seed).choice(n_train, size=min(rows, n_train), replace=False))
+  return normalize(dataset.train_images[idx])
+
+
+def _batch_counts(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    packed: PackedMLP,
+    thresholds: Array,
+    x: Array,
+    y: Array,
+    valid: Array,
+    capacities: tuple[int | None, ...] | None = None,
+) -> dict[str, Array]:
+  """Integer counts over the valid rows of one (padded) test batch.
+
+  The estimator counts use the definitions of `estimator_stats` (active `z > 0`, computed
+  `not ẑ <= t`, so NaN estimates count as computed) on the inputs that the conditional
+  network feeds each layer. Counts, not ratios, so that batches add up exactly. With
+  static `capacities`, also the errors of the network run with those capacities.
+  """
+  model = nnx.merge(graphdef, state)
+  logits_dense, acts_dense = model(x, mode="dense", return_activations=True)
+  n = len(packed.layers)
+  logits_cond, acts_cond = packed_mlp(
+      x, packed, thresholds=[thresholds[i] for i in range(n)], capacities=[None] * n,
+      return_activations=True,
+  )
+  rows = valid[:, None]
+
+  def count(mask: Array) -> Array:
+    return jnp.sum(mask & rows, dtype=jnp.int32)
+
+  def errors(logits: Array) -> Array:
+    return jnp.sum((jnp.argmax(logits, axis=-1) != y) & valid, dtype=jnp.int32)
+
+  inputs = [x, *acts_cond[:-1]]
+  active, computed, hit, nonzero_in, dense_active = [], [], [], [], []
+  for i, layer in enumerate(model.layers):
+    z, z_hat = _exact_and_estimate(inputs[i], layer.kernel[...], layer.bias[...], layer.estimator)
+    a = z > 0
+    c = ~(z_hat <= thresholds[i])
+    active.append(count(a))
+    computed.append(count(c))
+    hit.append(count(a & c))
+    nonzero_in.append(count(inputs[i] != 0))
+    dense_active.append(count(acts_dense[i] > 0))
+  extra = {}
+  if capacities is not None:
+    extra["errors_capacity"] = errors(packed_mlp(
+        x, packed, thresholds=[thresholds[i] for i in range(n)], capacities=list(capacities)
+    ))
+  return {
+      **extra,
+      "errors_dense": errors(logits_dense),
+      "errors_conditional": errors(logits_cond),
+      "active": jnp.stack(active),
+      "computed": jnp.stack(computed),
+      "hit": jnp.stack(hit),
+      "nonzero_in": jnp.stack(nonzero_in),
+      "dense_active": jnp.stack(dense_active),
+      "head_nonzero_in": count(acts_cond[-1] != 0),
+  }
+
+
+_batch_counts_jit = jax.jit(_batch_counts, static_argnums=(0, 7))
+
+
+def _finite_or_none(value: float) -> float | None:
+  return value if math.isfinite(value) else None
+
+
+def fit_estimators(
+    model: ConditionalMLP,
+    inputs: Array | None,
+    *,
+    estimator: str = "svd",
+    ranks: Sequence[int] | None = None,
+    recall: float = 0.99,
+    seed: int = 0,
+) -> None:
+  """Refits every hidden layer's estimator of `model` in place.
+
+  Args:
+    model: the network (modified).
+    inputs: (rows, n_in) normalised calibration rows; needed by ``"data_aware"`` and
+      ``"trained"``. Both fit each layer on the input the dense network feeds it.
+    estimator: ``"svd"`` (the paper), ``"data_aware"`` (`fit_data_aware`) or
+      ``"trained"`` (`lrcc_jax._trained.fit_trained`, warm-started from the data-aware
+      fit and trained for the operating point at `recall`).
+    ranks: one rank per hidden layer, or None to keep the model's.
+    recall: the recall target that ``"trained"`` optimises for.
+    seed: seed of ``"trained"``'s batch draws.
+
+  Raises:
+    ValueError: for an unknown or unavailable estimator, or missing inputs.
+  """
+  if estimator not in available_estimators():
+    raise ValueError(f"estimator={estimator!r} must be one of {available_estimators()}.")
+  if estimator != "svd" and inputs is None:
+    raise ValueError(f"estimator={estimator!r} needs calibration inputs.")
+  if estimator != "trained":
+    model.refit(inputs, method=estimator, ranks=ranks)
+    return
+  fit_trained = _fit_trained_fn()
+  model.refit(ranks=ranks)  # sets the ranks; the factors are replaced below
+  for layer, x in zip(model.layers, model.layer_inputs(inputs, mode="dense")):
+    est = fit_trained(
+        layer.kernel[...], layer.bias[...], layer.rank, x, recall=recall, seed=seed
+    )
+    layer.u = EstimatorFactor(est.u)
+    layer.v = EstimatorFactor(est.v)
+
+
+def selection_capacities(
+    model: ConditionalMLP, inputs: Array, *, quantile: float = 0.99
+) -> list[int]:
+  """Static per-layer capacities from the units the estimator selects on `inputs`.
+
+  For every hidden layer, counts per row the blocks whose score passes the layer's
+  threshold (the mask of `conditional_dense` without a capacity, on the inputs that the
+  conditional layers before it produce) and takes the `quantile` of those counts over
+  the rows, rounded up, at least 1. A capacity below a row's count drops that row's
+  lowest-scoring selected blocks, so report the error with the capacities too
+  (`evaluate_model(capacities=...)`).
+
+  Args:
+    model: the network, with its estimators and thresholds set.
+    inputs: (rows, n_in) normalised calibration rows (never the test split).
+    quantile: in (0, 1]; 1 takes the largest count.
+
+  Returns:
+    One int per hidden layer, in [1, n_out / block_size].
+  """
+  quantile = _checks.check_fraction(quantile, "quantile")
+  caps = []
+  for layer, x in zip(model.layers, model.layer_inputs(inputs, mode="mask")):
+    _, z_hat = _exact_and_estimate(x, layer.kernel[...], layer.bias[...], layer.estimator)
+    n_blocks = z_hat.shape[-1] // layer.block_size
+    scores = jnp.max(jnp.reshape(z_hat, (-1, n_blocks, layer.block_size)), axis=-1)
+    counts = np.asarray(jnp.sum(~(scores <= layer.threshold), axis=-1))
+    cap = int(np.ceil(np.quantile(counts, quantile, method="higher")))
+    caps.append(min(max(cap, 1), n_blocks))
+  return caps
+
+
+def check_capacities(capacities: Any, model: ConditionalMLP) -> list[int | None] | str | None:
+  """Validates `evaluate_model`'s `capacities`: None, ``"auto"``, an int or one per layer."""
+  if capacities is None or capacities == "auto":
+    return capacities
+  if isinstance(capacities, str):
+    raise ValueError(f"capacities={capacities!r} must be None, 'auto', an int or one per layer.")
+  n = len(model.layers)
+  if isinstance(capacities, Sequence):
+    if len(capacities) != n:
+      raise ValueError(
+          f"capacities={list(capacities)} has {len(capacities)} entries but the model has {n}"
+          " hidden layers."
+      )
+    capacities = list(capacities)
+  else:
+    capacities = [capacities] * n
+  out = []
+  for i, (c, layer) in enumerate(zip(capacities, model.layers)):
+    try:
+      out.append(_checks.check_capacity(
+          c, layer.kernel.shape[1] // layer.block_size, layer.block_size
+      ))
+    except ValueError as err:
+      raise ValueError(f"capacities[{i}] (hidden layer {i + 1}): {err}") from None
+  return out
+
+
+def evaluate_prepared(
+    model: ConditionalMLP,
+    dataset: Dataset,
+    *,
+    estimator: str,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+  """`evaluate_model`'s statistics for a network whose estimators are already set.
+
+  Uses `model`'s factors, thresholds and capacities as they are (no refit). When every
+  hidden layer has no capacity the result has exactly `RESULT_KEYS`; when some layer has
+  one, it adds `CAPACITY_KEYS`: the capacities and the test error of the packed network
+  run with them (``test_error_conditional`` is always without capacities).
+
+  Args:
+    model: the prepared network (not modified).
+    dataset: the data; only the test split is read.
+    estimator: the name reported in the result.
+    batch_size: test rows per jitted batch.
+  """
+  batch_size = _checks.as_static_int(batch_size, "batch_size")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be at least 1.")
+  n_test = len(dataset.test_images)
+  if n_test == 0:
+    raise ValueError(f"{dataset.name}: the test split is empty.")
+  model = nnx.clone(model)
+  model.eval()
+  capacities = tuple(l.capacity for l in model.layers)
+  with_capacity = any(c is not None for c in capacities)
+  graphdef, state = nnx.split(model)
+  packed = model.pack()
+  t = jnp.asarray(model.thresholds, jnp.float32)
+  totals: dict[str, np.ndarray] = {}
+  for start in range(0, n_test, batch_size):
+    images = dataset.test_images[start:start + batch_size]
+    labels = dataset.test_labels[start:start + batch_size].astype(np.int32)
+    rows = len(images)
+    pad = batch_size - rows
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
+    valid = np.arange(batch_size) < rows
+    counts = _batch_counts_jit(
+        graphdef, state, packed, t, jnp.asarray(normalize(images)), jnp.asarray(labels),
+        jnp.asarray(valid), capacities if with_capacity else None,
+    )
+    for key, value in jax.device_get(counts).items():
+      totals[key] = totals.get(key, 0) + np.asarray(value, np.int64)
+
+  widths = [dataset.num_features] + [int(l.kernel.shape[1]) for l in model.layers]
+  units = [n_test * w for w in widths[1:]]
+  active, computed, hit = totals["active"], totals["computed"], totals["hit"]
+  recalls = [float(h / a) if a else 1.0 for h, a in zip(hit, active)]
+  computed_fraction = [float(c / u) for c, u in zip(computed, units)]
+  density = [float(d / u) for d, u in zip(totals["dense_active"], units)]
+  input_fraction = [1.0] + [
+      float(nz / (n_test * w)) for nz, w in zip(totals["nonzero_in"][1:], widths[1:-1])
+  ]
+  costs = [
+      LayerCost(a, b, r, c, c_in)
+      for a, b, r, c, c_in in zip(widths, widths[1:], model.ranks, computed_fraction, input_fraction)
+  ]
+  head_in = float(totals["head_nonzero_in"] / (n_test * widths[-1]))
+  costs.append(LayerCost(widths[-1], int(model.head.kernel.shape[1]), None, 1.0, head_in))
+  result = {
+      "dataset": dataset.name,
+      "n_examples": int(n_test),
+      "test_error_dense": float(totals["errors_dense"] / n_test),
+      "test_error_conditional": float(totals["errors_conditional"] / n_test),
+      "ranks": [int(r) for r in model.ranks],
+      "threshold": [_finite_or_none(float(x)) for x in model.thresholds],
+      "estimator": estimator,
+      "density": density,
+      "recall": recalls,
+      "computed_fraction": computed_fraction,
+      "theoretical_speedup": float(theoretical_speedup(costs)),
+  }
+  if with_capacity:
+    result["capacities"] = [None if c is None else int(c) for c in capacities]
+    result["test_error_capacity"] = float(totals["errors_capacity"] / n_test)
+  return result
+
+
+def evaluate_model(
+    model: ConditionalMLP,
+    dataset: Dataset,
+    *,
+    ranks: int | Sequence[int] | None = None,
+    threshold: float | Sequence[float] | Literal["calibrated"] = 0.0,
+    recall: float = 0.99,
+    estimator: Estimator = "svd",
+    calibration_rows: int = 1000,
+    batch_size: int = 500,
+    seed: int = 0,
+    capacities: int | Sequence[int | None] | Literal["auto"] | None = None,
+    capacity_quantile: float = 0.99,
+) -> dict[str, Any]:
+  r"""Test error and conditional-computation statistics of a trained network.
+
+  Steps:
+
+  1. Refit every hidden layer's estimator at `ranks` with `estimator`: the paper's
+     truncated SVD, `fit_data_aware` on `calibration_rows` seeded training rows, or
+     (where `lrcc_jax._trained` provides it) ``"trained"``, `fit_trained` on those rows
+     (`fit_estimators`).
+  2. Set the thresholds: `threshold` for every layer (or one per layer), or with
+     ``"calibrated"`` the largest thresholds whose recall on those training rows is at
+     least `recall`, layer by layer (`ConditionalMLP.calibrate`).
+  3. Optionally set static capacities: explicit ones, or with ``"auto"`` the
+     `capacity_quantile` of the per-row count of selected units on the training rows
+     (`selection_capacities`).
+  4. Run the test split in jitted batches through the dense network and through the
+     compute-skipping packed network (`packed_mlp`, no capacity), and with capacities
+     also through the packed network with them (`evaluate_prepared`).
+
+  Per hidden layer `l` it reports `density` (the dense network's fraction of nonzero
+  units), and `recall` and `computed_fraction` of the estimator (as in `estimator_stats`)
+  on the inputs that the conditional network feeds layer `l`, counted exactly over the
+  whole test split. The theoretical speed-up uses those computed fractions `c_l` with the
+  measured fraction of nonzero inputs `c_in` (1 for the image), plus the classifier head
+  as an always-computed layer:
+
+  .. math::
+     \text{speed-up} = \frac{\sum_l n_{in} n_{out}}
+                            {\sum_l r_l (c_{in} n_{in} + n_{out}) + c_{in} c_l n_{in} n_{out}
+                             + c_{in} n_{L} k}
+
+  The model passed in is not modified: the refit and thresholds apply to a clone.
+
+  Args:
+    model: a trained `ConditionalMLP`.
+    dataset: the data; the estimator only ever sees its training split.
+    ranks: estimator rank of every hidden layer (one int, or one per layer); None keeps
+      the model's.
+    threshold: a float for every layer, one float per layer, or ``"calibrated"``.
+    recall: the target recall of ``threshold="calibrated"`` (and of ``"trained"``'s
+      fit), in (0, 1].
+    estimator: ``"svd"`` (the paper), ``"data_aware"`` or ``"trained"`` (see
+      `available_estimators`).
+    calibration_rows: number of training rows for data-aware and trained fits, for
+      calibration and for ``capacities="auto"``.
+    batch_size: test rows per jitted batch (the last batch is padded, so one compile).
+    seed: seed of the calibration rows' draw.
+    capacities: None (no capacity, the default), one int for every layer, one int or
+      None per layer, or ``"auto"``.
+    capacity_quantile: the quantile of ``capacities="auto"``, in (0, 1].
+
+  Returns:
+    A JSON-serialisable dict with exactly the keys `RESULT_KEYS`: `dataset` (str),
+    `n_examples` (int), `test_error_dense` and `test_error_conditional` (floats in [0, 1]),
+    `ranks` (ints), `threshold` (the floats used; None for a calibrated layer with no
+    active unit, whose threshold is +inf), `estimator` (str), per-layer float lists
+    `density`, `recall` and `computed_fraction`, and `theoretical_speedup` (float).
+    With `capacities`, also `CAPACITY_KEYS`: ``capacities`` (the ints used) and
+    ``test_error_capacity``.
+
+  Raises:
+    ValueError: on bad ranks (naming the layer), thresholds, recall, estimator, batch size,
+      capacities or an empty test split.
+
+  References:
+    Davis & Arel, "Low-Rank Approximations for Conditional Feedforward Computation in Deep
+    Neural Networks", arXiv:1312.4461, 2013.
+  """
+  n_layers = len(model.layers)
+  ranks = check_ranks(ranks, model)
+  thresholds = _check_thresholds(threshold, n_layers)
+  if estimator not in available_estimators():
+    raise ValueError(f"estimator={estimator!r} must be one of {available_estimators()}.")
+  recall = _checks.check_fraction(recall, "recall")
+  capacities = check_capacities(capacities, model)
+  capacity_quantile = _checks.check_fraction(capacity_quantile, "capacity_quantile")
+  batch_size = _checks.as_static_int(batch_size, "batch_size")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be at least 1.")
+  if len(dataset.test_images) == 0:
+    raise ValueError(f"{dataset.name}: the test split is empty.")
+
+  model = nnx.clone(model)
+  model.eval()
+  needs_rows = estimator != "svd" or thresholds is None or capacities == "auto"
+  train_x = jnp.asarray(calibration_subset(dataset, calibration_rows, seed)) if needs_rows else None
+  fit_estimators(model, train_x, estimator=estimator, ranks=ranks, recall=recall, seed=seed)
+  if thresholds is None:
+    model.calibrate(train_x, recall=recall)
+  else:
+    model.set_thresholds(thresholds)
+  if capacities == "auto":
+    capacities = selection_capacities(model, train_x, quantile=capacity_quantile)
+  if capacities is not None:
+    model.set_capacities(capacities)
+  return evaluate_prepared(model, dataset, estimator=estimator, batch_size=batch_size)

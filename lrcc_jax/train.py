@@ -1,0 +1,750 @@
+"""Training a `ConditionalMLP` with the L1 activation penalty, data-parallel, resumable.
+
+The objective of Davis & Arel (2013) for a classifier with hidden activations
+`a_1 … a_L` (after the ReLU, before dropout) on a batch of `B` examples:
+
+.. math::
+
+  \\mathcal{L} = \\frac{1}{B} \\sum_{i=1}^{B} \\mathrm{CE}(f(x_i), y_i)
+      + \\sum_{l=1}^{L} \\lambda_l \\, \\frac{1}{B} \\sum_{i=1}^{B} \\lVert a_l(x_i) \\rVert_1
+
+Two protocols:
+
+- ``"dense"`` (the paper's (a)): train the ordinary network, then fit the low-rank
+  estimators from the trained kernels (here at the end of every epoch, so each
+  checkpoint holds factors that match its kernels).
+- ``"in_loop"`` (b): the forward pass runs in ``"mask"`` mode, so the network trains
+  with the estimator's mask in the loop (gradients flow through the computed units
+  only). The factors are refitted by truncated SVD every ``refit_every`` steps, outside
+  the jitted step, so the SVD's cost is amortised over ``refit_every`` steps.
+
+Layout follows Flax's ``examples/mnist``: a module-level jitted `train_step` and
+`eval_step`, and `train_and_evaluate(config, workdir)` which writes ``config.json``,
+``metrics.jsonl`` (one line per epoch) and Orbax checkpoints (`lrcc_jax.checkpoint`), and
+resumes from the last complete checkpoint.
+
+Data parallelism: a 1-D mesh ``("data",)`` over the devices, the batch sharded along it
+and the state replicated. `jax.jit` propagates the shardings and XLA inserts the gradient
+all-reduce itself. Multi-host: call ``jax.distributed.initialize()`` first in every
+process; `jax.devices()` then lists the devices of all hosts and the same code builds a
+global mesh. Every process iterates the same seeded batch order and contributes its own
+contiguous slice of each global batch (`jax.make_array_from_process_local_data`);
+checkpoints are written by orbax from the replicated state.
+
+Example (the default config; see `TrainConfig` for the measured result)::
+
+  from lrcc_jax import train
+  summary = train.train_and_evaluate(train.TrainConfig(), "/tmp/lrcc_mnist5k")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lrcc_jax import data
+from lrcc_jax import nn
+from lrcc_jax._estimator import LowRankEstimator
+from lrcc_jax.checkpoint import Checkpointer
+
+Array = jax.Array
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("dense", "in_loop")
+# Fields that may change between a run and its resumption; all others define the model
+# or its training trajectory and must match the stored config.json.
+RESUMABLE_FIELDS = frozenset({"epochs", "data_dir"})
+_EVAL_BATCH = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that defines a training run; stored as ``workdir/config.json``.
+
+  Default result (mnist5k: 4,000 train / 1,000 test real digits; jax 0.10.2, 1 CPU
+  device, 2 shared cores)::
+
+    python -c "from lrcc_jax import train; \
+      print(train.train_and_evaluate(train.TrainConfig(), '/tmp/lrcc'))"
+
+  reaches a dense test error of 3.3% (4.3% in mask mode at the default ranks, threshold
+  0) with hidden-layer densities of 10.6%, 27.0% and 35.3%, in 12 epochs (744 steps,
+  about 60 s of CPU time).
+
+  Attributes:
+    dataset: a `lrcc_jax.data.load_dataset` name (``mnist5k``, ``mnist``, ``npz:PATH``…).
+    data_dir: TFDS data directory, for the TFDS datasets.
+    hidden_sizes: widths of the hidden ReLU layers.
+    ranks: estimator rank per hidden layer; None uses `nn.default_rank`.
+    dropout_rate: dropout after every hidden layer, during training.
+    l1: the L1 activation penalty λ, one value or one per hidden layer.
+    learning_rate: peak learning rate of Adam's warmup-cosine schedule.
+    batch_size: global batch size (divided over the devices).
+    epochs: epochs to train.
+    seed: seeds the data split, the initialisation, dropout and the batch order.
+    protocol: ``"dense"`` or ``"in_loop"`` (see the module docstring).
+    refit_every: steps between estimator refits under ``"in_loop"``.
+    threshold: estimator threshold of every layer (mask mode, evaluation).
+  """
+
+  dataset: str = "mnist5k"
+  data_dir: str | None = None
+  hidden_sizes: tuple[int, ...] = (1000, 600, 400)
+  ranks: tuple[int, ...] | None = None
+  dropout_rate: float = 0.2
+  l1: float | tuple[float, ...] = 7e-4
+  learning_rate: float = 1e-3
+  batch_size: int = 64
+  epochs: int = 12
+  seed: int = 0
+  protocol: str = "dense"
+  refit_every: int = 100
+  threshold: float = 0.0
+
+  def __post_init__(self):
+    # Normalise lists (e.g. from JSON or a CLI) to tuples, so configs compare and hash.
+    for name in ("hidden_sizes", "ranks", "l1"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+    if self.protocol not in PROTOCOLS:
+      raise ValueError(f"protocol={self.protocol!r} must be one of {PROTOCOLS}.")
+    if self.batch_size < 1 or self.epochs < 0 or self.refit_every < 1:
+      raise ValueError(
+          f"batch_size={self.batch_size} and refit_every={self.refit_every} must be >= 1 "
+          f"and epochs={self.epochs} >= 0."
+      )
+    n = len(self.hidden_sizes)
+    for name in ("ranks", "l1"):
+      value = getattr(self, name)
+      if isinstance(value, tuple) and len(value) != n:
+        raise ValueError(f"{name}={value} needs one entry per hidden layer ({n}).")
+
+  @property
+  def l1_per_layer(self) -> tuple[float, ...]:
+    """λ_l for every hidden layer."""
+    if isinstance(self.l1, tuple):
+      return tuple(float(v) for v in self.l1)
+    return (float(self.l1),) * len(self.hidden_sizes)
+
+  def to_dict(self) -> dict:
+    """A JSON-able dict (tuples become lists); `from_dict` inverts it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> TrainConfig:
+    """Builds a config from `to_dict` output (lists become tuples); unknown keys raise."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"Unknown TrainConfig field(s) {unknown}; valid fields are {sorted(names)}.")
+    return cls(**d)
+
+
+def create_model(config: TrainConfig, num_features: int, num_classes: int) -> nn.ConditionalMLP:
+  """The `ConditionalMLP` of `config`, initialised from ``nnx.Rngs(config.seed)``.
+
+  The same Rngs seeds the dropout stream, whose state lives in the model (and in the
+  checkpoints), so a resumed run draws the same dropout masks as an uninterrupted one.
+  """
+  return nn.ConditionalMLP(
+      num_features,
+      config.hidden_sizes,
+      num_classes,
+      ranks=config.ranks,
+      thresholds=config.threshold,
+      dropout_rate=config.dropout_rate,
+      rngs=nnx.Rngs(config.seed),
+  )
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with a linear warmup (one epoch, at most 10% of training) and a cosine decay.
+
+  The decay spans ``config.epochs * steps_per_epoch`` steps, down to 1% of the peak.
+  Equal settings return the same transformation object: `nnx.Optimizer` keeps it in
+  the static graph definition, so this lets the jitted steps hit their compile cache
+  across runs (e.g. a resumed run in the same process).
+  """
+  return _adam_warmup_cosine(config.learning_rate, config.epochs, steps_per_epoch)
+
+
+@functools.lru_cache(maxsize=32)
+def _adam_warmup_cosine(
+    learning_rate: float, epochs: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  total = max(1, epochs * steps_per_epoch)
+  warmup = max(1, min(steps_per_epoch, total // 10))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=learning_rate,
+      warmup_steps=warmup,
+      decay_steps=max(total, warmup + 1),
+      end_value=0.01 * learning_rate,
+  )
+  return optax.adam(schedule)
+
+
+def make_data_mesh(
+    batch_size: int,
+    num_devices: int | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> jax.sharding.Mesh:
+  """A 1-D ``("data",)`` mesh for data parallelism.
+
+  Args:
+    batch_size: global batch size; it must be divisible by the mesh size.
+    num_devices: devices to use. None picks the largest count, at most the number of
+      devices, that divides `batch_size` (all of them when it divides).
+    devices: devices to draw from; defaults to `jax.devices()` (all hosts' devices
+      under ``jax.distributed.initialize()``).
+
+  Raises:
+    ValueError: if `num_devices` does not divide `batch_size` or exceeds the devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices is None:
+    num_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices={num_devices} must be in [1, {len(devices)}] (the devices available).")
+  check_batch_divisible(batch_size, num_devices)
+  return jax.make_mesh(
+      (num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+      devices=devices[:num_devices],
+  )
+
+
+def check_batch_divisible(batch_size: int, num_devices: int) -> None:
+  if batch_size % num_devices:
+    raise ValueError(
+        f"batch_size={batch_size} is not divisible by the {num_devices} devices of the data "
+        f"mesh; pick a batch size that is a multiple of {num_devices} or use fewer devices."
+    )
+
+
+def _shard_batch(mesh: jax.sharding.Mesh, x: np.ndarray) -> Array:
+  """Places a global batch with its leading axis split over the ``"data"`` axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  # Multi-host: every process holds the same global batch; it contributes its slice.
+  n, i = jax.process_count(), jax.process_index()
+  per = x.shape[0] // n
+  return jax.make_array_from_process_local_data(sharding, x[i * per:(i + 1) * per], x.shape)
+
+
+def _replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def compute_loss(
+    model: nn.ConditionalMLP,
+    images: Array,
+    labels: Array,
+    l1: Sequence[float],
+    mode: nn.Mode = "dense",
+) -> tuple[Array, dict[str, Any]]:
+  """The training objective of one batch: CE + Σ_l λ_l · mean_batch ‖a_l‖₁.
+
+  Args:
+    model: the network; dropout applies when it is in training mode.
+    images: uint8 (B, H, W, C) images; `data.normalize` scales them.
+    labels: int (B,) labels.
+    l1: λ_l per hidden layer.
+    mode: the model's forward mode (``"dense"`` or ``"mask"``).
+
+  Returns:
+    ``(loss, aux)``: the scalar loss and a dict with ``ce``, ``l1`` (the weighted
+    penalty), ``logits`` and ``activations`` (hidden, before dropout).
+  """
+  x = data.normalize(images)
+  logits, acts = model(x, mode=mode, return_activations=True)
+  if len(acts) != len(l1):
+    raise ValueError(f"{len(l1)} L1 weights for {len(acts)} hidden layers.")
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  penalty = sum(lam * jnp.abs(a).sum(axis=-1).mean() for lam, a in zip(l1, acts))
+  return ce + penalty, {"ce": ce, "l1": penalty, "logits": logits, "activations": acts}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "l1", "mode"))
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: Array,
+    labels: Array,
+    *,
+    l1: tuple[float, ...],
+    mode: nn.Mode = "dense",
+) -> tuple[nnx.State, dict[str, Array]]:
+  """One optimizer step on the split ``(model, optimizer)`` state.
+
+  Args:
+    graphdef, state: ``nnx.split((model, optimizer))`` with the model in training mode.
+    images, labels: a batch, sharded over the mesh's ``"data"`` axis (or local).
+    l1: λ_l per hidden layer.
+    mode: ``"dense"`` (protocol a) or ``"mask"`` (protocol b).
+
+  Returns:
+    The new state and the batch's ``loss``, ``ce``, ``accuracy`` and per-layer
+    ``density`` (fraction of hidden units active, before dropout).
+  """
+  model, optimizer = nnx.merge(graphdef, state)
+  grad_fn = nnx.value_and_grad(
+      lambda m: compute_loss(m, images, labels, l1, mode), has_aux=True
+  )
+  (loss, aux), grads = grad_fn(model)
+  optimizer.update(model, grads)
+  metrics = {
+      "loss": loss,
+      "ce": aux["ce"],
+      "accuracy": (aux["logits"].argmax(-1) == labels).mean(),
+      "density": jnp.stack([(a > 0).mean() for a in aux["activations"]]),
+  }
+  return nnx.state((model, optimizer)), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
+def eval_step(
+    graphdef: nnx.GraphDef,
+    model_state: nnx.State,
+    images: Array,
+    labels: Array,
+    valid: Array,
+    *,
+    mode: nn.Mode = "dense",
+) -> dict[str, Array]:
+  """Sums over one (padded) evaluation batch: errors, examples, active units per layer.
+
+  Args:
+    graphdef, model_state: ``nnx.split(model)`` with the model in evaluation mode.
+    images, labels: the batch.
+    valid: bool (B,), False for padding rows.
+    mode: the forward mode.
+  """
+  model = nnx.merge(graphdef, model_state)
+  logits, acts = model(data.normalize(images), mode=mode, return_activations=True)
+  w = valid.astype(jnp.float32)
+  return {
+      "errors": ((logits.argmax(-1) != labels) * w).sum(),
+      "count": w.sum(),
+      "active": jnp.stack([((a > 0).mean(-1) * w).sum() for a in acts]),
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def refit_step(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
+  """Refits every layer's estimator factors by truncated SVD of its current kernel."""
+  model, optimizer = nnx.merge(graphdef, state)
+  model.refit()
+  return nnx.state((model, optimizer))
+
+
+def subspace_refit(
+    kernel: Array, est: LowRankEstimator, *, oversample: int = 8,
+    iters: int = 1,
+) -> LowRankEstimator:
+  r"""Rank-r factors of `kernel` by subspace iteration warm-started from `est`.
+
+  Between two in-loop refits the kernel moves little, so the previous right factor
+  `v` (r, n_out) already spans nearly the top-r right singular subspace. With
+  `Ω = [vᵀ, G]` (G: `oversample` fixed Gaussian columns), `Q = orth(W Ω)`, `iters`
+  power steps `Q ← orth(W orth(Wᵀ Q))`, and the small SVD `Qᵀ W = P Σ Rᵀ`:
+
+  .. math::  u = Q P_{:, :r} Σ_{:r}, \qquad v = Rᵀ_{:r}
+
+  which is the randomized range finder of Halko, Martinsson & Tropp (2011). It costs a
+  few (n_in × n_out × (r + p)) products instead of a full SVD: about 20× less for a
+  784×1000 kernel at r = 98 on CPU. The exact `fit_svd` is still used at the end of
+  every epoch, so checkpoints always hold exact factors.
+
+  Args:
+    kernel: (n_in, n_out) kernel.
+    est: the current factors; `v` seeds the subspace.
+    oversample: extra random columns (clipped to the matrix size).
+    iters: power iterations.
+
+  Returns:
+    A `LowRankEstimator` of the same rank.
+  """
+  n_in, n_out = kernel.shape
+  rank = est.v.shape[0]
+  k = min(rank + oversample, n_in, n_out)
+  omega = est.v.T
+  if k > rank:
+    g = jax.random.normal(jax.random.key(0), (n_out, k - rank), kernel.dtype)
+    omega = jnp.concatenate([omega, g], axis=1)
+  q, _ = jnp.linalg.qr(kernel @ omega)
+  for _ in range(iters):
+    z, _ = jnp.linalg.qr(kernel.T @ q)
+    q, _ = jnp.linalg.qr(kernel @ z)
+  p, sv, rt = jnp.linalg.svd(q.T @ kernel, full_matrices=False)
+  return LowRankEstimator(u=(q @ p[:, :rank]) * sv[None, :rank], v=rt[:rank])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def subspace_refit_step(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
+  """The in-loop refit: `subspace_refit` of every layer's factors from its kernel."""
+  model, optimizer = nnx.merge(graphdef, state)
+  for layer in model.layers:
+    est = subspace_refit(layer.kernel[...], layer.estimator)
+    layer.u = nn.EstimatorFactor(est.u)
+    layer.v = nn.EstimatorFactor(est.v)
+  return nnx.state((model, optimizer))
+
+
+def evaluate_split(
+    model: nn.ConditionalMLP,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mode: nn.Mode = "dense",
+    mesh: jax.sharding.Mesh | None = None,
+    batch_size: int = _EVAL_BATCH,
+) -> dict[str, Any]:
+  """Error rate and per-layer density of `model` (evaluation mode) on a whole split.
+
+  Batches are padded to a fixed size (a multiple of the mesh size), so one compiled
+  program serves them all. Returns ``{"error", "density"}``.
+  """
+  n_dev = 1 if mesh is None else mesh.devices.size
+  batch_size = -(-min(batch_size, len(images)) // n_dev) * n_dev
+  was_training = not model.dropout.deterministic
+  model.eval()
+  graphdef, state = nnx.split(model)
+  if mesh is not None:
+    state = _replicate(mesh, state)
+  totals = None
+  for start in range(0, len(images), batch_size):
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    pad = batch_size - len(x)
+    valid = np.arange(batch_size) < len(x)
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros((pad,), y.dtype)]).astype(np.int32)
+    if mesh is not None:
+      x, y, valid = (_shard_batch(mesh, a) for a in (x, y, valid))
+    out = eval_step(graphdef, state, x, y, valid, mode=mode)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if was_training:
+    model.train()
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {
+      "error": float(totals["errors"]) / count,
+      "density": [float(a) / count for a in totals["active"]],
+  }
+
+
+# --------------------------------------------------------------------------- run files
+
+
+def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def _check_config(workdir: pathlib.Path, config: TrainConfig) -> None:
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  old = TrainConfig.from_dict(json.loads(path.read_text()))
+  differing = [
+      f.name for f in dataclasses.fields(TrainConfig)
+      if f.name not in RESUMABLE_FIELDS and getattr(old, f.name) != getattr(config, f.name)
+  ]
+  if differing:
+    details = ", ".join(
+        f"{name}: stored {getattr(old, name)!r} != requested {getattr(config, name)!r}"
+        for name in differing
+    )
+    raise ValueError(
+        f"{path} was written by a different configuration ({details}). Use a new workdir, "
+        f"or the stored values to resume; only {sorted(RESUMABLE_FIELDS)} may change."
+    )
+
+
+def _read_metrics(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:  # a line cut short by a crash
+      continue
+  return records
+
+
+def _truncate_metrics(path: pathlib.Path, last_epoch: int) -> list[dict]:
+  """Keeps one line per epoch up to `last_epoch` (the restored checkpoint's)."""
+  kept = {}
+  for r in _read_metrics(path):
+    if isinstance(r.get("epoch"), int) and r["epoch"] <= last_epoch:
+      kept[r["epoch"]] = r
+  records = [kept[e] for e in sorted(kept)]
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  os.replace(tmp, path)
+  return records
+
+
+def _abstract_state(config: TrainConfig, num_features: int, num_classes: int, steps_per_epoch: int):
+  model = create_model(config, num_features, num_classes)
+  optimizer = nnx.Optimizer(model, make_optimizer(config, steps_per_epoch), wrt=nnx.Param)
+  model.train()
+  return model, optimizer
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict:
+  """Trains `config` in `workdir`, resuming from its last complete checkpoint.
+
+  Writes ``workdir/config.json``, ``workdir/model.json`` (input and class counts),
+  one ``workdir/metrics.jsonl`` line per epoch and an Orbax checkpoint per epoch in
+  ``workdir/checkpoints`` (model params, estimator factors, dropout RNG state, optimizer
+  state, epoch and step). Damaged checkpoints are skipped (see `lrcc_jax.checkpoint`);
+  when none is usable, training starts from scratch.
+
+  Args:
+    config: the run's configuration.
+    workdir: run directory; created if missing.
+    progress: show a tqdm bar per epoch (loss, accuracy, mean activation density).
+    stop_after_epochs: stop once this epoch number is complete, as if interrupted
+      (for tests); the schedule still spans ``config.epochs``.
+    mesh: a 1-D ``("data",)`` mesh; defaults to `make_data_mesh(config.batch_size)`.
+
+  Returns:
+    The last epoch's metrics: ``epoch``, ``step``, ``train_loss``, ``train_acc``,
+    ``test_error_dense``, ``test_error_conditional`` (mask mode at the config's
+    threshold), ``density`` (per hidden layer, dense mode, test split), ``seconds``.
+
+  Raises:
+    ValueError: if ``workdir/config.json`` disagrees with `config` in a field outside
+      `RESUMABLE_FIELDS`, or the batch size does not divide over the mesh.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_config(workdir, config)
+  if mesh is None:
+    mesh = make_data_mesh(config.batch_size)
+  check_batch_divisible(config.batch_size, mesh.devices.size)
+
+  ds = data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
+  steps_per_epoch = data.num_batches(len(ds.train_images), config.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f"batch_size={config.batch_size} exceeds the {len(ds.train_images)} training examples."
+    )
+  _write_json_atomic(workdir / "config.json", config.to_dict())
+  _write_json_atomic(
+      workdir / "model.json", {"num_features": ds.num_features, "num_classes": ds.num_classes}
+  )
+
+  model, optimizer = _abstract_state(config, ds.num_features, ds.num_classes, steps_per_epoch)
+  graphdef, state = nnx.split((model, optimizer))
+  ckpt = Checkpointer(workdir / "checkpoints")
+  metrics_path = workdir / "metrics.jsonl"
+  try:
+    restored = ckpt.restore_latest(nnx.to_pure_dict(state))
+    epoch, step = 0, 0
+    if restored is not None:
+      tree, meta = restored
+      nnx.replace_by_pure_dict(state, tree)
+      epoch, step = int(meta["epoch"]), int(meta["step"])
+      logger.info("Resuming %s from epoch %d (step %d).", workdir, epoch, step)
+    records = _truncate_metrics(metrics_path, epoch)
+    state = _replicate(mesh, state)
+    l1 = config.l1_per_layer
+    mode = "mask" if config.protocol == "in_loop" else "dense"
+    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+
+    while epoch < last_epoch:
+      epoch += 1
+      t0 = time.perf_counter()
+      batch_metrics = []
+      bar = tqdm.tqdm(
+          total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not progress,
+          leave=False, dynamic_ncols=True,
+      )
+      for images, labels in data.iterate_batches(
+          ds.train_images, ds.train_labels, config.batch_size, seed=config.seed, epoch=epoch
+      ):
+        if mode == "mask" and step % config.refit_every == 0:
+          state = subspace_refit_step(graphdef, state)
+        state, m = train_step(
+            graphdef, state, _shard_batch(mesh, images), _shard_batch(mesh, labels),
+            l1=l1, mode=mode,
+        )
+        step += 1
+        batch_metrics.append(m)
+        bar.update(1)
+        if progress and (len(batch_metrics) % 10 == 0 or len(batch_metrics) == steps_per_epoch):
+          recent = jax.device_get(batch_metrics[-10:])
+          bar.set_postfix(
+              loss=f"{np.mean([r['loss'] for r in recent]):.4f}",
+              acc=f"{np.mean([r['accuracy'] for r in recent]):.3f}",
+              density=f"{np.mean([r['density'] for r in recent]):.3f}",
+          )
+      bar.close()
+      # Protocol (a) fits the estimators from the trained kernels; under (b) this keeps
+      # the checkpoint's factors in step with its kernels. Both runs do it identically.
+      state = refit_step(graphdef, state)
+      nnx.update((model, optimizer), state)
+      dense = evaluate_split(model, ds.test_images, ds.test_labels, mode="dense", mesh=mesh)
+      cond = evaluate_split(model, ds.test_images, ds.test_labels, mode="mask", mesh=mesh)
+      ckpt.save(epoch, nnx.to_pure_dict(state), {"epoch": epoch, "step": step})
+      host = jax.device_get(batch_metrics)
+      record = {
+          "epoch": epoch,
+          "step": step,
+          "train_loss": float(np.mean([r["loss"] for r in host])),
+          "train_ce": float(np.mean([r["ce"] for r in host])),
+          "train_acc": float(np.mean([r["accuracy"] for r in host])),
+          "train_density": np.mean([r["density"] for r in host], axis=0).tolist(),
+          "test_error_dense": dense["error"],
+          "test_error_conditional": cond["error"],
+          "density": dense["density"],
+          "seconds": time.perf_counter() - t0,
+      }
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      records.append(record)
+      if progress:
+        tqdm.tqdm.write(
+            f"epoch {epoch}: loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} "
+            f"test error {record['test_error_dense']:.4f} (conditional "
+            f"{record['test_error_conditional']:.4f}) density "
+            + " ".join(f"{d:.3f}" for d in record["density"])
+        )
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()
+
+  if records and records[-1]["epoch"] == epoch:
+    return dict(records[-1])
+  # Nothing trained now and no metrics line for the restored epoch: evaluate it.
+  nnx.update((model, optimizer), state)
+  dense = evaluate_split(model, ds.test_images, ds.test_labels, mode="dense", mesh=mesh)
+  cond = evaluate_split(model, ds.test_images, ds.test_labels, mode="mask", mesh=mesh)
+  return {
+      "epoch": epoch, "step": step, "train_loss": None, "train_acc": None,
+      "test_error_dense": dense["error"], "test_error_conditional": cond["error"],
+      "density": dense["density"], "seconds": 0.0,
+  }
+
+
+def load_model(workdir: str | os.PathLike) -> tuple[nn.ConditionalMLP, TrainConfig]:
+  """Rebuilds the trained model of `workdir` from its last complete checkpoint.
+
+  Returns:
+    ``(model, config)``: the model in evaluation mode with the checkpoint's params and
+    estimator factors, on the default device.
+
+  Raises:
+    FileNotFoundError: if `workdir` has no config.json/model.json or no usable
+      checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  cfg_path, shape_path = workdir / "config.json", workdir / "model.json"
+  if not cfg_path.exists() or not shape_path.exists():
+    raise FileNotFoundError(
+        f"{workdir} is not a training workdir: {cfg_path.name} or {shape_path.name} is missing. "
+        f"Train first: lrcc-jax train --workdir {workdir}"
+    )
+  config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+  shapes = json.loads(shape_path.read_text())
+  model, optimizer = _abstract_state(config, shapes["num_features"], shapes["num_classes"], 1)
+  state = nnx.state((model, optimizer))
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise FileNotFoundError(f"No checkpoints in {ckpt_dir}; train first (lrcc-jax train).")
+  ckpt = Checkpointer(ckpt_dir)
+  try:
+    restored = ckpt.restore_latest(nnx.to_pure_dict(state))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"No complete, undamaged checkpoint in {ckpt_dir}.")
+  nnx.replace_by_pure_dict(state, restored[0])
+  nnx.update((model, optimizer), state)
+  model.eval()
+  return model, config
+
+
+def step_time_overhead(
+    config: TrainConfig, n_steps: int = 200, *, repeats: int = 5
+) -> dict[str, float]:
+  """Per-step training time of protocol ``"in_loop"`` relative to ``"dense"``.
+
+  Both loops run `n_steps` jitted steps on the same random batch, on one device; the
+  in-loop one includes its amortised refits (every ``config.refit_every`` steps).
+  Compilation is done outside the timed region, the two sides are interleaved and the
+  median of `repeats` runs is taken.
+
+  Returns:
+    ``dense_ms`` and ``in_loop_ms`` per step, their ``ratio``, and the time of one
+    refit of all layers: ``subspace_refit_ms`` (the in-loop refit) and ``svd_refit_ms``
+    (exact `fit_svd`, the epoch-end refit).
+  """
+  rng = np.random.default_rng(0)
+  num_features = 784
+  images = rng.integers(0, 256, (config.batch_size, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, (config.batch_size,), dtype=np.int32)
+  model, optimizer = _abstract_state(config, num_features, 10, 100)
+  graphdef, state0 = nnx.split((model, optimizer))
+  l1 = config.l1_per_layer
+
+  def run(mode: str, state) -> float:
+    t0 = time.perf_counter()
+    for i in range(n_steps):
+      if mode == "mask" and i % config.refit_every == 0:
+        state = subspace_refit_step(graphdef, state)
+      state, m = train_step(graphdef, state, images, labels, l1=l1, mode=mode)
+    jax.block_until_ready((state, m))
+    return (time.perf_counter() - t0) / n_steps * 1e3
+
+  for mode in ("dense", "mask"):  # compile
+    jax.block_until_ready(train_step(graphdef, state0, images, labels, l1=l1, mode=mode))
+  jax.block_until_ready(refit_step(graphdef, state0))
+  jax.block_until_ready(subspace_refit_step(graphdef, state0))
+  dense, in_loop, refit = [], [], []
+  for _ in range(repeats):
+    dense.append(run("dense", state0))
+    in_loop.append(run("mask", state0))
+    t0 = time.perf_counter()
+    jax.block_until_ready(subspace_refit_step(graphdef, state0))
+    t1 = time.perf_counter()
+    jax.block_until_ready(refit_step(graphdef, state0))
+    refit.append(((t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3))
+  d, b = statistics.median(dense), statistics.median(in_loop)
+  return {
+      "dense_ms": d, "in_loop_ms": b, "ratio": b / d,
+      "subspace_refit_ms": statistics.median(r[0] for r in refit),
+      "svd_refit_ms": statistics.median(r[1] for r in refit),
+  }
