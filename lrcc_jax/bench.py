@@ -293,3 +293,33 @@ def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def run_command(args) -> int:
+  """`lrcc-jax bench`: run a suite, print its table, write JSON (and a PNG for `full`)."""
+  out = Path(args.out)
+  env = environment()
+  if args.suite == "layer":
+    rows = bench_layer(rank=args.rank, batches=args.batches or (1, 8, 64), repeats=args.repeats)
+    print(format_table(rows))
+    path = write_results("bench_layer", {"environment": env, "rows": rows}, out)
+  elif args.suite == "mlp":
+    model = random_mlp(4096, 4, args.rank, 410)
+    rows = bench_mlp(model, args.batches or (1, 4, 64), repeats=args.repeats)
+    for r in rows:
+      print(f"batch {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, skip {r['skip_ms']:.3f} ms,"
+            f" {r['measured_speedup']:.2f}x (FLOP model {r['flop_model_speedup']:.2f}x)")
+    path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
+  else:
+    rows = bench_suite(
+        widths=args.widths or (1024, 4096, 8192), batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
+        rank=args.rank, repeats=args.repeats, progress=not args.no_progress,
+    )
+    for r in rows:
+      print(f"{r['width']:>5} b{r['batch']:<4} {r['capacity_fraction']:>4.0%} {r['path']:>10}"
+            f" dense {r['dense_ms']:8.3f} mask {r['mask_ms']:8.3f} skip {r['skip_ms']:8.3f}"
+            f"  skip {r['skip_speedup']:5.2f}x  model {r['flop_model_speedup']:5.2f}x")
+    path = write_results("bench_suite", {"environment": env, "rows": rows}, out)
+    plot_suite(rows, out / "bench_suite.png")
+  print(f"wrote {path}")
+  return 0

@@ -363,12 +363,33 @@ def _run_sweep(args: argparse.Namespace) -> int:
   return run_command(args)
 
 
+# --- bench (lrcc_jax.bench does the work) ---------------------------------------------
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--suite", choices=("layer", "mlp", "full"), default="layer",
+                      help="layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; full: widths x batches x fractions")
+  parser.add_argument("--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)")
+  parser.add_argument("--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)")
+  parser.add_argument("--rank", type=positive_int, default=64, help="estimator rank (default 64)")
+  parser.add_argument("--repeats", type=positive_int, default=9, help="interleaved repeats; the median is reported (default 9)")
+  parser.add_argument("--out", default="experiments/results", help="directory of the JSON and PNG (default: experiments/results)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+  from lrcc_jax import bench  # pylint: disable=g-import-not-at-top
+
+  return bench.run_command(args)
+
+
 # --- entry point ----------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
     "train": Command("train a conditional MLP (resumes from --workdir)", _add_train_arguments, _run_train),
     "evaluate": Command("test error, estimator recall and speed-up of a trained run", _add_evaluate_arguments, _run_evaluate),
     "demo": Command("train on mnist5k and compare estimator settings in a table", _add_demo_arguments, _run_demo),
+    "bench": Command("latency of dense jit vs compute-skipping inference; writes JSON and PNG", _add_bench_arguments, _run_bench),
     "sweep": Command("train both protocols, sweep estimator ranks and thresholds, write JSON and plots", _add_sweep_arguments, _run_sweep),
 }
 """Subcommands by name. To add one: ``COMMANDS["bench"] = Command(help, add_args, run)``."""

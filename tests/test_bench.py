@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from lrcc_jax import bench, cli
+
+
+def test_bench_full_suite_end_to_end(tmp_path, capsys):
+  assert cli.main(["bench", "--suite", "full", "--widths", "64", "--batches", "1,4",
+                   "--repeats", "1", "--rank", "8", "--out", str(tmp_path), "--no-progress"]) == 0
+  payload = json.loads((tmp_path / "bench_suite.json").read_text())
+  assert payload["environment"]["jax_version"]
+  rows = payload["rows"]
+  assert len(rows) == 2 * 4
+  for r in rows:
+    assert r["dense_ms"] > 0 and r["skip_ms"] > 0 and r["mask_ms"] > 0
+    assert r["path"] == ("gather" if bench.skip_pays(r["batch"], max(1, round(r["capacity_fraction"] * 64)), 64) else "dense+mask")
+  mem = [r["memory"] for r in rows if r["batch"] == 1]
+  assert all(m["packed_over_dense_plus_factors"] <= 1.1 for m in mem)
+  assert (tmp_path / "bench_suite.png").stat().st_size > 0
+  assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_mlp_checks_values_and_reports_model(tmp_path):
+  model = bench.random_mlp(32, 2, 4, 4)
+  rows = bench.bench_mlp(model, (1,), repeats=1)
+  assert rows[0]["flop_model_speedup"] > 1.0
+  assert rows[0]["computed_fraction"] == [4 / 32, 4 / 32]
+
+
+def test_time_interleaved_rejects_nothing_and_returns_medians():
+  import jax.numpy as jnp
+
+  t = bench.time_interleaved({"a": lambda: jnp.ones(3)}, repeats=3, calls=2)
+  assert set(t) == {"a"} and t["a"] > 0
+  with pytest.raises(AttributeError):
+    bench.time_interleaved({"a": lambda: 1}, repeats=1, calls=1)
