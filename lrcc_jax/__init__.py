@@ -10,6 +10,7 @@ from lrcc_jax._estimator import estimate as estimate
 from lrcc_jax._estimator import fit_data_aware as fit_data_aware
 from lrcc_jax._estimator import fit_svd as fit_svd
 from lrcc_jax._estimator import sign_mask as sign_mask
+from lrcc_jax._trained import fit_trained as fit_trained
 from lrcc_jax._flops import LayerCost as LayerCost
 from lrcc_jax._flops import layer_flops as layer_flops
 from lrcc_jax._flops import theoretical_speedup as theoretical_speedup
@@ -22,6 +23,8 @@ from lrcc_jax._packed import packed_dense as packed_dense
 from lrcc_jax._sparse import SparseRows as SparseRows
 from lrcc_jax._sparse import densify as densify
 from lrcc_jax._sparse import sparse_packed_dense as sparse_packed_dense
+from lrcc_jax._rank_select import RankSelection as RankSelection
+from lrcc_jax._rank_select import select_ranks as select_ranks
 from lrcc_jax._stats import calibrate_threshold as calibrate_threshold
 from lrcc_jax._stats import estimator_stats as estimator_stats
 
