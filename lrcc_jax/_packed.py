@@ -100,6 +100,8 @@ def pack(
   Raises:
     ValueError: on mismatched shapes or a bad block size.
   """
+  kernel, bias = jnp.asarray(kernel), jnp.asarray(bias)
+  est = LowRankEstimator(jnp.asarray(est.u), jnp.asarray(est.v))
   n_in, n_out = _checks.check_kernel(kernel, bias)
   _checks.check_estimator(est, n_in, n_out)
   n_blocks = _checks.check_block_size(block_size, n_out)

@@ -10,6 +10,7 @@ training split; the test split is only ever evaluated.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -138,14 +139,12 @@ def _batch_counts(
     x: Array,
     y: Array,
     valid: Array,
-    capacities: tuple[int | None, ...] | None = None,
 ) -> dict[str, Array]:
   """Integer counts over the valid rows of one (padded) test batch.
 
   The estimator counts use the definitions of `estimator_stats` (active `z > 0`, computed
   `not ẑ <= t`, so NaN estimates count as computed) on the inputs that the conditional
-  network feeds each layer. Counts, not ratios, so that batches add up exactly. With
-  static `capacities`, also the errors of the network run with those capacities.
+  network feeds each layer. Counts, not ratios, so that batches add up exactly.
   """
   model = nnx.merge(graphdef, state)
   logits_dense, acts_dense = model(x, mode="dense", return_activations=True)
@@ -173,13 +172,7 @@ def _batch_counts(
     hit.append(count(a & c))
     nonzero_in.append(count(inputs[i] != 0))
     dense_active.append(count(acts_dense[i] > 0))
-  extra = {}
-  if capacities is not None:
-    extra["errors_capacity"] = errors(packed_mlp(
-        x, packed, thresholds=[thresholds[i] for i in range(n)], capacities=list(capacities)
-    ))
   return {
-      **extra,
       "errors_dense": errors(logits_dense),
       "errors_conditional": errors(logits_cond),
       "active": jnp.stack(active),
@@ -191,7 +184,25 @@ def _batch_counts(
   }
 
 
-_batch_counts_jit = jax.jit(_batch_counts, static_argnums=(0, 7))
+_batch_counts_jit = jax.jit(_batch_counts, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames="capacities")
+def _capacity_errors(
+    packed: PackedMLP,
+    thresholds: Array,
+    x: Array,
+    y: Array,
+    valid: Array,
+    *,
+    capacities: tuple[int | None, ...],
+) -> Array:
+  """Errors over the valid rows of the packed network run with static `capacities`."""
+  logits = packed_mlp(
+      x, packed, thresholds=[thresholds[i] for i in range(len(capacities))],
+      capacities=list(capacities),
+  )
+  return jnp.sum((jnp.argmax(logits, axis=-1) != y) & valid, dtype=jnp.int32)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -329,9 +340,14 @@ def evaluate_prepared(
   model.eval()
   capacities = tuple(l.capacity for l in model.layers)
   with_capacity = any(c is not None for c in capacities)
-  graphdef, state = nnx.split(model)
+  thresholds = model.thresholds
+  t = jnp.asarray(thresholds, jnp.float32)
   packed = model.pack()
-  t = jnp.asarray(model.thresholds, jnp.float32)
+  # The thresholds reach the counts as the array `t`. Neutral static settings in the graph
+  # definition let one compiled program serve every threshold and capacity of a shape.
+  model.set_thresholds(0.0)
+  model.set_capacities(None)
+  graphdef, state = nnx.split(model)
   totals: dict[str, np.ndarray] = {}
   for start in range(0, n_test, batch_size):
     images = dataset.test_images[start:start + batch_size]
@@ -342,10 +358,10 @@ def evaluate_prepared(
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
     valid = np.arange(batch_size) < rows
-    counts = _batch_counts_jit(
-        graphdef, state, packed, t, jnp.asarray(normalize(images)), jnp.asarray(labels),
-        jnp.asarray(valid), capacities if with_capacity else None,
-    )
+    x, y, valid = jnp.asarray(normalize(images)), jnp.asarray(labels), jnp.asarray(valid)
+    counts = _batch_counts_jit(graphdef, state, packed, t, x, y, valid)
+    if with_capacity:
+      counts["errors_capacity"] = _capacity_errors(packed, t, x, y, valid, capacities=capacities)
     for key, value in jax.device_get(counts).items():
       totals[key] = totals.get(key, 0) + np.asarray(value, np.int64)
 
@@ -370,7 +386,7 @@ def evaluate_prepared(
       "test_error_dense": float(totals["errors_dense"] / n_test),
       "test_error_conditional": float(totals["errors_conditional"] / n_test),
       "ranks": [int(r) for r in model.ranks],
-      "threshold": [_finite_or_none(float(x)) for x in model.thresholds],
+      "threshold": [_finite_or_none(float(x)) for x in thresholds],
       "estimator": estimator,
       "density": density,
       "recall": recalls,

@@ -691,7 +691,7 @@ def load_model(workdir: str | os.PathLike) -> tuple[nn.ConditionalMLP, TrainConf
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"No complete, undamaged checkpoint in {ckpt_dir}.")
-  nnx.replace_by_pure_dict(state, restored[0])
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored[0]))
   nnx.update((model, optimizer), state)
   model.eval()
   return model, config

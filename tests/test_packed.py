@@ -140,3 +140,12 @@ def test_bf16_storage_error_is_bounded():
   # bf16 keeps 8 mantissa bits: |Δz| <= 2^-8 · Σ|x_i w_ij| per unit.
   bound = 2.0**-8 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)))
   assert np.all(np.abs(np.asarray(half - exact)) <= bound + 1e-6)
+
+
+def test_pack_accepts_numpy_and_the_jitted_gather_works():
+  w, b, est = _layer(9, 8, 16, 3)
+  p = L.pack(np.asarray(w), np.asarray(b), L.LowRankEstimator(np.asarray(est.u), np.asarray(est.v)))
+  assert all(isinstance(a, jax.Array) for a in p)
+  x = jnp.ones((8,))
+  got = jax.jit(lambda x: L.packed_dense(x, p, capacity=4, strategy="gather"))(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(L.packed_dense(x, L.pack(w, b, est), capacity=4)), rtol=1e-6)

@@ -152,6 +152,7 @@ def test_load_model_restores_trained_params(reference_3_epochs, config):
   assert result["error"] == summary["test_error_dense"]
   np.testing.assert_allclose(result["density"], summary["density"], rtol=1e-6)
   assert model.dropout.deterministic  # returned in evaluation mode
+  assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(model)))
   with pytest.raises(FileNotFoundError, match="train"):
     train.load_model(workdir / "nothing_here")
 
