@@ -40,6 +40,22 @@ def group_bounds(k: int, rows_per_item: int = 1) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
+def gathered_matvec(weight: Array, idx: Array, x: Array) -> Array:
+  """`z[r, j] = weight[idx[r, j]] @ x[r]`: (n_blocks, bs, n_in), (rows, k), (rows, n_in) -> (rows, k, bs).
+
+  The selected blocks are gathered and multiplied in `group_bounds` groups, which XLA:CPU
+  runs concurrently; one big gather followed by one matvec runs on one core.
+  """
+  rows, k = idx.shape
+  parts = []
+  for a, b in group_bounds(k, rows * weight.shape[1]):
+    if rows == 1:  # (k_g, bs, n_in): one contiguous-row gather and one matvec
+      parts.append(jnp.einsum("kbi,i->kb", weight[idx[0, a:b]].astype(x.dtype), x[0])[None])
+    else:
+      parts.append(jnp.einsum("rkbi,ri->rkb", weight[idx[:, a:b]].astype(x.dtype), x))
+  return jnp.concatenate(parts, axis=1)
+
+
 class PackedDense(NamedTuple):
   """A ReLU layer packed for compute-skipping inference.
 
@@ -180,15 +196,7 @@ def packed_dense(
 
   idx = _mask.top_blocks(scores, capacity)  # (rows, k), ascending
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  if rows == 1:
-    parts = [  # (k_g, bs, n_in) contiguous-row gathers, one matvec each
-        jnp.einsum("kbi,i->kb", packed.weight[idx[0, a:b]].astype(xr.dtype), xr[0])
-        for a, b in group_bounds(capacity, block_size)
-    ]
-    z = jnp.concatenate(parts, axis=0)[None]
-  else:
-    w = packed.weight[idx].astype(xr.dtype)  # (rows, k, bs, n_in)
-    z = jnp.einsum("rkbi,ri->rkb", w, xr)
+  z = gathered_matvec(packed.weight, idx, xr)
   z = z + packed.bias[idx].astype(xr.dtype)
   vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
   row_ids = jnp.arange(rows)[:, None]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lrcc_jax import _checks, _mask
-from lrcc_jax._packed import PackedDense
+from lrcc_jax._packed import PackedDense, gathered_matvec, group_bounds
 
 Array = jax.Array
 
@@ -100,12 +100,15 @@ def sparse_packed_dense(
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
   out_units = _unit_indices(idx, block_size)  # (rows, k*bs)
   if isinstance(x, SparseRows):
-    flat = out_units[:, :, None] * n_in + x.indices[:, None, :]  # (rows, k*bs, m)
-    w = jnp.take(jnp.reshape(packed.weight, (-1,)), flat, mode="clip").astype(dtype)
-    z = jnp.einsum("rom,rm->ro", w, x.values)
+    flat_weight = jnp.reshape(packed.weight, (-1,))
+    parts = []
+    for a, b in group_bounds(out_units.shape[1], x.indices.shape[1] // 8):
+      flat = out_units[:, a:b, None] * n_in + x.indices[:, None, :]  # (rows, o_g, m)
+      w = jnp.take(flat_weight, flat, mode="clip").astype(dtype)
+      parts.append(jnp.einsum("rom,rm->ro", w, x.values))
+    z = jnp.concatenate(parts, axis=1)
   else:
-    w = packed.weight[idx].astype(dtype)  # (rows, k, bs, n_in)
-    z = jnp.reshape(jnp.einsum("rkbi,ri->rkb", w, x), out_units.shape)
+    z = jnp.reshape(gathered_matvec(packed.weight, idx, x), out_units.shape)
   z = z + bias[out_units].astype(dtype)
   keep_units = jnp.reshape(
       jnp.broadcast_to(keep[..., None], keep.shape + (block_size,)), out_units.shape
