@@ -19,10 +19,14 @@ from lrcc_jax._estimator import LowRankEstimator
 Array = jax.Array
 Strategy = Literal["auto", "gather", "dense"]
 
-# A gathered weight row costs about this many dense rows on XLA:CPU (0.36 ms for 410 of
-# 4096 rows against 1.4 ms dense, 4096 wide, experiments/bench_layer.py). "auto" gathers
-# only when rows * capacity * GATHER_COST < n_blocks, i.e. when it beats the dense product.
-GATHER_COST = 2.5
+# "auto" gathers while the rows' selected blocks stay below these fractions of the layer
+# (measured with experiments/bench_layer.py's protocol, 4096 wide, 2 cores): one row's
+# gathered weight row costs about 2.5 dense rows, so gathering pays up to about 40% at
+# batch 1; at 2-8 rows the dense fallback in the unit-major layout is itself about 1.7x
+# slower than a dense jit (XLA:CPU repacks the transposed weight), so gathering still
+# wins up to about half the layer, and past that the per-row gathers thrash the cache.
+MAX_GATHER_FRACTION_ONE_ROW = 0.4
+MAX_GATHER_FRACTION = 0.5
 
 
 # Independent gather+matvec groups per call. XLA:CPU runs independent ops concurrently, so
@@ -65,12 +69,16 @@ class PackedDense(NamedTuple):
     bias: (n_blocks, block_size) bias.
     u: (n_in, r) estimator factor.
     v: (r, n_out) estimator factor.
+    kernel: optional (n_in, n_out) copy in the Flax layout, used only by the dense
+      fallback (`pack(..., dense_layout=True)`); None by default, so the packed form holds
+      one copy of the weights.
   """
 
   weight: Array
   bias: Array
   u: Array
   v: Array
+  kernel: Array | None = None
 
   @property
   def block_size(self) -> int:
@@ -96,6 +104,7 @@ def pack(
     *,
     block_size: int = 1,
     dtype: jnp.dtype | None = None,
+    dense_layout: bool = False,
 ) -> PackedDense:
   r"""Packs a layer for `packed_dense`: transposes the kernel to unit-major blocks.
 
@@ -109,6 +118,9 @@ def pack(
     block_size: static size of contiguous unit blocks; must divide n_out.
     dtype: optional storage dtype for the weights (e.g. `jnp.bfloat16` halves the bytes
       read); products still accumulate in the input's dtype.
+    dense_layout: also keep the (n_in, n_out) kernel for the dense fallback. On XLA:CPU
+      a product with the unit-major weights at 2-32 rows is about 1.3-2x slower than a
+      dense jit; the copy removes that penalty at twice the weight memory.
 
   Returns:
     A `PackedDense`.
@@ -124,12 +136,16 @@ def pack(
   weight = jnp.reshape(kernel.T, (n_blocks, block_size, n_in))
   if dtype is not None:
     weight = weight.astype(dtype)
-  return PackedDense(weight, jnp.reshape(bias, (n_blocks, block_size)), est.u, est.v)
+  dense = kernel.astype(weight.dtype) if dense_layout else None
+  return PackedDense(weight, jnp.reshape(bias, (n_blocks, block_size)), est.u, est.v, dense)
 
 
 def skip_pays(rows: int, capacity: int | None, n_blocks: int) -> bool:
-  """Static choice of the "auto" strategy: gather only when it reads fewer bytes than dense."""
-  return capacity is not None and rows * capacity * GATHER_COST < n_blocks
+  """Static choice of the "auto" strategy: gather only while it reads less than dense."""
+  if capacity is None:
+    return False
+  limit = MAX_GATHER_FRACTION_ONE_ROW if rows == 1 else MAX_GATHER_FRACTION
+  return rows * capacity <= limit * n_blocks
 
 
 def packed_dense(
@@ -189,8 +205,11 @@ def packed_dense(
   )
   if not gather:
     keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
-    w = jnp.reshape(packed.weight, (n_out, n_in)).astype(xr.dtype)
-    z = jax.lax.dot_general(xr, w, (((1,), (1,)), ((), ()))) + bias_flat
+    if packed.kernel is not None:
+      z = xr @ packed.kernel.astype(xr.dtype) + bias_flat
+    else:
+      w = jnp.reshape(packed.weight, (n_out, n_in)).astype(xr.dtype)
+      z = jax.lax.dot_general(xr, w, (((1,), (1,)), ((), ()))) + bias_flat
     y = jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
     return jnp.reshape(y, lead + (n_out,))
 

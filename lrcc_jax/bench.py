@@ -79,6 +79,7 @@ def bench_layer(
   bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
   est = fit_svd(kernel, rank)
   packed = jax.block_until_ready(pack(kernel, bias, est))
+  dual = jax.block_until_ready(pack(kernel, bias, est, dense_layout=True))
   dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
   rows = []
   for batch in batches:
@@ -90,8 +91,12 @@ def bench_layer(
       np.testing.assert_allclose(  # the timed path computes the contract's values
           np.asarray(skip_fn(x)), np.asarray(masked_dense(x, kernel, bias, mask)), rtol=1e-4, atol=1e-4
       )
-      t = time_interleaved({"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}, repeats=repeats)
       gathered = skip_pays(batch, cap, width)
+      fns = {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}
+      if not gathered:  # the fallback, also with the optional Flax-layout copy
+        dual_fn = jax.jit(lambda x, cap=cap: packed_dense(x, dual, capacity=cap))
+        fns["skip_dense_layout"] = lambda: dual_fn(x)
+      t = time_interleaved(fns, repeats=repeats)
       flop_ratio = theoretical_speedup([LayerCost(width, width, rank, frac)]) if gathered else 1.0
       measured = t["dense"] / t["skip"]
       rows.append({
@@ -100,18 +105,21 @@ def bench_layer(
           "dense_ms": 1e3 * t["dense"], "skip_ms": 1e3 * t["skip"],
           "measured_speedup": measured, "flop_model_speedup": flop_ratio,
           "fraction_of_model": measured / flop_ratio,
+          "dense_layout_speedup": t["dense"] / t["skip_dense_layout"] if not gathered else None,
       })
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
-  head = f"{'batch':>5} {'cap':>5} {'path':>10} {'dense ms':>9} {'skip ms':>8} {'speedup':>8} {'model':>7} {'achieved':>8}"
+  head = (f"{'batch':>5} {'cap':>5} {'path':>10} {'dense ms':>9} {'skip ms':>8} {'speedup':>8}"
+          f" {'model':>7} {'achieved':>8} {'+dense layout':>13}")
   lines = [head, "-" * len(head)]
   for r in rows:
     lines.append(
         f"{r['batch']:>5} {r['capacity_fraction']:>5.0%} {r['path']:>10} {r['dense_ms']:>9.3f}"
         f" {r['skip_ms']:>8.3f} {r['measured_speedup']:>7.2f}x {r['flop_model_speedup']:>6.2f}x"
         f" {r['fraction_of_model']:>8.0%}"
+        + (f" {r['dense_layout_speedup']:>12.2f}x" if r.get("dense_layout_speedup") else "")
     )
   return "\n".join(lines)
 

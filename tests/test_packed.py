@@ -145,7 +145,20 @@ def test_bf16_storage_error_is_bounded():
 def test_pack_accepts_numpy_and_the_jitted_gather_works():
   w, b, est = _layer(9, 8, 16, 3)
   p = L.pack(np.asarray(w), np.asarray(b), L.LowRankEstimator(np.asarray(est.u), np.asarray(est.v)))
-  assert all(isinstance(a, jax.Array) for a in p)
+  assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(p))
   x = jnp.ones((8,))
   got = jax.jit(lambda x: L.packed_dense(x, p, capacity=4, strategy="gather"))(x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(L.packed_dense(x, L.pack(w, b, est), capacity=4)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_dense_layout_copy_gives_the_same_values(rows):
+  w, b, est = _layer(10, 12, 16, 3)
+  x = jnp.asarray(np.random.default_rng(11).standard_normal((rows, 12)), jnp.float32)
+  plain, dual = L.pack(w, b, est), L.pack(w, b, est, dense_layout=True)
+  assert plain.kernel is None and dual.kernel.shape == (12, 16)
+  for cap in (None, 3):
+    np.testing.assert_allclose(
+        np.asarray(L.packed_dense(x, dual, capacity=cap, strategy="dense")),
+        np.asarray(L.packed_dense(x, plain, capacity=cap, strategy="dense")), rtol=1e-5, atol=1e-6,
+    )
