@@ -22,7 +22,7 @@ import numpy as np
 from lrcc_jax._estimator import fit_svd
 from lrcc_jax._flops import LayerCost, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
-from lrcc_jax._packed import pack, packed_dense, skip_pays
+from lrcc_jax._packed import block_bytes, pack, packed_dense, skip_pays
 from lrcc_jax._estimator import estimate
 
 
@@ -91,7 +91,7 @@ def bench_layer(
       np.testing.assert_allclose(  # the timed path computes the contract's values
           np.asarray(skip_fn(x)), np.asarray(masked_dense(x, kernel, bias, mask)), rtol=1e-4, atol=1e-4
       )
-      gathered = skip_pays(batch, cap, width)
+      gathered = skip_pays(batch, cap, width, block_bytes=block_bytes(packed))
       fns = {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}
       if not gathered:  # the fallback, also with the optional Flax-layout copy
         dual_fn = jax.jit(lambda x, cap=cap: packed_dense(x, dual, capacity=cap))
@@ -257,7 +257,7 @@ def bench_suite(
             {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
             repeats=repeats,
         )
-        gathered = skip_pays(batch, cap, width)
+        gathered = skip_pays(batch, cap, width, block_bytes=block_bytes(packed))
         model = theoretical_speedup([LayerCost(width, width, rank, frac)])
         row = {
             "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,

@@ -24,7 +24,7 @@ from flax import nnx
 from lrcc_jax import _checks
 from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
 from lrcc_jax._layers import conditional_dense
-from lrcc_jax._packed import PackedDense, pack, packed_dense, skip_pays
+from lrcc_jax._packed import PackedDense, block_bytes, pack, packed_dense, skip_pays
 from lrcc_jax._sparse import densify, sparse_linear, sparse_packed_dense
 from lrcc_jax._stats import calibrate_threshold
 
@@ -308,7 +308,8 @@ def packed_mlp(
     raise ValueError(f"strategy='sparse' needs a capacity on every layer, got {list(capacities)}.")
   if strategy == "auto":
     sparse_ok = sparse_ok and all(
-        skip_pays(rows, c, l.weight.shape[0]) for l, c in zip(packed.layers, capacities)
+        skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l))
+        for l, c in zip(packed.layers, capacities)
     )
     strategy = "sparse" if sparse_ok else "layerwise"
 

@@ -162,3 +162,14 @@ def test_dense_layout_copy_gives_the_same_values(rows):
         np.asarray(L.packed_dense(x, dual, capacity=cap, strategy="dense")),
         np.asarray(L.packed_dense(x, plain, capacity=cap, strategy="dense")), rtol=1e-5, atol=1e-6,
     )
+
+
+def test_auto_strategy_rules():
+  from lrcc_jax._packed import skip_pays
+
+  assert skip_pays(1, 409, 4096) and not skip_pays(1, 1700, 4096)
+  assert not skip_pays(1, None, 4096)
+  block = 4096 * 4  # one f32 unit row of a 4096-wide layer
+  assert skip_pays(4, 410, 4096, block_bytes=block)  # 26 MB gathered: still pays
+  assert not skip_pays(8, 410, 4096, block_bytes=block)  # 80% of the layer
+  assert not skip_pays(2, 819, 8192, block_bytes=2 * block)  # 53 MB: cache thrash
