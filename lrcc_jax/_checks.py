@@ -94,7 +94,7 @@ def check_capacity(capacity: Any, n_blocks: int, block_size: int = 1) -> int | N
   return capacity
 
 
-def check_fraction(value: Any, name: str, *, low_open: bool = True) -> float:
+def check_fraction(value: Any, name: str) -> float:
   """Checks a Python float in (0, 1]."""
   value = float(value)
   if not (0.0 < value <= 1.0):
