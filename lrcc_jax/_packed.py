@@ -160,6 +160,28 @@ def skip_pays(rows: int, capacity: int | None, n_blocks: int, *, block_bytes: in
   return rows * capacity <= MAX_GATHER_FRACTION * n_blocks and rows * capacity * block_bytes <= MAX_GATHER_BYTES
 
 
+def gather_selected(
+    xr: Array, packed: PackedDense, scores: Array, threshold: float | Array, capacity: int
+) -> tuple[Array, Array]:
+  """Each row's `capacity` best blocks and their activations, computing only those.
+
+  Args:
+    xr: (rows, n_in) inputs.
+    packed: the packed layer.
+    scores: (rows, n_blocks) block scores of the estimate.
+    threshold: blocks not above it are zero.
+    capacity: static number of blocks per row.
+
+  Returns:
+    `idx` (rows, capacity) ascending block indices and `vals` (rows, capacity,
+    block_size) = `where(score > threshold, relu(W_blocks x + b), 0)`.
+  """
+  idx = _mask.top_blocks(scores, capacity)
+  keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
+  z = gathered_matvec(packed.weight, idx, xr) + packed.bias[idx].astype(xr.dtype)
+  return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+
+
 def block_bytes(packed: PackedDense) -> int:
   """Bytes of one weight block of `packed`."""
   _, block_size, n_in = packed.weight.shape
@@ -232,11 +254,7 @@ def packed_dense(
     y = jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
     return jnp.reshape(y, lead + (n_out,))
 
-  idx = _mask.top_blocks(scores, capacity)  # (rows, k), ascending
-  keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  z = gathered_matvec(packed.weight, idx, xr)
-  z = z + packed.bias[idx].astype(xr.dtype)
-  vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+  idx, vals = gather_selected(xr, packed, scores, threshold, capacity)
   row_ids = jnp.arange(rows)[:, None]
   y = jnp.zeros((rows, n_blocks, block_size), vals.dtype).at[row_ids, idx].set(
       vals, unique_indices=True, indices_are_sorted=True

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lrcc_jax import _checks, _mask
-from lrcc_jax._packed import PackedDense, gathered_matvec, group_bounds
+from lrcc_jax._packed import PackedDense, gather_selected, group_bounds
 
 Array = jax.Array
 
@@ -96,20 +96,19 @@ def sparse_packed_dense(
     z_hat = (x @ packed.u) @ packed.v
   z_hat = jax.lax.stop_gradient(z_hat + bias[None].astype(dtype))
   scores = _mask.block_scores(z_hat, block_size)
+  if not isinstance(x, SparseRows):
+    idx, vals = gather_selected(x, packed, scores, threshold, capacity)
+    return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)))
   idx = _mask.top_blocks(scores, capacity)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
   out_units = _unit_indices(idx, block_size)  # (rows, k*bs)
-  if isinstance(x, SparseRows):
-    flat_weight = jnp.reshape(packed.weight, (-1,))
-    parts = []
-    for a, b in group_bounds(out_units.shape[1], x.indices.shape[1] // 8):
-      flat = out_units[:, a:b, None] * n_in + x.indices[:, None, :]  # (rows, o_g, m)
-      w = jnp.take(flat_weight, flat, mode="clip").astype(dtype)
-      parts.append(jnp.einsum("rom,rm->ro", w, x.values))
-    z = jnp.concatenate(parts, axis=1)
-  else:
-    z = jnp.reshape(gathered_matvec(packed.weight, idx, x), out_units.shape)
-  z = z + bias[out_units].astype(dtype)
+  flat_weight = jnp.reshape(packed.weight, (-1,))
+  parts = []
+  for a, b in group_bounds(out_units.shape[1], x.indices.shape[1] // 8):
+    flat = out_units[:, a:b, None] * n_in + x.indices[:, None, :]  # (rows, o_g, m)
+    w = jnp.take(flat_weight, flat, mode="clip").astype(dtype)
+    parts.append(jnp.einsum("rom,rm->ro", w, x.values))
+  z = jnp.concatenate(parts, axis=1) + bias[out_units].astype(dtype)
   keep_units = jnp.reshape(
       jnp.broadcast_to(keep[..., None], keep.shape + (block_size,)), out_units.shape
   )

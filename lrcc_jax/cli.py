@@ -92,26 +92,24 @@ def positive_int(text: str) -> int:
   return value
 
 
-def fraction(text: str) -> float:
-  """A float in (0, 1]."""
+def _float_in(text: str, interval: str, inside: Callable[[float], bool]) -> float:
   try:
     value = float(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-  if not 0.0 < value <= 1.0:
-    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+  if not inside(value):
+    raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
   return value
+
+
+def fraction(text: str) -> float:
+  """A float in (0, 1]."""
+  return _float_in(text, "(0, 1]", lambda v: 0.0 < v <= 1.0)
 
 
 def probability(text: str) -> float:
   """A float in [0, 1)."""
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-  if not 0.0 <= value < 1.0:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-  return value
+  return _float_in(text, "[0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
 def to_json(obj: Any) -> str:

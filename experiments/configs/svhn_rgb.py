@@ -19,34 +19,20 @@ an accelerator. It writes experiments/results/sweep_svhn_cropped.json and
 sweep_svhn_cropped_{error,recall,speedup}.png.
 """
 
-from lrcc_jax.sweep import SweepConfig
+import dataclasses
+import pathlib
+
+from lrcc_jax.sweep import SweepConfig, load_config_module
 from lrcc_jax.train import TrainConfig
+
+_GRAY = load_config_module(pathlib.Path(__file__).with_name("svhn_gray.py"))
 
 
 def get_config() -> TrainConfig:
-  """The wider net on RGB SVHN (the protocol is set by the sweep)."""
-  return TrainConfig(
-      dataset="svhn_cropped",
-      hidden_sizes=(2000, 1000, 500),
-      dropout_rate=0.2,
-      l1=1e-4,
-      learning_rate=5e-4,
-      batch_size=128,
-      epochs=20,
-      seed=0,
-      refit_every=200,
-  )
+  """The net of svhn_gray.py on RGB SVHN (the protocol is set by the sweep)."""
+  return dataclasses.replace(_GRAY.get_config(), dataset="svhn_cropped")
 
 
 def get_sweep_config() -> SweepConfig:
-  """Ranks from 2 per layer to full (2000/1000/500); data-aware fits need >= 2000 rows."""
-  return SweepConfig(
-      ranks=((2,), (5,), (10,), (25,), (50,), (100,), (200,), ("full",)),
-      thresholds=(0.0, "calibrated"),
-      protocols=("dense", "in_loop"),
-      estimators=("svd", "data_aware", "trained"),
-      recall=0.99,
-      capacity_quantile=0.99,
-      calibration_rows=4096,
-      bench_repeats=7,
-  )
+  """svhn_gray.py's sweep; data-aware fits on 3072 inputs need >= 3072 rows."""
+  return dataclasses.replace(_GRAY.get_sweep_config(), calibration_rows=4096)
