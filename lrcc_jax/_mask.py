@@ -71,6 +71,10 @@ def top_k_membership(scores: Array, capacity: int) -> Array:
 
 # Rows from which the bisection beats top_k + scatter for the membership mask.
 BISECT_MIN_ROWS = 4
+# Row width from which the bisection is used. Below it top_k is cheap anyway, and with
+# 8-wide rows (8 or more of them) XLA:CPU fuses the 32 steps into one kernel whose
+# compile time doubles with every step (jax 0.10.2: it never finishes).
+BISECT_MIN_WIDTH = 64
 
 
 def block_selection(
@@ -81,7 +85,7 @@ def block_selection(
   if capacity is None or capacity == scores.shape[-1]:
     return selected
   flat = jnp.reshape(scores, (-1, scores.shape[-1]))
-  if flat.shape[0] >= BISECT_MIN_ROWS:
+  if flat.shape[0] >= BISECT_MIN_ROWS and flat.shape[1] >= BISECT_MIN_WIDTH:
     in_top = top_k_membership(flat, capacity)
   else:
     idx = top_blocks(flat, capacity)

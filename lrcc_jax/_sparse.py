@@ -5,11 +5,18 @@ units of each row, the next layer needs just the estimator rows `U[active]` and 
 weights at (computed outputs × active inputs): with `m` active inputs and `k` computed
 outputs it reads `m r + r n_out + k m` numbers instead of `n_in n_out` (DESIGN, FLOP
 model with `c_in`). Everything keeps static shapes: `m` and `k` are capacities.
+
+When the upstream layer selects whole blocks of `b_in` units, the active inputs come in
+aligned runs, so the weights at (computed outputs × active inputs) are `k · m / b_in`
+tiles of `b_out × b_in` numbers, each row of a tile contiguous in the unit-major layout.
+Reading tiles instead of single elements is what makes input sparsity pay on a CPU: each
+cache line fetched is then fully used (measured in `experiments/bench_sparse_tiles.py`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +27,25 @@ from lrcc_jax._packed import PackedDense, gather_selected, group_bounds
 Array = jax.Array
 
 
-class SparseRows(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["indices", "values"], meta_fields=["block_size"]
+)
+@dataclasses.dataclass(frozen=True)
+class SparseRows:
   """Row-wise sparse activations: `dense[r, indices[r, i]] = values[r, i]`, zero elsewhere.
 
   Attributes:
     indices: (rows, m) int32 unit indices, ascending and distinct within a row.
     values: (rows, m) values; entries may be zero (a selected unit that came out <= 0).
+    block_size: static; when > 1 the indices come in aligned runs of whole blocks,
+      `indices[r, j*b:(j+1)*b] = B * b + arange(b)` for a block `B`, as
+      `sparse_packed_dense` produces them for a layer with block size `b`. The next layer
+      then reads weight tiles instead of single elements.
   """
 
   indices: Array
   values: Array
+  block_size: int = 1
 
 
 def densify(sp: SparseRows, width: int) -> Array:
@@ -60,9 +76,10 @@ def sparse_packed_dense(
 
   Same values as `packed_dense` (densified), per row. With a sparse input of `m` active
   units per row the estimate is `ẑ = (x_A U_A) V + b` with `U_A = U[A]`, and the exact
-  outputs are `z_S = W_{S,A} x_A + b_S` for the `k · block_size` selected units `S`; the
-  weights come from one gather of a flat index into the unit-major layout, so inputs in
-  the same block are contiguous in memory.
+  outputs are `z_S = W_{S,A} x_A + b_S` for the `k · block_size` selected units `S`. The
+  weights `W_{S,A}` are gathered inside a fused multiply-reduce (`_tile_product`), as
+  `b_out × b_in` tiles when the input carries `block_size = b_in > 1`. The output carries
+  this layer's block size, so a chain of block-selecting layers reads tiles throughout.
 
   Args:
     x: dense (rows, n_in) inputs, or `SparseRows` of an upstream layer.
@@ -80,11 +97,7 @@ def sparse_packed_dense(
     raise ValueError("sparse_packed_dense needs a capacity: it fixes the output size.")
   bias = jnp.reshape(packed.bias, (n_out,))
   if isinstance(x, SparseRows):
-    if x.indices.ndim != 2 or x.indices.shape != x.values.shape:
-      raise ValueError(
-          f"SparseRows needs indices and values of one (rows, m) shape, got"
-          f" {tuple(x.indices.shape)} and {tuple(x.values.shape)}."
-      )
+    _check_sparse_input(x, n_in)
     dtype = x.values.dtype
     u_rows = packed.u[x.indices].astype(dtype)  # (rows, m, r)
     z_hat = jnp.einsum("rm,rmq->rq", x.values, u_rows) @ packed.v
@@ -98,22 +111,53 @@ def sparse_packed_dense(
   scores = _mask.block_scores(z_hat, block_size)
   if not isinstance(x, SparseRows):
     idx, vals = gather_selected(x, packed, scores, threshold, capacity)
-    return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)))
+    return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)), block_size)
   idx = _mask.top_blocks(scores, capacity)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  out_units = _unit_indices(idx, block_size)  # (rows, k*bs)
-  flat_weight = jnp.reshape(packed.weight, (-1,))
-  parts = []
-  for a, b in group_bounds(out_units.shape[1], x.indices.shape[1] // 8):
-    flat = out_units[:, a:b, None] * n_in + x.indices[:, None, :]  # (rows, o_g, m)
-    w = jnp.take(flat_weight, flat, mode="clip").astype(dtype)
-    parts.append(jnp.einsum("rom,rm->ro", w, x.values))
-  z = jnp.concatenate(parts, axis=1) + bias[out_units].astype(dtype)
-  keep_units = jnp.reshape(
-      jnp.broadcast_to(keep[..., None], keep.shape + (block_size,)), out_units.shape
-  )
-  vals = jnp.where(keep_units, jax.nn.relu(z), jnp.zeros((), z.dtype))
-  return SparseRows(out_units, vals)
+  z = _tile_product(packed.weight, idx, x).astype(dtype) + packed.bias[idx].astype(dtype)
+  vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+  return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (idx.shape[0], -1)), block_size)
+
+
+def _check_sparse_input(x: SparseRows, n_in: int) -> None:
+  if x.indices.ndim != 2 or x.indices.shape != x.values.shape:
+    raise ValueError(
+        f"SparseRows needs indices and values of one (rows, m) shape, got"
+        f" {tuple(x.indices.shape)} and {tuple(x.values.shape)}."
+    )
+  b, m = x.block_size, x.indices.shape[1]
+  if b < 1 or n_in % b or m % b:
+    raise ValueError(
+        f"SparseRows.block_size={b} must divide both the layer's n_in={n_in} and the"
+        f" {m} active inputs per row."
+    )
+
+
+def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
+  """`z[r, o, j] = Σ_i W[out_blocks[r, o] * b_out + j, x.indices[r, i]] · x.values[r, i]`.
+
+  With `x.block_size = b_in > 1` the weights are read as `b_out × b_in` tiles of the
+  unit-major layout, and the gather feeds a multiply-reduce that XLA fuses with it, so
+  the (rows, k, m / b_in, b_out, b_in) slab is never written out. Single elements
+  (`b_in = 1`) are gathered by flat index in `group_bounds` groups, which XLA:CPU runs
+  concurrently; the fused form is slower there. Returns (rows, k, b_out).
+  """
+  n_blocks, b_out, n_in = weight.shape
+  rows, m = x.indices.shape
+  b_in = x.block_size
+  if b_in == 1:  # element gathers: a flat index and a matvec, in concurrent groups
+    units = _unit_indices(out_blocks, b_out)  # (rows, k * b_out)
+    flat_weight = jnp.reshape(weight, (-1,))
+    parts = []
+    for a, b in group_bounds(units.shape[1], m // 8):
+      w = jnp.take(flat_weight, units[:, a:b, None] * n_in + x.indices[:, None, :], mode="clip")
+      parts.append(jnp.einsum("rom,rm->ro", w.astype(x.values.dtype), x.values))
+    return jnp.reshape(jnp.concatenate(parts, axis=1), (rows, -1, b_out))
+  in_blocks = x.indices[:, ::b_in] // b_in  # (rows, m / b_in)
+  w4 = jnp.reshape(weight, (n_blocks, b_out, n_in // b_in, b_in))
+  tiles = w4[out_blocks[:, :, None], :, in_blocks[:, None, :], :]  # (rows, k, m/b_in, b_out, b_in)
+  vals = jnp.reshape(x.values, (rows, 1, m // b_in, 1, b_in))
+  return jnp.sum(tiles.astype(x.values.dtype) * vals, axis=(2, 4))
 
 
 def sparse_linear(x: SparseRows, kernel: Array, bias: Array) -> Array:

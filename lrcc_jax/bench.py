@@ -36,7 +36,29 @@ def environment() -> dict:
       "cpu_count": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "machine": platform.machine(),
+      "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
   }
+
+
+def latency_mode() -> bool:
+  """Runs jitted CPU calls on the calling thread (`jax_cpu_enable_async_dispatch=False`).
+
+  With asynchronous dispatch every call hands its work to another thread and
+  `block_until_ready` waits for it; on the 2-core VM the figures were taken on that
+  hand-off costs about 40 µs per call (a jitted `x + 1` on 4096 floats: 43 µs async,
+  4 µs sync), which is a large share of a 0.2 ms skip-mode call. Batch-1 inference that
+  waits on each result gains nothing from async dispatch, so `lrcc-jax bench` measures
+  both sides this way unless `--async-dispatch` is given; `environment()` records it.
+
+  The flag is read when the CPU client starts, so this only takes effect before the
+  first computation. Returns whether it did.
+  """
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+  if xla_bridge.backends_are_initialized():
+    return False
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
 
 
 def time_interleaved(
@@ -44,7 +66,11 @@ def time_interleaved(
 ) -> dict[str, float]:
   """Median seconds per call of each thunk, with the thunks interleaved in every repeat.
 
-  `calls` per repeat defaults to enough calls for about 20 ms of the slowest thunk.
+  `calls` per repeat defaults to enough calls for about 20 ms of the slowest thunk. Each
+  block of calls starts with one untimed call: right after a dense product has streamed
+  its weights, the first call of the next thunk pays for the switch (cold caches, the
+  dense product's worker threads still spinning), which measured up to 1.5x on a 0.25 ms
+  skip call and is not a cost of that thunk in a steady stream of calls.
   """
   slowest = 0.0
   for fn in fns.values():  # compile + warm up
@@ -57,6 +83,7 @@ def time_interleaved(
   samples: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      fn().block_until_ready()  # untimed: the switch from the previous thunk is not its cost
       start = time.perf_counter()
       for _ in range(calls):
         fn().block_until_ready()
@@ -70,38 +97,45 @@ def bench_layer(
     batches: Sequence[int] = (1, 8, 64),
     fractions: Sequence[float] = (0.05, 0.10, 0.25),
     *,
+    block_size: int = 1,
     repeats: int = 9,
     seed: int = 0,
 ) -> list[dict]:
-  """One `width`×`width` f32 ReLU layer: dense jit vs `packed_dense` at fixed capacities."""
+  """One `width`×`width` f32 ReLU layer: dense jit vs `packed_dense` at fixed capacities.
+
+  A capacity fraction `f` selects `round(f · width / block_size)` blocks per row.
+  """
   k_w, k_b, k_x = jax.random.split(jax.random.key(seed), 3)
   kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
   bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
   est = fit_svd(kernel, rank)
-  packed = jax.block_until_ready(pack(kernel, bias, est))
-  dual = jax.block_until_ready(pack(kernel, bias, est, dense_layout=True))
+  packed = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size))
+  dual = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size, dense_layout=True))
   dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+  n_blocks = width // block_size
   rows = []
   for batch in batches:
     x = jax.random.normal(k_x, (batch, width), jnp.float32)
     for frac in fractions:
-      cap = max(1, int(round(frac * width)))
+      cap = max(1, int(round(frac * n_blocks)))
+      computed = cap * block_size / width
       skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
-      mask = unit_mask(estimate(x, est, bias), 0.0, cap)
+      mask = unit_mask(estimate(x, est, bias), 0.0, cap, block_size)
       np.testing.assert_allclose(  # the timed path computes the contract's values
           np.asarray(skip_fn(x)), np.asarray(masked_dense(x, kernel, bias, mask)), rtol=1e-4, atol=1e-4
       )
-      gathered = skip_pays(batch, cap, width, block_bytes=block_bytes(packed))
+      gathered = skip_pays(batch, cap, n_blocks, block_bytes=block_bytes(packed))
       fns = {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}
       if not gathered:  # the fallback, also with the optional Flax-layout copy
         dual_fn = jax.jit(lambda x, cap=cap: packed_dense(x, dual, capacity=cap))
         fns["skip_dense_layout"] = lambda: dual_fn(x)
       t = time_interleaved(fns, repeats=repeats)
-      flop_ratio = theoretical_speedup([LayerCost(width, width, rank, frac)]) if gathered else 1.0
+      flop_ratio = theoretical_speedup([LayerCost(width, width, rank, computed)]) if gathered else 1.0
       measured = t["dense"] / t["skip"]
       rows.append({
           "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
-          "capacity": cap, "path": "gather" if gathered else "dense+mask",
+          "block_size": block_size, "capacity": cap, "computed_fraction": computed,
+          "path": "gather" if gathered else "dense+mask",
           "dense_ms": 1e3 * t["dense"], "skip_ms": 1e3 * t["skip"],
           "measured_speedup": measured, "flop_model_speedup": flop_ratio,
           "fraction_of_model": measured / flop_ratio,
@@ -132,14 +166,20 @@ def write_results(name: str, payload: dict, out_dir: str | os.PathLike = "experi
   return path
 
 
-def random_mlp(width: int, depth: int, rank: int, capacity: int, *, num_classes: int = 10, seed: int = 0):
-  """A `depth`-layer `width`-wide ConditionalMLP with random weights, for latency only."""
+def random_mlp(
+    width: int, depth: int, rank: int, capacity: int, *, block_size: int = 1, num_classes: int = 10, seed: int = 0
+):
+  """A `depth`-layer `width`-wide ConditionalMLP with random weights, for latency only.
+
+  `capacity` counts blocks of `block_size` units per layer.
+  """
   from flax import nnx
 
   from lrcc_jax.nn import ConditionalMLP
 
   return ConditionalMLP(
-      width, [width] * depth, num_classes, ranks=rank, capacities=capacity, rngs=nnx.Rngs(seed)
+      width, [width] * depth, num_classes, ranks=rank, capacities=capacity, block_sizes=block_size,
+      rngs=nnx.Rngs(seed),
   )
 
 
@@ -184,9 +224,11 @@ def bench_mlp(
     np.testing.assert_allclose(np.asarray(skip_fn(x)), np.asarray(ref), rtol=1e-3, atol=1e-3)
     t = time_interleaved({"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}, repeats=repeats)
     fractions = [float(jnp.mean(a != 0)) for a in acts]
-    computed = [
-        min(1.0, c * l.block_size / l.kernel.shape[1]) if c is not None else 1.0
-        for c, l in zip(capacities, model.layers)
+    computed = [  # a layer that falls back to the dense product computes all of it
+        min(1.0, c * l.block_size / l.kernel.shape[1])
+        if c is not None and skip_pays(batch, c, pl.weight.shape[0], block_bytes=block_bytes(pl))
+        else 1.0
+        for c, l, pl in zip(capacities, model.layers, packed.layers)
     ]
     costs, c_in = [], 1.0
     for layer, c, frac in zip(model.layers, computed, fractions):
@@ -227,10 +269,14 @@ def bench_suite(
     fractions: Sequence[float] = (0.05, 0.10, 0.25, 0.50),
     *,
     rank: int = 64,
+    block_size: int = 1,
     repeats: int = 7,
     progress: bool = True,
 ) -> list[dict]:
-  """Single layers: dense jit vs mask (dense product, then mask) vs skip (`packed_dense`)."""
+  """Single layers: dense jit vs mask (dense product, then mask) vs skip (`packed_dense`).
+
+  A capacity fraction `f` selects `round(f · width / block_size)` blocks per row.
+  """
   from lrcc_jax._layers import conditional_dense
 
   rows = []
@@ -245,22 +291,27 @@ def bench_suite(
     kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
     bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
     est = fit_svd(kernel, rank)
-    packed = jax.block_until_ready(pack(kernel, bias, est))
+    packed = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size))
     dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+    n_blocks = width // block_size
     for batch in batches:
       x = jax.random.normal(k_x, (batch, width), jnp.float32)
       for frac in fractions:
-        cap = max(1, int(round(frac * width)))
+        cap = max(1, int(round(frac * n_blocks)))
+        computed = cap * block_size / width
         skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
-        mask_fn = jax.jit(lambda x, cap=cap: conditional_dense(x, kernel, bias, est, capacity=cap))
+        mask_fn = jax.jit(
+            lambda x, cap=cap: conditional_dense(x, kernel, bias, est, capacity=cap, block_size=block_size)
+        )
         t = time_interleaved(
             {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
             repeats=repeats,
         )
-        gathered = skip_pays(batch, cap, width, block_bytes=block_bytes(packed))
-        model = theoretical_speedup([LayerCost(width, width, rank, frac)])
+        gathered = skip_pays(batch, cap, n_blocks, block_bytes=block_bytes(packed))
+        model = theoretical_speedup([LayerCost(width, width, rank, computed)])
         row = {
             "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
+            "block_size": block_size, "capacity": cap, "computed_fraction": computed,
             "path": "gather" if gathered else "dense+mask",
             "dense_ms": 1e3 * t["dense"], "mask_ms": 1e3 * t["mask"], "skip_ms": 1e3 * t["skip"],
             "skip_speedup": t["dense"] / t["skip"], "mask_speedup": t["dense"] / t["mask"],
@@ -306,13 +357,17 @@ def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
 def run_command(args) -> int:
   """`lrcc-jax bench`: run a suite, print its table, write JSON (and a PNG for `full`)."""
   out = Path(args.out)
+  if not args.async_dispatch and not latency_mode():
+    print("note: JAX had already started; measuring with its dispatch mode as it is")
   env = environment()
   if args.suite == "layer":
-    rows = bench_layer(rank=args.rank, batches=args.batches or (1, 8, 64), repeats=args.repeats)
+    rows = bench_layer(
+        rank=args.rank, batches=args.batches or (1, 8, 64), block_size=args.block_size, repeats=args.repeats
+    )
     print(format_table(rows))
     path = write_results("bench_layer", {"environment": env, "rows": rows}, out)
   elif args.suite == "mlp":
-    model = random_mlp(4096, 4, args.rank, 410)
+    model = random_mlp(4096, 4, args.rank, max(1, round(0.1 * 4096 / args.block_size)), block_size=args.block_size)
     rows = bench_mlp(model, args.batches or (1, 4, 64), repeats=args.repeats)
     for r in rows:
       print(f"batch {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, skip {r['skip_ms']:.3f} ms,"
@@ -321,7 +376,7 @@ def run_command(args) -> int:
   else:
     rows = bench_suite(
         widths=args.widths or (1024, 4096, 8192), batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
-        rank=args.rank, repeats=args.repeats, progress=not args.no_progress,
+        rank=args.rank, block_size=args.block_size, repeats=args.repeats, progress=not args.no_progress,
     )
     for r in rows:
       print(f"{r['width']:>5} b{r['batch']:<4} {r['capacity_fraction']:>4.0%} {r['path']:>10}"

@@ -370,6 +370,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)")
   parser.add_argument("--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)")
   parser.add_argument("--rank", type=positive_int, default=64, help="estimator rank (default 64)")
+  parser.add_argument("--block-size", type=positive_int, default=16,
+                      help="units per selected block; capacities count blocks (default 16)")
+  parser.add_argument("--async-dispatch", action="store_true",
+                      help="keep JAX's asynchronous CPU dispatch (default: off, see bench.latency_mode)")
   parser.add_argument("--repeats", type=positive_int, default=9, help="interleaved repeats; the median is reported (default 9)")
   parser.add_argument("--out", default="experiments/results", help="directory of the JSON and PNG (default: experiments/results)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")

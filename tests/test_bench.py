@@ -10,11 +10,15 @@ def test_bench_full_suite_end_to_end(tmp_path, capsys):
                    "--repeats", "1", "--rank", "8", "--out", str(tmp_path), "--no-progress"]) == 0
   payload = json.loads((tmp_path / "bench_suite.json").read_text())
   assert payload["environment"]["jax_version"]
+  # JAX had started before the command ran, so the dispatch mode stayed as it was.
+  assert payload["environment"]["cpu_async_dispatch"] is True
   rows = payload["rows"]
   assert len(rows) == 2 * 4
   for r in rows:
     assert r["dense_ms"] > 0 and r["skip_ms"] > 0 and r["mask_ms"] > 0
-    assert r["path"] == ("gather" if bench.skip_pays(r["batch"], max(1, round(r["capacity_fraction"] * 64)), 64) else "dense+mask")
+    assert r["block_size"] == 16 and r["capacity"] == max(1, round(r["capacity_fraction"] * 4))
+    assert r["computed_fraction"] == r["capacity"] * 16 / 64
+    assert r["path"] == ("gather" if bench.skip_pays(r["batch"], r["capacity"], 4) else "dense+mask")
   mem = [r["memory"] for r in rows if r["batch"] == 1]
   assert all(m["packed_over_dense_plus_factors"] <= 1.1 for m in mem)
   assert (tmp_path / "bench_suite.png").stat().st_size > 0
@@ -26,6 +30,20 @@ def test_bench_mlp_checks_values_and_reports_model(tmp_path):
   rows = bench.bench_mlp(model, (1,), repeats=1)
   assert rows[0]["flop_model_speedup"] > 1.0
   assert rows[0]["computed_fraction"] == [4 / 32, 4 / 32]
+
+
+def test_bench_mlp_counts_a_dense_fallback_as_fully_computed():
+  model = bench.random_mlp(32, 2, 4, 2, block_size=4)  # 2 of 8 blocks per row
+  rows = bench.bench_mlp(model, (1, 8), repeats=1)
+  assert rows[0]["computed_fraction"] == [8 / 32, 8 / 32] and rows[0]["flop_model_speedup"] > 1.0
+  assert rows[1]["computed_fraction"] == [1.0, 1.0]  # 8 rows x 2 blocks > half the layer
+
+
+def test_latency_mode_is_refused_once_jax_has_started():
+  import jax.numpy as jnp
+
+  jnp.ones(1).block_until_ready()
+  assert bench.latency_mode() is False
 
 
 def test_time_interleaved_rejects_nothing_and_returns_medians():

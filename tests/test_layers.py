@@ -173,3 +173,15 @@ def test_top_k_membership_is_top_k_with_ties_to_lower_index(n, rows, data):
   want = np.zeros((rows, n), bool)
   np.put_along_axis(want, np.asarray(idx), True, axis=-1)
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows,n", [(8, 8), (16, 8), (8, 64)])
+def test_block_selection_compiles_for_short_rows_and_matches_top_k(rows, n):
+  # Regression: the bisection on 8-wide rows (>= 8 of them) never finished compiling.
+  from lrcc_jax import _mask
+
+  scores = jnp.asarray(np.random.default_rng(rows + n).standard_normal((rows, n)), jnp.float32)
+  got = np.asarray(jax.jit(lambda s: _mask.block_selection(s, -np.inf, 3))(scores))
+  want = np.zeros((rows, n), bool)
+  np.put_along_axis(want, np.argsort(-np.asarray(scores), axis=-1, kind="stable")[:, :3], True, axis=-1)
+  np.testing.assert_array_equal(got, want)

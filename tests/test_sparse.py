@@ -28,6 +28,39 @@ def test_sparse_layer_equals_packed_dense_on_dense_and_sparse_inputs(block_size,
   np.testing.assert_allclose(np.asarray(densify(h2, 20)), np.asarray(ref2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_sizes", [(2, 4, 1), (4, 2, 8), (8, 8, 8)])
+def test_tile_reads_across_block_sizes_equal_conditional_dense(block_sizes):
+  # Each layer's output block size is the next layer's input tile width.
+  widths = (16, 32, 24, 16)
+  layers = [_layer(i, a, b, 5) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((3, 16)), jnp.float32)
+  h, ref = x, x
+  for (w, b, e), bs in zip(layers, block_sizes):
+    cap = max(1, w.shape[1] // bs // 3)
+    h = sparse_packed_dense(h, L.pack(w, b, e, block_size=bs), threshold=-0.02, capacity=cap)
+    ref = L.conditional_dense(ref, w, b, e, threshold=-0.02, capacity=cap, block_size=bs)
+    assert h.block_size == bs
+    np.testing.assert_allclose(np.asarray(densify(h, w.shape[1])), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_rows_block_size_is_static_under_jit():
+  w, b, e = _layer(0, 8, 16, 3)
+  p1, p2 = L.pack(w, b, e, block_size=4), L.pack(*_layer(1, 16, 8, 3), block_size=2)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8)), jnp.float32)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def chain(x):
+    h = sparse_packed_dense(x, p1, capacity=2)
+    return h, sparse_packed_dense(h, p2, capacity=2)
+
+  h, out = chain(x)
+  chain(x + 1.0)
+  assert h.block_size == 4 and out.block_size == 2
+  assert jax.tree.leaves(h) == [h.indices, h.values]  # block_size is metadata, not a leaf
+  np.testing.assert_array_equal(np.asarray(h.indices) % 4, np.tile(np.arange(4), (2, 2)))
+
+
 def test_sparse_chain_of_mlp_equals_layerwise_conditional_dense():
   m = ConditionalMLP(20, [32, 24, 16], 5, ranks=[8, 6, 4], thresholds=[-0.1, 0.0, 0.0],
                      capacities=[10, 8, 6], rngs=nnx.Rngs(3))
@@ -50,6 +83,10 @@ def test_sparse_errors():
     sparse_packed_dense(jnp.zeros((1, 6)), p, capacity=None)
   with pytest.raises(ValueError, match=r"\(1, 3\) and \(1, 2\)"):
     sparse_packed_dense(SparseRows(jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 2))), p, capacity=2)
+  with pytest.raises(ValueError, match=r"block_size=4 must divide both the layer's n_in=6 and the 4"):
+    sparse_packed_dense(SparseRows(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4)), 4), p, capacity=2)
+  with pytest.raises(ValueError, match=r"block_size=2 must divide both the layer's n_in=6 and the 3"):
+    sparse_packed_dense(SparseRows(jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3)), 2), p, capacity=2)
   m = ConditionalMLP(6, [8], 2, ranks=[2], rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="capacity on every layer"):
     packed_mlp(jnp.zeros((1, 6)), m.pack(), thresholds=[0.0], capacities=[None], strategy="sparse")
