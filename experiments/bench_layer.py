@@ -1,28 +1,15 @@
 """Single-layer benchmark: dense jit against the compute-skipping `packed_dense`.
 
-Run:   .venv/bin/python experiments/bench_layer.py
-Writes experiments/results/bench_layer.json and prints the table. Expected on a 2-core
-XLA:CPU machine (jax 0.10.2): about 4x at batch 1 and 10% capacity, rank 64; the "auto"
-strategy falls back to the dense product at batch 64 (about 1x).
+Run:   .venv/bin/python experiments/bench_layer.py   (same as `lrcc-jax bench --suite layer`)
+Writes experiments/results/bench_layer.json and prints the table: one 4096x4096 f32 layer,
+rank 64, blocks of 16 units, batch 1/8/64, capacities 5/10/25%. Extra arguments are passed
+to `lrcc-jax bench` (e.g. `--block-size 1`, `--repeats 15`).
 """
 
-import argparse
+import sys
 
-from lrcc_jax import bench
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--width", type=int, default=4096)
-  parser.add_argument("--rank", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=9)
-  parser.add_argument("--out", default="experiments/results")
-  args = parser.parse_args()
-  rows = bench.bench_layer(args.width, args.rank, repeats=args.repeats)
-  print(bench.format_table(rows))
-  path = bench.write_results("bench_layer", {"environment": bench.environment(), "rows": rows}, args.out)
-  print(f"wrote {path}")
+from lrcc_jax import cli
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.main(["bench", "--suite", "layer", *sys.argv[1:]]))

@@ -19,17 +19,20 @@ from lrcc_jax._estimator import LowRankEstimator
 Array = jax.Array
 Strategy = Literal["auto", "gather", "dense"]
 
-# "auto" gathers while the rows' selected blocks stay below these fractions of the layer
-# (measured with experiments/bench_layer.py's protocol, 4096 wide, 2 cores): one row's
-# gathered weight row costs about 2.5 dense rows, so gathering pays up to about 40% at
-# batch 1; at 2-8 rows the dense fallback in the unit-major layout is itself about 1.7x
-# slower than a dense jit (XLA:CPU repacks the transposed weight), so gathering still
-# wins up to about half the layer, and past that the per-row gathers thrash the cache.
+# "auto" gathers while these hold (measured with the protocol of `lrcc-jax bench`: 4096
+# and 8192 wide, block sizes 1 and 16, 1-8 rows, 2 cores). The dense fallback runs at
+# dense speed (`unit_major_product`), so these only keep the gathers where they win:
+# - one row: up to 40% of the blocks; one gathered weight row costs about 2.5 dense rows.
 MAX_GATHER_FRACTION_ONE_ROW = 0.4
-MAX_GATHER_FRACTION = 0.5
-# Batched per-row gathers of more than this many bytes collapse (8192 wide, 2 rows x 10%:
-# 53 MB gathered, 0.8x dense; 26 MB gathers still ran 2-4x faster than dense).
+# - several rows: the rows' blocks together up to a quarter of the layer (8 rows x 5% of
+#   4096: 0.5x dense when gathered, 2 rows x 10%: 3.4x)...
+MAX_GATHER_FRACTION = 0.25
+# - ...with at most this many bytes gathered per call: past it the gathers thrash the
+#   cache (8192 wide, 1 row x 25%: 64 MB, 0.4x dense; 2 rows x 5%: 26 MB, 5x faster)...
 MAX_GATHER_BYTES = 32 * 2**20
+# - ...and blocks of at least this many bytes once there are more than 2 rows: many small
+#   per-row gathers lose (4 rows x 5% of 4096 in single units: 0.9x dense).
+MIN_BATCHED_BLOCK_BYTES = 64 * 2**10
 
 
 # Independent gather+matvec groups per call. XLA:CPU runs independent ops concurrently, so
@@ -72,16 +75,15 @@ class PackedDense(NamedTuple):
     bias: (n_blocks, block_size) bias.
     u: (n_in, r) estimator factor.
     v: (r, n_out) estimator factor.
-    kernel: optional (n_in, n_out) copy in the Flax layout, used only by the dense
-      fallback (`pack(..., dense_layout=True)`); None by default, so the packed form holds
-      one copy of the weights.
+
+  The packed form holds one copy of the weights: the dense fallback multiplies the same
+  unit-major blocks (`unit_major_product`).
   """
 
   weight: Array
   bias: Array
   u: Array
   v: Array
-  kernel: Array | None = None
 
   @property
   def block_size(self) -> int:
@@ -107,7 +109,6 @@ def pack(
     *,
     block_size: int = 1,
     dtype: jnp.dtype | None = None,
-    dense_layout: bool = False,
 ) -> PackedDense:
   r"""Packs a layer for `packed_dense`: transposes the kernel to unit-major blocks.
 
@@ -121,9 +122,6 @@ def pack(
     block_size: static size of contiguous unit blocks; must divide n_out.
     dtype: optional storage dtype for the weights (e.g. `jnp.bfloat16` halves the bytes
       read); products still accumulate in the input's dtype.
-    dense_layout: also keep the (n_in, n_out) kernel for the dense fallback. On XLA:CPU
-      a product with the unit-major weights at 2-32 rows is about 1.3-2x slower than a
-      dense jit; the copy removes that penalty at twice the weight memory.
 
   Returns:
     A `PackedDense`.
@@ -139,25 +137,28 @@ def pack(
   weight = jnp.reshape(kernel.T, (n_blocks, block_size, n_in))
   if dtype is not None:
     weight = weight.astype(dtype)
-  dense = kernel.astype(weight.dtype) if dense_layout else None
-  return PackedDense(weight, jnp.reshape(bias, (n_blocks, block_size)), est.u, est.v, dense)
+  return PackedDense(weight, jnp.reshape(bias, (n_blocks, block_size)), est.u, est.v)
 
 
 def skip_pays(rows: int, capacity: int | None, n_blocks: int, *, block_bytes: int = 0) -> bool:
-  """Static choice of the "auto" strategy: gather only while it reads less than dense.
+  """Static choice of the "auto" strategy: gather only where it measured faster than dense.
 
   Args:
     rows: rows in the batch.
     capacity: blocks per row (None: no capacity, nothing to gather).
     n_blocks: blocks in the layer.
-    block_bytes: bytes of one weight block (block_size · n_in · itemsize); with more than
-      one row, gathers past `MAX_GATHER_BYTES` in all thrash the cache and fall back.
+    block_bytes: bytes of one weight block (block_size · n_in · itemsize); see the
+      `MAX_GATHER_*` constants for the limits and the measurements behind them.
   """
   if capacity is None:
     return False
+  if rows * capacity * block_bytes > MAX_GATHER_BYTES:
+    return False
   if rows == 1:
     return capacity <= MAX_GATHER_FRACTION_ONE_ROW * n_blocks
-  return rows * capacity <= MAX_GATHER_FRACTION * n_blocks and rows * capacity * block_bytes <= MAX_GATHER_BYTES
+  if rows > 2 and block_bytes < MIN_BATCHED_BLOCK_BYTES:
+    return False
+  return rows * capacity <= MAX_GATHER_FRACTION * n_blocks
 
 
 def gather_selected(
@@ -180,6 +181,19 @@ def gather_selected(
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
   z = gathered_matvec(packed.weight, idx, xr) + packed.bias[idx].astype(xr.dtype)
   return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+
+
+def unit_major_product(x: Array, w: Array) -> Array:
+  """`x @ w.T` for unit-major `w` (n_out, n_in), computed as `(w @ x.T).T`.
+
+  Written as `x @ w.T`, XLA:CPU repacks `w` on every call, which made the dense fallback
+  1.3-1.9x slower than a dense jit at 2-64 rows. As `w @ x.T` the weights are a row-major
+  left operand and the product runs at dense speed or better (4096², 64 rows: 7.05 ms
+  against 7.12 ms for `x @ kernel`; 2-8 rows: 1.3x faster). The optimisation barriers
+  keep XLA's simplifier from rewriting it back.
+  """
+  barrier = jax.lax.optimization_barrier
+  return barrier(w.astype(x.dtype) @ barrier(x.T)).T
 
 
 def block_bytes(packed: PackedDense) -> int:
@@ -246,11 +260,7 @@ def packed_dense(
   )
   if not gather:
     keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
-    if packed.kernel is not None:
-      z = xr @ packed.kernel.astype(xr.dtype) + bias_flat
-    else:
-      w = jnp.reshape(packed.weight, (n_out, n_in)).astype(xr.dtype)
-      z = jax.lax.dot_general(xr, w, (((1,), (1,)), ((), ()))) + bias_flat
+    z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
     y = jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
     return jnp.reshape(y, lead + (n_out,))
 

@@ -104,11 +104,11 @@ class ConditionalDense(nnx.Module):
     self.u = EstimatorFactor(est.u)
     self.v = EstimatorFactor(est.v)
 
-  def pack(self, dtype: jnp.dtype | None = None, dense_layout: bool = False) -> PackedDense:
+  def pack(self, dtype: jnp.dtype | None = None) -> PackedDense:
     """The layer in the unit-major inference layout (`lrcc_jax.pack`)."""
     return pack(
         self.kernel[...], self.bias[...], self.estimator, block_size=self.block_size,
-        dtype=dtype, dense_layout=dense_layout,
+        dtype=dtype,
     )
 
   def __call__(self, x: Array, mode: Mode = "dense") -> Array:
@@ -249,10 +249,10 @@ class ConditionalMLP(nnx.Module):
       h = layer(h, "mask")
     return self.thresholds
 
-  def pack(self, dtype: jnp.dtype | None = None, dense_layout: bool = False) -> PackedMLP:
+  def pack(self, dtype: jnp.dtype | None = None) -> PackedMLP:
     """The network in the inference layout, for `packed_mlp` (see `lrcc_jax.pack`)."""
     return PackedMLP(
-        tuple(l.pack(dtype, dense_layout) for l in self.layers),
+        tuple(l.pack(dtype) for l in self.layers),
         self.head.kernel[...], self.head.bias[...],
     )
 

@@ -53,3 +53,16 @@ def test_time_interleaved_rejects_nothing_and_returns_medians():
   assert set(t) == {"a"} and t["a"] > 0
   with pytest.raises(AttributeError):
     bench.time_interleaved({"a": lambda: 1}, repeats=1, calls=1)
+
+
+def test_bench_command_times_with_synchronous_dispatch(tmp_path):
+  import subprocess
+  import sys
+
+  cmd = [sys.executable, "-m", "lrcc_jax.cli", "bench", "--suite", "full", "--widths", "64", "--batches", "1",
+         "--repeats", "1", "--rank", "4", "--out", str(tmp_path), "--no-progress"]
+  subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+  env = json.loads((tmp_path / "bench_suite.json").read_text())["environment"]
+  assert env["cpu_async_dispatch"] is False
+  subprocess.run([*cmd, "--async-dispatch"], check=True, capture_output=True, timeout=300)
+  assert json.loads((tmp_path / "bench_suite.json").read_text())["environment"]["cpu_async_dispatch"] is True

@@ -175,9 +175,10 @@ def test_top_k_membership_is_top_k_with_ties_to_lower_index(n, rows, data):
   np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("rows,n", [(8, 8), (16, 8), (8, 64)])
+@pytest.mark.parametrize("rows,n", [(8, 8), (16, 8), (8, 64), (4, 4096), (16, 4096)])
 def test_block_selection_compiles_for_short_rows_and_matches_top_k(rows, n):
-  # Regression: the bisection on 8-wide rows (>= 8 of them) never finished compiling.
+  # Regression: the bisection on 8-wide rows (>= 8 of them) never finished compiling;
+  # (4, 4096) takes top_k and (16, 4096) the bisection: both must agree with numpy.
   from lrcc_jax import _mask
 
   scores = jnp.asarray(np.random.default_rng(rows + n).standard_normal((rows, n)), jnp.float32)

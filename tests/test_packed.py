@@ -152,16 +152,15 @@ def test_pack_accepts_numpy_and_the_jitted_gather_works():
 
 
 @pytest.mark.parametrize("rows", [1, 6])
-def test_dense_layout_copy_gives_the_same_values(rows):
-  w, b, est = _layer(10, 12, 16, 3)
+def test_unit_major_product_equals_the_flax_layout_product(rows):
+  from lrcc_jax._packed import unit_major_product
+
+  w, _, _ = _layer(10, 12, 16, 3)
   x = jnp.asarray(np.random.default_rng(11).standard_normal((rows, 12)), jnp.float32)
-  plain, dual = L.pack(w, b, est), L.pack(w, b, est, dense_layout=True)
-  assert plain.kernel is None and dual.kernel.shape == (12, 16)
-  for cap in (None, 3):
-    np.testing.assert_allclose(
-        np.asarray(L.packed_dense(x, dual, capacity=cap, strategy="dense")),
-        np.asarray(L.packed_dense(x, plain, capacity=cap, strategy="dense")), rtol=1e-5, atol=1e-6,
-    )
+  got = jax.jit(unit_major_product)(x, w.T)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-6)
+  gx = jax.grad(lambda x: unit_major_product(x, w.T).sum())(x)
+  np.testing.assert_allclose(np.asarray(gx), np.broadcast_to(np.asarray(w).sum(1), x.shape), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_strategy_rules():
@@ -169,7 +168,12 @@ def test_auto_strategy_rules():
 
   assert skip_pays(1, 409, 4096) and not skip_pays(1, 1700, 4096)
   assert not skip_pays(1, None, 4096)
-  block = 4096 * 4  # one f32 unit row of a 4096-wide layer
-  assert skip_pays(4, 410, 4096, block_bytes=block)  # 26 MB gathered: still pays
-  assert not skip_pays(8, 410, 4096, block_bytes=block)  # 80% of the layer
-  assert not skip_pays(2, 819, 8192, block_bytes=2 * block)  # 53 MB: cache thrash
+  row = 4096 * 4  # one f32 unit row of a 4096-wide layer
+  assert skip_pays(2, 410, 4096, block_bytes=row)  # 20% of the layer, 13 MB
+  assert not skip_pays(2, 1024, 4096, block_bytes=row)  # half the layer
+  assert not skip_pays(4, 205, 4096, block_bytes=row)  # > 2 rows of small blocks
+  assert skip_pays(4, 13, 256, block_bytes=16 * row)  # 16-unit blocks: 20%, 13 MB
+  assert not skip_pays(8, 13, 256, block_bytes=16 * row)  # 40% of the layer
+  assert skip_pays(2, 26, 512, block_bytes=32 * row)  # 8192 wide, 5%: 26 MB
+  assert not skip_pays(2, 51, 512, block_bytes=32 * row)  # 8192 wide, 10%: 53 MB thrashes
+  assert not skip_pays(1, 128, 512, block_bytes=32 * row)  # one row, 67 MB thrashes too
