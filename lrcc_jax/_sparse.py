@@ -10,7 +10,9 @@ When the upstream layer selects whole blocks of `b_in` units, the active inputs 
 aligned runs, so the weights at (computed outputs × active inputs) are `k · m / b_in`
 tiles of `b_out × b_in` numbers, each row of a tile contiguous in the unit-major layout.
 Reading tiles instead of single elements is what makes input sparsity pay on a CPU: each
-cache line fetched is then fully used (measured in `experiments/bench_sparse_tiles.py`).
+cache line fetched is then fully used (4-layer 4096-wide MLP at 10%, batch 1, blocks of
+16: 1.0-1.2 ms for the chain against 1.4-1.65 ms with element gathers; `lrcc-jax bench
+--suite mlp`).
 """
 
 from __future__ import annotations
@@ -137,10 +139,10 @@ def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
   """`z[r, o, j] = Σ_i W[out_blocks[r, o] * b_out + j, x.indices[r, i]] · x.values[r, i]`.
 
   With `x.block_size = b_in > 1` the weights are read as `b_out × b_in` tiles of the
-  unit-major layout, and the gather feeds a multiply-reduce that XLA fuses with it, so
-  the (rows, k, m / b_in, b_out, b_in) slab is never written out. Single elements
+  unit-major layout: one gather of the (rows, k, m / b_in, b_out, b_in) tiles (692 KB
+  for 26 × 26 tiles of 16 × 16) and one reduction over the inputs. Single elements
   (`b_in = 1`) are gathered by flat index in `group_bounds` groups, which XLA:CPU runs
-  concurrently; the fused form is slower there. Returns (rows, k, b_out).
+  concurrently; the gather-and-reduce form measured slower there. Returns (rows, k, b_out).
   """
   n_blocks, b_out, n_in = weight.shape
   rows, m = x.indices.shape

@@ -62,6 +62,11 @@ def latency_mode() -> bool:
   return True
 
 
+def capacity_blocks(fraction: float, width: int, block_size: int) -> int:
+  """Blocks per row that compute `fraction` of a `width`-wide layer (at least one)."""
+  return max(1, int(round(fraction * width / block_size)))
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], jax.Array]], *, repeats: int = 9, calls: int | None = None
 ) -> dict[str, float]:
@@ -69,9 +74,9 @@ def time_interleaved(
 
   `calls` per repeat defaults to enough calls for about 20 ms of the slowest thunk. Each
   block of calls starts with one untimed call: right after a dense product has streamed
-  its weights, the first call of the next thunk pays for the switch (cold caches, the
-  dense product's worker threads still spinning), which measured up to 1.5x on a 0.25 ms
-  skip call and is not a cost of that thunk in a steady stream of calls.
+  its weights, the first call of the next thunk pays for the switch (the caches and
+  worker threads the previous thunk left behind), which is not a cost of that thunk in a
+  steady stream of calls.
   """
   slowest = 0.0
   for fn in fns.values():  # compile + warm up
@@ -121,7 +126,7 @@ def bench_layer(
   for batch in batches:
     x = jax.random.normal(k_x, (batch, width), jnp.float32)
     for frac in fractions:
-      cap = max(1, int(round(frac * n_blocks)))
+      cap = capacity_blocks(frac, width, block_size)
       computed = cap * block_size / width
       skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
       mask = unit_mask(estimate(x, est, bias), 0.0, cap, block_size)
@@ -301,7 +306,7 @@ def bench_suite(
     for batch in batches:
       x = jax.random.normal(k_x, (batch, width), jnp.float32)
       for frac in fractions:
-        cap = max(1, int(round(frac * n_blocks)))
+        cap = capacity_blocks(frac, width, block_size)
         computed = cap * block_size / width
         skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
         mask_fn = jax.jit(
@@ -369,7 +374,7 @@ def run_command(args) -> int:
     print(format_table(rows))
     path = write_results("bench_layer", {"environment": env, "rows": rows}, out)
   elif args.suite == "mlp":
-    model = random_mlp(4096, 4, args.rank, max(1, round(0.1 * 4096 / args.block_size)), block_size=args.block_size)
+    model = random_mlp(4096, 4, args.rank, capacity_blocks(0.1, 4096, args.block_size), block_size=args.block_size)
     rows = bench_mlp(model, args.batches or (1, 4, 64), repeats=args.repeats)
     for r in rows:
       print(f"batch {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, skip {r['skip_ms']:.3f} ms,"
