@@ -62,6 +62,16 @@ def latency_mode() -> bool:
   return True
 
 
+def _random_layer(k_w: jax.Array, k_b: jax.Array, width: int, rank: int, block_size: int):
+  """A random `width`² ReLU layer: kernel, bias, SVD estimator, packed form, dense jit."""
+  kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
+  bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
+  est = fit_svd(kernel, rank)
+  packed = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size))
+  dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+  return kernel, bias, est, packed, dense_fn
+
+
 def capacity_blocks(fraction: float, width: int, block_size: int) -> int:
   """Blocks per row that compute `fraction` of a `width`-wide layer (at least one)."""
   return max(1, int(round(fraction * width / block_size)))
@@ -116,11 +126,7 @@ def bench_layer(
   """
   k_w, k_b, k_x = jax.random.split(jax.random.key(seed), 3)
   k_v = jax.random.fold_in(k_x, 1)
-  kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
-  bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
-  est = fit_svd(kernel, rank)
-  packed = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size))
-  dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+  kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
   n_blocks = width // block_size
   rows = []
   for batch in batches:
@@ -297,11 +303,7 @@ def bench_suite(
     bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr)
   for width in widths:
     k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
-    kernel = jax.random.normal(k_w, (width, width), jnp.float32) / np.sqrt(width)
-    bias = 0.01 * jax.random.normal(k_b, (width,), jnp.float32)
-    est = fit_svd(kernel, rank)
-    packed = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size))
-    dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+    kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
     n_blocks = width // block_size
     for batch in batches:
       x = jax.random.normal(k_x, (batch, width), jnp.float32)
