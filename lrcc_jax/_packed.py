@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _checks, _mask
+from lrcc_jax import _checks, _mask, _native
 from lrcc_jax._estimator import LowRankEstimator
 
 Array = jax.Array
@@ -21,7 +21,20 @@ Strategy = Literal["auto", "gather", "dense"]
 
 # "auto" gathers while these hold (measured with the protocol of `lrcc-jax bench`: 4096
 # and 8192 wide, block sizes 1 and 16, 1-8 rows, 2 cores). The dense fallback runs at
-# dense speed (`unit_major_product`), so these only keep the gathers where they win:
+# dense speed (`unit_major_product`), so these only keep the gathers where they win.
+#
+# With the native CPU kernel (`_native`), which streams each selected block once on every
+# core, gathering pays while the rows together read at most this many layers' worth of
+# weights (1024-8192 wide, blocks of 1 and 16, 1-64 rows: 1.3-5.7x dense at or below it;
+# 2 rows x 40% = 0.8 layers: 1.1-1.4x; 4 x 25%: 0.9-1.2x)...
+NATIVE_MAX_GATHERED_LAYERS = 0.6
+# ...or while each row computes at most this fraction, up to this many rows: past a few
+# rows the dense product is bound by its flops, not its bytes (5%, i.e. 13 of 256 blocks:
+# 1.4x at 64 rows, 1.5-2.4x at 16-32; 10%: 1.2x at 16 rows, 0.7-0.95x at 32-64).
+NATIVE_SMALL_FRACTION = 0.06
+NATIVE_SMALL_FRACTION_MAX_ROWS = 64
+#
+# With XLA's gathers (no native kernel: not on CPU, not f32, or no compiler):
 # - one row: up to 40% of the blocks; one gathered weight row costs about 2.5 dense rows.
 MAX_GATHER_FRACTION_ONE_ROW = 0.4
 # - several rows: the rows' blocks together up to a quarter of the layer (8 rows x 5% of
@@ -52,6 +65,26 @@ def group_bounds(k: int, rows_per_item: int = 1) -> list[tuple[int, int]]:
 
 def gathered_matvec(weight: Array, idx: Array, x: Array) -> Array:
   """`z[r, j] = weight[idx[r, j]] @ x[r]`: (n_blocks, bs, n_in), (rows, k), (rows, n_in) -> (rows, k, bs).
+
+  On XLA:CPU with f32 operands this is the native kernel (`_native`) with one run of
+  `n_in` inputs: it streams each selected block once, on every core (26 of 256 blocks of
+  16 × 4096: 65-180 µs against 270-940 µs for the XLA form, scratch measurement).
+  Otherwise `_xla_gathered_matvec`, with the same values.
+  """
+  if _native.usable(weight, x):
+    starts = jnp.zeros((x.shape[0], 1), jnp.int32)
+    return _native.tile_product(weight, idx, starts, x, weight.shape[2], _dense_input_product)
+  return _xla_gathered_matvec(weight, idx, x)
+
+
+def _dense_input_product(weight: Array, idx: Array, starts: Array, x: Array, *, b_in: int) -> Array:
+  """`gathered_matvec`'s XLA form in `_native.tile_product`'s signature (one run, at 0)."""
+  del starts, b_in
+  return _xla_gathered_matvec(weight, idx, x)
+
+
+def _xla_gathered_matvec(weight: Array, idx: Array, x: Array) -> Array:
+  """`gathered_matvec` in XLA ops.
 
   The selected blocks are gathered and multiplied in `group_bounds` groups, which XLA:CPU
   runs concurrently; one big gather followed by one matvec runs on one core.
@@ -140,7 +173,9 @@ def pack(
   return PackedDense(weight, jnp.reshape(bias, (n_blocks, block_size)), est.u, est.v)
 
 
-def skip_pays(rows: int, capacity: int | None, n_blocks: int, *, block_bytes: int = 0) -> bool:
+def skip_pays(
+    rows: int, capacity: int | None, n_blocks: int, *, block_bytes: int = 0, native: bool | None = None
+) -> bool:
   """Static choice of the "auto" strategy: gather only where it measured faster than dense.
 
   Args:
@@ -149,9 +184,18 @@ def skip_pays(rows: int, capacity: int | None, n_blocks: int, *, block_bytes: in
     n_blocks: blocks in the layer.
     block_bytes: bytes of one weight block (block_size · n_in · itemsize); see the
       `MAX_GATHER_*` constants for the limits and the measurements behind them.
+    native: whether the gathers run the native CPU kernel (the `NATIVE_*` limits apply);
+      None asks `_native.active()`, which holds for f32 layers on the CPU backend.
   """
   if capacity is None:
     return False
+  if native is None:
+    native = _native.active()
+  if native:
+    fraction = capacity / n_blocks
+    return rows * fraction <= NATIVE_MAX_GATHERED_LAYERS or (
+        fraction <= NATIVE_SMALL_FRACTION and rows <= NATIVE_SMALL_FRACTION_MAX_ROWS
+    )
   if rows * capacity * block_bytes > MAX_GATHER_BYTES:
     return False
   if rows == 1:
@@ -256,7 +300,13 @@ def packed_dense(
 
   gather = capacity is not None and (
       strategy == "gather"
-      or (strategy == "auto" and skip_pays(rows, capacity, n_blocks, block_bytes=block_bytes(packed)))
+      or (
+          strategy == "auto"
+          and skip_pays(
+              rows, capacity, n_blocks, block_bytes=block_bytes(packed),
+              native=_native.usable(packed.weight, xr),
+          )
+      )
   )
   if not gather:
     keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)

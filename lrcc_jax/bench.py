@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrcc_jax import _native
 from lrcc_jax._estimator import fit_svd
 from lrcc_jax._flops import LayerCost, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
@@ -38,6 +39,8 @@ def environment() -> dict:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "machine": platform.machine(),
       "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
+      # whether the skip paths ran the native CPU kernel (`lrcc_jax._native`) or pure XLA
+      "native_cpu_kernel": _native.status() if dev.platform == "cpu" else None,
   }
 
 

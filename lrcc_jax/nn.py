@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrcc_jax import _checks
+from lrcc_jax import _checks, _native
 from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._packed import PackedDense, block_bytes, pack, packed_dense, skip_pays
-from lrcc_jax._sparse import densify, sparse_linear, sparse_packed_dense
+from lrcc_jax._sparse import NATIVE_MIN_RUN, densify, sparse_linear, sparse_packed_dense
 from lrcc_jax._stats import calibrate_threshold
 
 Array = jax.Array
@@ -307,8 +307,10 @@ def packed_mlp(
   if strategy == "sparse" and not sparse_ok:
     raise ValueError(f"strategy='sparse' needs a capacity on every layer, got {list(capacities)}.")
   if strategy == "auto":
+    # the native limits hold when every layer's tiles run the native kernel
+    native = all(_native.usable(l.weight, x) and l.block_size >= NATIVE_MIN_RUN for l in packed.layers)
     sparse_ok = sparse_ok and all(
-        skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l))
+        skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l), native=native)
         for l, c in zip(packed.layers, capacities)
     )
     strategy = "sparse" if sparse_ok else "layerwise"

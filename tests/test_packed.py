@@ -82,16 +82,18 @@ def test_jit_vmap_and_leading_dims_agree():
   chex.assert_trees_all_close(f(x[0, 0]), ref[0, 0], atol=1e-6)
 
 
-def _primitive_names(jaxpr):
-  """Every primitive in a jaxpr, descending into sub-jaxprs (pjit, custom_jvp, ...)."""
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, descending into sub-jaxprs (pjit, custom_jvp, ...)."""
   from jax.extend.core import jaxprs_in_params
 
-  names = set()
   for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
+    yield eqn
     for sub in jaxprs_in_params(eqn.params):
-      names |= _primitive_names(sub)
-  return names
+      yield from _eqns(sub)
+
+
+def _primitive_names(jaxpr):
+  return {e.primitive.name for e in _eqns(jaxpr)}
 
 
 @pytest.mark.parametrize("strategy", ["gather", "dense", "auto"])
@@ -112,8 +114,10 @@ def test_skipping_paths_are_cond_free(strategy, rows):
     bad = {p for p in prims if p in ("cond", "while") or "callback" in p}
     assert not bad, (name, bad)
   jaxpr = jax.make_jaxpr(fns["packed"])(x).jaxpr
+  # The selected blocks are read by an XLA gather, or by the native kernel on CPU.
   gathers = any(
-      e.primitive.name == "gather" and e.invars[0].aval.shape == p.weight.shape for e in jaxpr.eqns
+      e.primitive.name in ("gather", "ffi_call") and e.invars[0].aval.shape == p.weight.shape
+      for e in _eqns(jaxpr)
   )
   assert gathers == (strategy == "gather" or (strategy == "auto" and rows == 1))
 
@@ -166,14 +170,26 @@ def test_unit_major_product_equals_the_flax_layout_product(rows):
 def test_auto_strategy_rules():
   from lrcc_jax._packed import skip_pays
 
-  assert skip_pays(1, 409, 4096) and not skip_pays(1, 1700, 4096)
+  assert skip_pays(1, 409, 4096, native=False) and not skip_pays(1, 1700, 4096, native=False)
   assert not skip_pays(1, None, 4096)
   row = 4096 * 4  # one f32 unit row of a 4096-wide layer
-  assert skip_pays(2, 410, 4096, block_bytes=row)  # 20% of the layer, 13 MB
-  assert not skip_pays(2, 1024, 4096, block_bytes=row)  # half the layer
-  assert not skip_pays(4, 205, 4096, block_bytes=row)  # > 2 rows of small blocks
-  assert skip_pays(4, 13, 256, block_bytes=16 * row)  # 16-unit blocks: 20%, 13 MB
-  assert not skip_pays(8, 13, 256, block_bytes=16 * row)  # 40% of the layer
-  assert skip_pays(2, 26, 512, block_bytes=32 * row)  # 8192 wide, 5%: 26 MB
-  assert not skip_pays(2, 51, 512, block_bytes=32 * row)  # 8192 wide, 10%: 53 MB thrashes
-  assert not skip_pays(1, 128, 512, block_bytes=32 * row)  # one row, 67 MB thrashes too
+  assert skip_pays(2, 410, 4096, block_bytes=row, native=False)  # 20% of the layer, 13 MB
+  assert not skip_pays(2, 1024, 4096, block_bytes=row, native=False)  # half the layer
+  assert not skip_pays(4, 205, 4096, block_bytes=row, native=False)  # > 2 rows of small blocks
+  assert skip_pays(4, 13, 256, block_bytes=16 * row, native=False)  # 16-unit blocks: 20%, 13 MB
+  assert not skip_pays(8, 13, 256, block_bytes=16 * row, native=False)  # 40% of the layer
+  assert skip_pays(2, 26, 512, block_bytes=32 * row, native=False)  # 8192 wide, 5%: 26 MB
+  assert not skip_pays(2, 51, 512, block_bytes=32 * row, native=False)  # 8192 wide, 10%: 53 MB thrashes
+  assert not skip_pays(1, 128, 512, block_bytes=32 * row, native=False)  # one row, 67 MB thrashes too
+
+
+def test_auto_strategy_rules_with_the_native_kernel():
+  from lrcc_jax._packed import skip_pays
+
+  assert skip_pays(1, 153, 256, native=True)  # one row, 60%
+  assert not skip_pays(1, 180, 256, native=True)
+  assert skip_pays(4, 26, 256, native=True)  # 4 rows x 10%: 0.4 layers
+  assert not skip_pays(4, 64, 256, native=True)  # 4 rows x 25%
+  assert skip_pays(64, 13, 256, native=True)  # 5% per row, up to 64 rows
+  assert not skip_pays(128, 13, 256, native=True) and not skip_pays(32, 26, 256, native=True)
+  assert not skip_pays(1, None, 256, native=True)

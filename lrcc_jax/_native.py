@@ -1,0 +1,163 @@
+"""An optional native XLA:CPU kernel for the tile product of input-sparse layers.
+
+With `m` active inputs in runs of `b_in` and `k` selected blocks of `b_out` outputs, a
+sparse layer needs `z[r, o, j] = Σ_i Σ_t W[out[r, o] b_out + j, start[r, i] + t] ·
+x[r, i b_in + t]`: `k b_out · m / b_in` runs of `b_in` contiguous floats. XLA:CPU
+materialises that gather element by element and reduces it afterwards; 100-200 µs per
+4096-wide layer at 10% with blocks of 16, against 20-30 µs for `csrc/tile_product.cc`,
+which reads every run once, four weight rows at a time, with a software prefetch
+(scratch measurement, 16 input sets, same process).
+
+The kernel is compiled on first use with the system C++ compiler against the XLA FFI
+headers that jaxlib ships (`jax.ffi.include_dir()`), cached under
+`$LRCC_JAX_CACHE` (default `~/.cache/lrcc_jax`), and registered as the FFI target
+`lrcc_tile_product` for the CPU platform. Where there is no compiler, or the build fails,
+or `LRCC_JAX_NATIVE=0`, `available()` is False and callers use the pure-XLA product,
+which gives the same values; `status()` says which and why.
+
+`tile_product` is differentiable (its JVP is the XLA product's) and batches under `vmap`
+(batched weights fall back to XLA; other batch axes fold into rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+TARGET = "lrcc_tile_product"
+_SOURCE = pathlib.Path(__file__).with_name("csrc") / "tile_product.cc"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
+_status = {"available": False, "reason": "not built yet"}
+
+
+def status() -> dict:
+  """Whether the native kernel is in use, and why not if it is not (for bench records)."""
+  available()
+  return dict(_status)
+
+
+def _cpu_tag() -> str:
+  """Identifies the CPU, since `-march=native` code is only valid on the same model."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor() or platform.machine()
+  picked = {l.split(":")[0].strip(): l for l in lines if l.startswith(("model name", "flags"))}
+  return "\n".join(sorted(picked.values()))
+
+
+def _build(cache: pathlib.Path, compiler: str) -> pathlib.Path:
+  source = _SOURCE.read_bytes()
+  key = hashlib.sha256(
+      source + jax.__version__.encode() + " ".join(_FLAGS).encode() + _cpu_tag().encode()
+  ).hexdigest()[:16]
+  lib = cache / f"tile_product-{key}.so"
+  if lib.exists():
+    return lib
+  cache.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    out = pathlib.Path(tmp) / lib.name
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    os.replace(out, lib)  # atomic: concurrent builders (test workers) never see half a file
+  return lib
+
+
+@functools.cache
+def available() -> bool:
+  """Builds, loads and registers the kernel once per process; False if it cannot."""
+  if os.environ.get("LRCC_JAX_NATIVE", "1") == "0":
+    _status.update(available=False, reason="disabled by LRCC_JAX_NATIVE=0")
+    return False
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    _status.update(available=False, reason="no C++ compiler (g++ or $CXX) on PATH")
+    return False
+  cache = pathlib.Path(os.environ.get("LRCC_JAX_CACHE", pathlib.Path.home() / ".cache" / "lrcc_jax"))
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build(cache, compiler)))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LrccTileProduct), platform="cpu")
+  except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+    _status.update(available=False, reason=f"build failed: {err}")
+    return False
+  _status.update(available=True, reason=f"built with {compiler}")
+  return True
+
+
+def active() -> bool:
+  """The kernel is built and the default backend (where `jit` compiles) is the CPU."""
+  return jax.default_backend() == "cpu" and available()
+
+
+def usable(weight: Array, values: Array) -> bool:
+  """The kernel runs f32 weights and activations on the CPU backend."""
+  return weight.dtype == jnp.float32 and values.dtype == jnp.float32 and active()
+
+
+@functools.cache
+def _product(b_in: int, xla_product: Callable) -> Callable:
+  """`tile_product` for one static run length, with its JVP and batching rules."""
+
+  @jax.custom_batching.custom_vmap
+  def call(weight, out_blocks, starts, values):
+    rows, k = out_blocks.shape
+    out = jax.ShapeDtypeStruct((rows, k, weight.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(weight, out_blocks, starts, values, b_in=np.int64(b_in))
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, weight, out_blocks, starts, values):
+    if in_batched[0]:  # a batch of weights: no single kernel call covers it
+      fallback = functools.partial(xla_product, b_in=b_in)
+      in_axes = (0, *(0 if b else None for b in in_batched[1:]))
+      return jax.vmap(fallback, in_axes=in_axes)(weight, out_blocks, starts, values), True
+    args = [
+        a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+        for a, b in zip((out_blocks, starts, values), in_batched[1:])
+    ]
+    rows = args[0].shape[1]
+    flat = [jnp.reshape(a, (axis_size * rows,) + a.shape[2:]) for a in args]
+    z = call(weight, *flat)
+    return jnp.reshape(z, (axis_size, rows) + z.shape[1:]), True
+
+  @jax.custom_jvp
+  def product(weight, out_blocks, starts, values):
+    return call(weight, out_blocks, starts, values)
+
+  @product.defjvp
+  def _jvp(primals, tangents):
+    weight, out_blocks, starts, values = primals
+    dw, _, _, dv = tangents
+    z = product(*primals)
+    _, dz = jax.jvp(lambda w, v: xla_product(w, out_blocks, starts, v, b_in=b_in), (weight, values), (dw, dv))
+    return z, dz
+
+  return product
+
+
+def tile_product(
+    weight: Array, out_blocks: Array, starts: Array, values: Array, b_in: int, xla_product: Callable
+) -> Array:
+  """(rows, k, b_out) products of the native kernel.
+
+  `xla_product(weight, out_blocks, starts, values, b_in=...)` computes the same values in
+  XLA; it supplies the JVP and the batched-weight fallback.
+  """
+  return _product(b_in, xla_product)(
+      weight, out_blocks.astype(jnp.int32), starts.astype(jnp.int32), values
+  )

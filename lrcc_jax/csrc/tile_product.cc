@@ -1,0 +1,147 @@
+// Fused gather + multiply-reduce for input-sparse layers on XLA:CPU (see lrcc_jax/_native.py).
+//
+//   z[r, o, j] = sum_i sum_t W[out[r, o] * b_out + j, start[r, i] + t] * x[r, i * b_in + t]
+//
+// W is the unit-major (n_blocks, b_out, n_in) weight. Each (r, o) pair reads its b_out
+// weight rows only at the active input runs, R rows at a time so that R independent
+// streams are in flight, with a software prefetch two runs ahead. XLA:CPU materialises
+// the same gather element by element before reducing it; this reads each tile once.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Job {
+  const float* w;
+  const int32_t* out;
+  const int32_t* start;
+  const float* x;
+  float* z;
+  int64_t n_blocks, k, b_out, n_in, runs, b_in, pairs, chunk, n_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+inline int64_t Clamp(int64_t v, int64_t hi) { return std::min(std::max<int64_t>(v, 0), hi); }
+
+// Rows [j0, j0 + R) of one (r, o) pair; B is the run length (b_in), or 0 for any length,
+// which accumulates in vectors of 16 and finishes the tail scalar.
+template <int R, int B>
+void Rows(const Job& jb, const float* wb, const int64_t* st, const float* xr, float* zp, int64_t j0) {
+  constexpr int A = B > 0 ? B : 16;
+  const int64_t b = B > 0 ? B : jb.b_in;
+  float acc[R][A] = {};
+  float tail[R] = {};
+  for (int64_t i = 0; i < jb.runs; ++i) {
+    const float* xs = xr + i * b;
+    if (i + 2 < jb.runs) {
+      for (int q = 0; q < R; ++q) __builtin_prefetch(wb + (j0 + q) * jb.n_in + st[i + 2]);
+    }
+    for (int q = 0; q < R; ++q) {
+      const float* ws = wb + (j0 + q) * jb.n_in + st[i];
+      if constexpr (B > 0) {
+        for (int t = 0; t < B; ++t) acc[q][t] += ws[t] * xs[t];
+      } else {
+        int64_t t = 0;
+        for (; t + A <= b; t += A) {
+          for (int u = 0; u < A; ++u) acc[q][u] += ws[t + u] * xs[t + u];
+        }
+        for (; t < b; ++t) tail[q] += ws[t] * xs[t];
+      }
+    }
+  }
+  for (int q = 0; q < R; ++q) {
+    float s = tail[q];
+    for (int t = 0; t < A; ++t) s += acc[q][t];
+    zp[j0 + q] = s;
+  }
+}
+
+template <int B>
+void Pair(const Job& jb, int64_t p, int64_t* st) {
+  constexpr int R = 4;
+  const int64_t r = p / jb.k;
+  for (int64_t i = 0; i < jb.runs; ++i) st[i] = Clamp(jb.start[r * jb.runs + i], jb.n_in - jb.b_in);
+  const float* xr = jb.x + r * jb.runs * jb.b_in;
+  const float* wb = jb.w + Clamp(jb.out[p], jb.n_blocks - 1) * jb.b_out * jb.n_in;
+  float* zp = jb.z + p * jb.b_out;
+  int64_t j = 0;
+  for (; j + R <= jb.b_out; j += R) Rows<R, B>(jb, wb, st, xr, zp, j);
+  for (; j < jb.b_out; ++j) Rows<1, B>(jb, wb, st, xr, zp, j);
+}
+
+void RunChunks(Job& jb) {
+  std::unique_ptr<int64_t[]> st(new int64_t[std::max<int64_t>(jb.runs, 1)]);
+  for (;;) {
+    const int64_t c = jb.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= jb.n_chunks) return;
+    const int64_t end = std::min(jb.pairs, (c + 1) * jb.chunk);
+    for (int64_t p = c * jb.chunk; p < end; ++p) {
+      switch (jb.b_in) {
+        case 4: Pair<4>(jb, p, st.get()); break;
+        case 8: Pair<8>(jb, p, st.get()); break;
+        case 16: Pair<16>(jb, p, st.get()); break;
+        case 32: Pair<32>(jb, p, st.get()); break;
+        case 64: Pair<64>(jb, p, st.get()); break;
+        default: Pair<0>(jb, p, st.get());
+      }
+    }
+    jb.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error TileProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight,
+                       ffi::Buffer<ffi::S32> out_blocks, ffi::Buffer<ffi::S32> starts,
+                       ffi::Buffer<ffi::F32> values, ffi::ResultBuffer<ffi::F32> z,
+                       int64_t b_in) {
+  auto wd = weight.dimensions(), od = out_blocks.dimensions(), sd = starts.dimensions(),
+       vd = values.dimensions();
+  if (wd.size() != 3 || od.size() != 2 || sd.size() != 2 || vd.size() != 2 || b_in < 1 ||
+      sd[0] != od[0] || vd[0] != od[0] || vd[1] != sd[1] * b_in || b_in > wd[2]) {
+    return ffi::Error::InvalidArgument("lrcc_tile_product: inconsistent shapes");
+  }
+  auto jb = std::make_shared<Job>();
+  jb->w = weight.typed_data();
+  jb->out = out_blocks.typed_data();
+  jb->start = starts.typed_data();
+  jb->x = values.typed_data();
+  jb->z = z->typed_data();
+  jb->n_blocks = wd[0];
+  jb->b_out = wd[1];
+  jb->n_in = wd[2];
+  jb->k = od[1];
+  jb->runs = sd[1];
+  jb->b_in = b_in;
+  jb->pairs = od[0] * od[1];
+  if (jb->pairs == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  jb->chunk = std::max<int64_t>(1, jb->pairs / (4 * threads));
+  jb->n_chunks = (jb->pairs + jb->chunk - 1) / jb->chunk;
+  // Helpers and the caller pull chunks from one counter. The caller then waits only for
+  // chunks a helper has already claimed (running, so they finish): a helper that starts
+  // late finds no work, and nothing here can wait on a task still in the pool's queue.
+  for (int64_t t = 1; t < threads && t < jb->n_chunks; ++t) pool.Schedule([jb] { RunChunks(*jb); });
+  RunChunks(*jb);
+  while (jb->done.load(std::memory_order_acquire) < jb->n_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LrccTileProduct, TileProduct,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("b_in"));
