@@ -265,6 +265,24 @@ class ConditionalMLP(nnx.Module):
     }
 
 
+def sparse_chain_pays(
+    rows: int, packed: PackedMLP, capacities: Sequence[int | None], dtype: jnp.dtype = jnp.float32
+) -> bool:
+  """Whether `packed_mlp`'s "auto" keeps activations sparse for `rows` rows of `dtype`.
+
+  Every layer needs a capacity that passes `skip_pays`. Its native-kernel limits apply only
+  when every layer's tiles run the kernel (f32 on CPU, runs of `NATIVE_MIN_RUN` or more).
+  """
+  if any(c is None for c in capacities):
+    return False
+  x = jax.ShapeDtypeStruct((rows, packed.layers[0].n_in), dtype)
+  native = all(_native.usable(l.weight, x) and l.block_size >= NATIVE_MIN_RUN for l in packed.layers)
+  return all(
+      skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l), native=native)
+      for l, c in zip(packed.layers, capacities)
+  )
+
+
 def packed_mlp(
     x: Array,
     packed: PackedMLP,
@@ -307,13 +325,7 @@ def packed_mlp(
   if strategy == "sparse" and not sparse_ok:
     raise ValueError(f"strategy='sparse' needs a capacity on every layer, got {list(capacities)}.")
   if strategy == "auto":
-    # the native limits hold when every layer's tiles run the native kernel
-    native = all(_native.usable(l.weight, x) and l.block_size >= NATIVE_MIN_RUN for l in packed.layers)
-    sparse_ok = sparse_ok and all(
-        skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l), native=native)
-        for l, c in zip(packed.layers, capacities)
-    )
-    strategy = "sparse" if sparse_ok else "layerwise"
+    strategy = "sparse" if sparse_chain_pays(rows, packed, capacities, x.dtype) else "layerwise"
 
   acts = []
   if strategy == "sparse":

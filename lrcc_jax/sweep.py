@@ -219,15 +219,11 @@ def _dataset_tag(name: str) -> str:
 
 
 def _skip_strategy(model: Any) -> str:
-  """The path `packed_mlp`'s "auto" takes at batch 1 (see `lrcc_jax.nn.packed_mlp`)."""
-  from lrcc_jax._packed import skip_pays  # pylint: disable=g-import-not-at-top
+  """The path `packed_mlp`'s "auto" takes at batch 1 (the same decision, `sparse_chain_pays`)."""
+  from lrcc_jax.nn import sparse_chain_pays  # pylint: disable=g-import-not-at-top
 
   caps = [l.capacity for l in model.layers]
-  if all(c is not None for c in caps) and all(
-      skip_pays(1, c, l.kernel.shape[1] // l.block_size) for c, l in zip(caps, model.layers)
-  ):
-    return "sparse"
-  return "layerwise"
+  return "sparse" if sparse_chain_pays(1, model.pack(), caps) else "layerwise"
 
 
 def sweep_row(
