@@ -105,9 +105,9 @@ def active() -> bool:
   return jax.default_backend() == "cpu" and available()
 
 
-def usable(weight: Array, values: Array) -> bool:
-  """The kernel runs f32 weights and activations on the CPU backend."""
-  return weight.dtype == jnp.float32 and values.dtype == jnp.float32 and active()
+def usable(*dtypes: jnp.dtype) -> bool:
+  """The kernel runs operands of these dtypes (f32 only) on the CPU backend."""
+  return all(d == jnp.float32 for d in dtypes) and active()
 
 
 @functools.cache

@@ -71,7 +71,7 @@ def gathered_matvec(weight: Array, idx: Array, x: Array) -> Array:
   16 × 4096: 65-180 µs against 270-940 µs for the XLA form, scratch measurement).
   Otherwise `_xla_gathered_matvec`, with the same values.
   """
-  if _native.usable(weight, x):
+  if _native.usable(weight.dtype, x.dtype):
     starts = jnp.zeros((x.shape[0], 1), jnp.int32)
     return _native.tile_product(weight, idx, starts, x, weight.shape[2], _dense_input_product)
   return _xla_gathered_matvec(weight, idx, x)
@@ -205,6 +205,16 @@ def skip_pays(
   return rows * capacity <= MAX_GATHER_FRACTION * n_blocks
 
 
+def auto_gathers(packed: PackedDense, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32) -> bool:
+  """Whether `packed_dense`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
+
+  `skip_pays` with this layer's block bytes, and the native limits where its gathers run
+  the native kernel.
+  """
+  native = _native.usable(packed.weight.dtype, dtype)
+  return skip_pays(rows, capacity, packed.weight.shape[0], block_bytes=block_bytes(packed), native=native)
+
+
 def gather_selected(
     xr: Array, packed: PackedDense, scores: Array, threshold: float | Array, capacity: int
 ) -> tuple[Array, Array]:
@@ -299,14 +309,7 @@ def packed_dense(
   scores = _mask.block_scores(z_hat, block_size)
 
   gather = capacity is not None and (
-      strategy == "gather"
-      or (
-          strategy == "auto"
-          and skip_pays(
-              rows, capacity, n_blocks, block_bytes=block_bytes(packed),
-              native=_native.usable(packed.weight, xr),
-          )
-      )
+      strategy == "gather" or (strategy == "auto" and auto_gathers(packed, rows, capacity, xr.dtype))
   )
   if not gather:
     keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)

@@ -24,7 +24,7 @@ from lrcc_jax import _native
 from lrcc_jax._estimator import fit_svd
 from lrcc_jax._flops import LayerCost, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
-from lrcc_jax._packed import block_bytes, pack, packed_dense, skip_pays
+from lrcc_jax._packed import auto_gathers, pack, packed_dense
 from lrcc_jax._estimator import estimate
 
 
@@ -130,7 +130,6 @@ def bench_layer(
   k_w, k_b, k_x = jax.random.split(jax.random.key(seed), 3)
   k_v = jax.random.fold_in(k_x, 1)
   kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
-  n_blocks = width // block_size
   rows = []
   for batch in batches:
     x = jax.random.normal(k_x, (batch, width), jnp.float32)
@@ -142,7 +141,7 @@ def bench_layer(
       np.testing.assert_allclose(  # the timed path computes the contract's values
           np.asarray(skip_fn(x)), np.asarray(masked_dense(x, kernel, bias, mask)), rtol=1e-4, atol=1e-4
       )
-      gathered = skip_pays(batch, cap, n_blocks, block_bytes=block_bytes(packed))
+      gathered = auto_gathers(packed, batch, cap)
       fns = {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}
       if batch == 1:  # new inputs select new rows, which then come from memory, not cache
         stream = itertools.cycle(list(jax.random.normal(k_v, (16, 1, width), jnp.float32)))
@@ -244,7 +243,7 @@ def bench_mlp(
     fractions = [float(jnp.mean(a != 0)) for a in acts]
     computed = [  # a layer that falls back to the dense product computes all of it
         min(1.0, c * l.block_size / l.kernel.shape[1])
-        if c is not None and skip_pays(batch, c, pl.weight.shape[0], block_bytes=block_bytes(pl))
+        if auto_gathers(pl, batch, c)
         else 1.0
         for c, l, pl in zip(capacities, model.layers, packed.layers)
     ]
@@ -307,7 +306,6 @@ def bench_suite(
   for width in widths:
     k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
     kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
-    n_blocks = width // block_size
     for batch in batches:
       x = jax.random.normal(k_x, (batch, width), jnp.float32)
       for frac in fractions:
@@ -321,7 +319,7 @@ def bench_suite(
             {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
             repeats=repeats,
         )
-        gathered = skip_pays(batch, cap, n_blocks, block_bytes=block_bytes(packed))
+        gathered = auto_gathers(packed, batch, cap)
         model = theoretical_speedup([LayerCost(width, width, rank, computed)])
         row = {
             "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrcc_jax import _checks, _native
+from lrcc_jax import _checks
 from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._packed import PackedDense, block_bytes, pack, packed_dense, skip_pays
-from lrcc_jax._sparse import NATIVE_MIN_RUN, densify, sparse_linear, sparse_packed_dense
+from lrcc_jax._sparse import densify, native_tiles, sparse_linear, sparse_packed_dense
 from lrcc_jax._stats import calibrate_threshold
 
 Array = jax.Array
@@ -271,12 +271,11 @@ def sparse_chain_pays(
   """Whether `packed_mlp`'s "auto" keeps activations sparse for `rows` rows of `dtype`.
 
   Every layer needs a capacity that passes `skip_pays`. Its native-kernel limits apply only
-  when every layer's tiles run the kernel (f32 on CPU, runs of `NATIVE_MIN_RUN` or more).
+  when every layer's tiles run the kernel (`native_tiles`: f32 on CPU, runs of 2 or more).
   """
   if any(c is None for c in capacities):
     return False
-  x = jax.ShapeDtypeStruct((rows, packed.layers[0].n_in), dtype)
-  native = all(_native.usable(l.weight, x) and l.block_size >= NATIVE_MIN_RUN for l in packed.layers)
+  native = all(native_tiles(l.block_size, l.weight.dtype, dtype) for l in packed.layers)
   return all(
       skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l), native=native)
       for l, c in zip(packed.layers, capacities)

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from lrcc_jax import bench, cli
+from lrcc_jax._packed import skip_pays
 
 
 def test_bench_full_suite_end_to_end(tmp_path, capsys):
@@ -18,7 +19,7 @@ def test_bench_full_suite_end_to_end(tmp_path, capsys):
     assert r["dense_ms"] > 0 and r["skip_ms"] > 0 and r["mask_ms"] > 0
     assert r["block_size"] == 16 and r["capacity"] == max(1, round(r["capacity_fraction"] * 4))
     assert r["computed_fraction"] == r["capacity"] * 16 / 64
-    assert r["path"] == ("gather" if bench.skip_pays(r["batch"], r["capacity"], 4) else "dense+mask")
+    assert r["path"] == ("gather" if skip_pays(r["batch"], r["capacity"], 4) else "dense+mask")
   mem = [r["memory"] for r in rows if r["batch"] == 1]
   assert all(m["packed_over_dense_plus_factors"] <= 1.1 for m in mem)
   assert (tmp_path / "bench_suite.png").stat().st_size > 0

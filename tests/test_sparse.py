@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import lrcc_jax as L
-from lrcc_jax._sparse import SparseRows, densify, sparse_packed_dense
+from lrcc_jax._sparse import NATIVE_MIN_RUN, SparseRows, densify, sparse_packed_dense
 from lrcc_jax.nn import ConditionalMLP, packed_mlp
 from test_layers import _layer
 
@@ -100,7 +100,7 @@ def test_auto_chain_decision_is_shared_by_packed_mlp_and_the_sweep(block_size, m
   m = ConditionalMLP(20, [32, 32], 5, ranks=4, capacities=caps, block_sizes=block_size, rngs=nnx.Rngs(5))
   packed = m.pack()
   # Runs of one input never use the native tile kernel, so its wider limits do not apply.
-  expect = _native.active() and block_size >= nn.NATIVE_MIN_RUN
+  expect = _native.active() and block_size >= NATIVE_MIN_RUN
   assert nn.sparse_chain_pays(1, packed, caps) == expect
   assert sweep._skip_strategy(m) == ("sparse" if expect else "layerwise")
   calls = []
