@@ -8,7 +8,7 @@ to `lrcc-jax bench` (e.g. `--block-size 1`, `--repeats 15`).
 
 import sys
 
-from lrcc_jax import cli
+from lrcc_jax.apps import cli
 
 
 if __name__ == "__main__":

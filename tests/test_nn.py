@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 import lrcc_jax as L
-from lrcc_jax.nn import ConditionalDense, ConditionalMLP, EstimatorFactor, packed_mlp
+from lrcc_jax import packed_mlp
+from lrcc_jax.nn import ConditionalDense, ConditionalMLP, EstimatorFactor
 
 
 def _model(**kw):

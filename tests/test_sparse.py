@@ -7,7 +7,8 @@ from flax import nnx
 
 import lrcc_jax as L
 from lrcc_jax._sparse import NATIVE_MIN_RUN, SparseRows, densify, sparse_packed_dense
-from lrcc_jax.nn import ConditionalMLP, packed_mlp
+from lrcc_jax import packed_mlp
+from lrcc_jax.nn import ConditionalMLP
 from test_layers import _layer
 
 
@@ -94,18 +95,19 @@ def test_sparse_errors():
 
 @pytest.mark.parametrize("block_size", [1, 8])
 def test_auto_chain_decision_is_shared_by_packed_mlp_and_the_sweep(block_size, monkeypatch):
-  from lrcc_jax import _native, nn, sweep
+  from lrcc_jax import _mlp, _native
+  from lrcc_jax.apps import sweep
 
   caps = [16 // block_size, 16 // block_size]  # half of each 32-wide layer
   m = ConditionalMLP(20, [32, 32], 5, ranks=4, capacities=caps, block_sizes=block_size, rngs=nnx.Rngs(5))
   packed = m.pack()
   # Runs of one input never use the native tile kernel, so its wider limits do not apply.
   expect = _native.active() and block_size >= NATIVE_MIN_RUN
-  assert nn.sparse_chain_pays(1, packed, caps) == expect
+  assert _mlp.sparse_chain_pays(1, packed, caps) == expect
   assert sweep._skip_strategy(m) == ("sparse" if expect else "layerwise")
   calls = []
-  real = nn.sparse_packed_dense
-  monkeypatch.setattr(nn, "sparse_packed_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = _mlp.sparse_packed_dense
+  monkeypatch.setattr(_mlp, "sparse_packed_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
   x = jnp.ones((1, 20), jnp.float32)
-  nn.packed_mlp(x, packed, thresholds=m.thresholds, capacities=caps)
+  _mlp.packed_mlp(x, packed, thresholds=m.thresholds, capacities=caps)
   assert bool(calls) == expect

@@ -19,8 +19,8 @@ curves here, with errors about 3 points lower. On a CPU the sweep takes about an
 experiments/results/sweep_mnist.json and sweep_mnist_{error,recall,speedup}.png.
 """
 
-from lrcc_jax.sweep import SweepConfig
-from lrcc_jax.train import TrainConfig
+from lrcc_jax.apps.sweep import SweepConfig
+from lrcc_jax.apps.train import TrainConfig
 
 
 def get_config() -> TrainConfig:

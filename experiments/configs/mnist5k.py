@@ -23,8 +23,8 @@ Quick version (1 epoch, rank settings 2 and full; the tests run this)::
   lrcc-jax sweep --config experiments/configs/mnist5k.py --quick --out /tmp/sweep
 """
 
-from lrcc_jax.sweep import SweepConfig
-from lrcc_jax.train import TrainConfig
+from lrcc_jax.apps.sweep import SweepConfig
+from lrcc_jax.apps.train import TrainConfig
 
 
 def get_config() -> TrainConfig:

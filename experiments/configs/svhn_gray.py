@@ -20,8 +20,8 @@ training alone takes hours. It writes experiments/results/sweep_svhn_cropped_gra
 and sweep_svhn_cropped_gray_{error,recall,speedup}.png.
 """
 
-from lrcc_jax.sweep import SweepConfig
-from lrcc_jax.train import TrainConfig
+from lrcc_jax.apps.sweep import SweepConfig
+from lrcc_jax.apps.train import TrainConfig
 
 
 def get_config() -> TrainConfig:

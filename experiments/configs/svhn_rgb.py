@@ -22,8 +22,8 @@ sweep_svhn_cropped_{error,recall,speedup}.png.
 import dataclasses
 import pathlib
 
-from lrcc_jax.sweep import SweepConfig, load_config_module
-from lrcc_jax.train import TrainConfig
+from lrcc_jax.apps.sweep import SweepConfig, load_config_module
+from lrcc_jax.apps.train import TrainConfig
 
 _GRAY = load_config_module(pathlib.Path(__file__).with_name("svhn_gray.py"))
 

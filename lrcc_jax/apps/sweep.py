@@ -17,7 +17,7 @@ measured_speedup_batch1``) plus ``protocol`` and the skip-mode settings:
   estimator selects on the calibration rows (training split) at that threshold.
 - ``test_error_capacity``: the test error of the network run with those capacities; a
   capacity below a row's count drops that row's lowest-scoring selected units.
-- ``measured_speedup_batch1``: `lrcc_jax.bench.bench_mlp` on real test rows (dense jit
+- ``measured_speedup_batch1``: `lrcc_jax.apps.bench.bench_mlp` on real test rows (dense jit
   against `packed_mlp` with the capacities; the DESIGN measuring protocol). It is below
   1 where skip mode is slower than dense, and that is what is reported.
 
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrcc_jax import bench, data, evaluate, train
+from lrcc_jax.apps import bench, data, evaluate, train
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _dataset_tag(name: str) -> str:
 
 def _skip_strategy(model: Any) -> str:
   """The path `packed_mlp`'s "auto" takes at batch 1 (the same decision, `sparse_chain_pays`)."""
-  from lrcc_jax.nn import sparse_chain_pays  # pylint: disable=g-import-not-at-top
+  from lrcc_jax._mlp import sparse_chain_pays  # pylint: disable=g-import-not-at-top
 
   caps = [l.capacity for l in model.layers]
   return "sparse" if sparse_chain_pays(1, model.pack(), caps) else "layerwise"

@@ -1,4 +1,4 @@
-"""Tests for lrcc_jax.data: offline loaders, the TFDS path under mock_data, npz checks."""
+"""Tests for lrcc_jax.apps.data: offline loaders, the TFDS path under mock_data, npz checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from lrcc_jax import data
+from lrcc_jax.apps import data
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""End-to-end tests of `lrcc-jax sweep` (lrcc_jax.sweep) and the experiment configs."""
+"""End-to-end tests of `lrcc-jax sweep` (lrcc_jax.apps.sweep) and the experiment configs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from lrcc_jax import cli, evaluate, sweep
-from lrcc_jax.train import TrainConfig
+from lrcc_jax.apps import cli, evaluate, sweep
+from lrcc_jax.apps.train import TrainConfig
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "experiments" / "configs"
 DESIGN_ROW_KEYS = {
     "dataset", "estimator", "ranks", "threshold", "test_error_dense", "test_error_conditional",
@@ -22,8 +22,8 @@ DESIGN_ROW_KEYS = {
 }
 
 TINY_CONFIG = """
-from lrcc_jax.sweep import SweepConfig
-from lrcc_jax.train import TrainConfig
+from lrcc_jax.apps.sweep import SweepConfig
+from lrcc_jax.apps.train import TrainConfig
 
 
 def get_config():

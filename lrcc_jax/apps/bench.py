@@ -213,7 +213,7 @@ def bench_mlp(
   Both sides see the same inputs: rows of `x_pool` when given (real data), else Gaussian.
   The FLOP-model figure uses the computed fractions measured on those inputs.
   """
-  from lrcc_jax.nn import packed_mlp
+  from lrcc_jax import packed_mlp
 
   model.eval()
   packed = jax.block_until_ready(model.pack())

@@ -23,8 +23,9 @@ from flax import nnx
 from lrcc_jax import _checks
 from lrcc_jax._flops import LayerCost, theoretical_speedup
 from lrcc_jax._stats import _exact_and_estimate
-from lrcc_jax.data import Dataset, normalize
-from lrcc_jax.nn import ConditionalMLP, EstimatorFactor, PackedMLP, packed_mlp
+from lrcc_jax.apps.data import Dataset, normalize
+from lrcc_jax import PackedMLP, packed_mlp
+from lrcc_jax.nn import ConditionalMLP, EstimatorFactor
 
 Array = jax.Array
 Estimator = Literal["svd", "data_aware", "trained"]

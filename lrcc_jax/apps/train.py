@@ -20,7 +20,7 @@ Two protocols:
 
 Layout follows Flax's ``examples/mnist``: a module-level jitted `train_step` and
 `eval_step`, and `train_and_evaluate(config, workdir)` which writes ``config.json``,
-``metrics.jsonl`` (one line per epoch) and Orbax checkpoints (`lrcc_jax.checkpoint`), and
+``metrics.jsonl`` (one line per epoch) and Orbax checkpoints (`lrcc_jax.apps.checkpoint`), and
 resumes from the last complete checkpoint.
 
 Data parallelism: a 1-D mesh ``("data",)`` over the devices, the batch sharded along it
@@ -33,7 +33,7 @@ checkpoints are written by orbax from the replicated state.
 
 Example (the default config; see `TrainConfig` for the measured result)::
 
-  from lrcc_jax import train
+  from lrcc_jax.apps import train
   summary = train.train_and_evaluate(train.TrainConfig(), "/tmp/lrcc_mnist5k")
 """
 
@@ -58,10 +58,10 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lrcc_jax import data
+from lrcc_jax.apps import data
 from lrcc_jax import nn
-from lrcc_jax._estimator import LowRankEstimator
-from lrcc_jax.checkpoint import Checkpointer
+from lrcc_jax._estimator import LowRankEstimator, subspace_refit
+from lrcc_jax.apps.checkpoint import Checkpointer
 
 Array = jax.Array
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class TrainConfig:
   Default result (mnist5k: 4,000 train / 1,000 test real digits; jax 0.10.2, 1 CPU
   device, 2 shared cores)::
 
-    python -c "from lrcc_jax import train; \
+    python -c "from lrcc_jax.apps import train; \
       print(train.train_and_evaluate(train.TrainConfig(), '/tmp/lrcc'))"
 
   reaches a dense test error of 3.3% (4.3% in mask mode at the default ranks, threshold
@@ -88,7 +88,7 @@ class TrainConfig:
   about 60 s of CPU time).
 
   Attributes:
-    dataset: a `lrcc_jax.data.load_dataset` name (``mnist5k``, ``mnist``, ``npz:PATH``…).
+    dataset: a `lrcc_jax.apps.data.load_dataset` name (``mnist5k``, ``mnist``, ``npz:PATH``…).
     data_dir: TFDS data directory, for the TFDS datasets.
     hidden_sizes: widths of the hidden ReLU layers.
     ranks: estimator rank per hidden layer; None uses `nn.default_rank`.
@@ -356,48 +356,6 @@ def refit_step(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
   return nnx.state((model, optimizer))
 
 
-def subspace_refit(
-    kernel: Array, est: LowRankEstimator, *, oversample: int = 8,
-    iters: int = 1,
-) -> LowRankEstimator:
-  r"""Rank-r factors of `kernel` by subspace iteration warm-started from `est`.
-
-  Between two in-loop refits the kernel moves little, so the previous right factor
-  `v` (r, n_out) already spans nearly the top-r right singular subspace. With
-  `Ω = [vᵀ, G]` (G: `oversample` fixed Gaussian columns), `Q = orth(W Ω)`, `iters`
-  power steps `Q ← orth(W orth(Wᵀ Q))`, and the small SVD `Qᵀ W = P Σ Rᵀ`:
-
-  .. math::  u = Q P_{:, :r} Σ_{:r}, \qquad v = Rᵀ_{:r}
-
-  which is the randomized range finder of Halko, Martinsson & Tropp (2011). It costs a
-  few (n_in × n_out × (r + p)) products instead of a full SVD: about 20× less for a
-  784×1000 kernel at r = 98 on CPU. The exact `fit_svd` is still used at the end of
-  every epoch, so checkpoints always hold exact factors.
-
-  Args:
-    kernel: (n_in, n_out) kernel.
-    est: the current factors; `v` seeds the subspace.
-    oversample: extra random columns (clipped to the matrix size).
-    iters: power iterations.
-
-  Returns:
-    A `LowRankEstimator` of the same rank.
-  """
-  n_in, n_out = kernel.shape
-  rank = est.v.shape[0]
-  k = min(rank + oversample, n_in, n_out)
-  omega = est.v.T
-  if k > rank:
-    g = jax.random.normal(jax.random.key(0), (n_out, k - rank), kernel.dtype)
-    omega = jnp.concatenate([omega, g], axis=1)
-  q, _ = jnp.linalg.qr(kernel @ omega)
-  for _ in range(iters):
-    z, _ = jnp.linalg.qr(kernel.T @ q)
-    q, _ = jnp.linalg.qr(kernel @ z)
-  p, sv, rt = jnp.linalg.svd(q.T @ kernel, full_matrices=False)
-  return LowRankEstimator(u=(q @ p[:, :rank]) * sv[None, :rank], v=rt[:rank])
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def subspace_refit_step(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
   """The in-loop refit: `subspace_refit` of every layer's factors from its kernel."""
@@ -528,7 +486,7 @@ def train_and_evaluate(
   Writes ``workdir/config.json``, ``workdir/model.json`` (input and class counts),
   one ``workdir/metrics.jsonl`` line per epoch and an Orbax checkpoint per epoch in
   ``workdir/checkpoints`` (model params, estimator factors, dropout RNG state, optimizer
-  state, epoch and step). Damaged checkpoints are skipped (see `lrcc_jax.checkpoint`);
+  state, epoch and step). Damaged checkpoints are skipped (see `lrcc_jax.apps.checkpoint`);
   when none is usable, training starts from scratch.
 
   Args:

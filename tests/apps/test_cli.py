@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from lrcc_jax import cli
-from lrcc_jax.data import load_dataset
-from lrcc_jax.evaluate import RESULT_KEYS, evaluate_model
-from lrcc_jax.train import TrainConfig, load_model
+from lrcc_jax.apps import cli
+from lrcc_jax.apps.data import load_dataset
+from lrcc_jax.apps.evaluate import RESULT_KEYS, evaluate_model
+from lrcc_jax.apps.train import TrainConfig, load_model
 
 TINY = ["--epochs", "1", "--hidden", "16,8", "--ranks", "4,2", "--batch-size", "16", "--no-progress"]
 
@@ -90,7 +90,7 @@ def test_evaluate_prints_one_json_object(run, npz):
 def test_console_script_evaluates_calibrated(run):
   workdir, _ = run
   script = pathlib.Path(sys.executable).with_name("lrcc-jax")
-  cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lrcc_jax.cli"]
+  cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lrcc_jax.apps.cli"]
   proc = subprocess.run(
       [*cmd, "evaluate", "--workdir", str(workdir), "--threshold", "calibrated", "--recall", "0.9",
        "--estimator", "data_aware"],

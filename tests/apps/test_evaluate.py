@@ -6,9 +6,10 @@ import pytest
 from flax import nnx
 
 import lrcc_jax as L
-from lrcc_jax.data import Dataset, normalize
-from lrcc_jax.evaluate import RESULT_KEYS, calibration_subset, evaluate_model
-from lrcc_jax.nn import ConditionalMLP, EstimatorFactor, packed_mlp
+from lrcc_jax.apps.data import Dataset, normalize
+from lrcc_jax.apps.evaluate import RESULT_KEYS, calibration_subset, evaluate_model
+from lrcc_jax import packed_mlp
+from lrcc_jax.nn import ConditionalMLP, EstimatorFactor
 
 DESIGN_KEYS = {
     "dataset", "n_examples", "test_error_dense", "test_error_conditional", "ranks", "threshold",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lrcc_jax import bench, cli
+from lrcc_jax.apps import bench, cli
 from lrcc_jax._packed import skip_pays
 
 
@@ -60,7 +60,7 @@ def test_bench_command_times_with_synchronous_dispatch(tmp_path):
   import subprocess
   import sys
 
-  cmd = [sys.executable, "-m", "lrcc_jax.cli", "bench", "--suite", "full", "--widths", "64", "--batches", "1",
+  cmd = [sys.executable, "-m", "lrcc_jax.apps.cli", "bench", "--suite", "full", "--widths", "64", "--batches", "1",
          "--repeats", "1", "--rank", "4", "--out", str(tmp_path), "--no-progress"]
   subprocess.run(cmd, check=True, capture_output=True, timeout=300)
   env = json.loads((tmp_path / "bench_suite.json").read_text())["environment"]

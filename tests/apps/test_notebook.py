@@ -16,13 +16,13 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "experiments" / "colab.ipynb"
 
 TINY_MNIST = """
 import dataclasses
 
-from lrcc_jax import sweep
+from lrcc_jax.apps import sweep
 
 _train, _sweep = sweep.load_config({mnist!r})
 

@@ -147,7 +147,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
 
 def _config_defaults() -> dict[str, Any]:
   """TrainConfig's field defaults, the single source of the training defaults."""
-  from lrcc_jax.train import TrainConfig  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.train import TrainConfig  # pylint: disable=g-import-not-at-top
 
   out = {}
   for f in dataclasses.fields(TrainConfig):
@@ -184,7 +184,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-  from lrcc_jax.train import TrainConfig  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.train import TrainConfig  # pylint: disable=g-import-not-at-top
 
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   given = {k: v for k, v in vars(args).items() if k in fields}
@@ -192,7 +192,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-  from lrcc_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = _train_config(args)
   with contextlib.redirect_stdout(sys.stderr):
@@ -225,7 +225,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_run(workdir: str) -> tuple[Any, Any]:
-  from lrcc_jax.train import load_model  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.train import load_model  # pylint: disable=g-import-not-at-top
 
   if not pathlib.Path(workdir).is_dir():
     raise FileNotFoundError(f"workdir {workdir!r} does not exist; run `{PROG} train` first.")
@@ -234,7 +234,7 @@ def _load_run(workdir: str) -> tuple[Any, Any]:
 
 def _load_data(name: str, data_dir: str | None, seed: int, model: Any) -> Any:
   """The test data of a run: `seed` must be the run's, which fixes the train/test split."""
-  from lrcc_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.data import load_dataset  # pylint: disable=g-import-not-at-top
 
   dataset = load_dataset(name, data_dir=data_dir, seed=seed)
   n_in = int(model.layers[0].kernel.shape[0])
@@ -247,7 +247,7 @@ def _load_data(name: str, data_dir: str | None, seed: int, model: Any) -> Any:
 
 
 def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, **overrides: Any) -> dict:
-  from lrcc_jax.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
 
   settings = dict(
       ranks=args.ranks, threshold=args.threshold, recall=args.recall, estimator=args.estimator,
@@ -258,7 +258,7 @@ def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, **overrides: A
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-  from lrcc_jax.evaluate import check_ranks  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.evaluate import check_ranks  # pylint: disable=g-import-not-at-top
 
   with contextlib.redirect_stdout(sys.stderr):
     model, config = _load_run(args.workdir)
@@ -286,7 +286,7 @@ DEMO_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def demo_config(**overrides: Any) -> Any:
   """The demo's training config: `TrainConfig`'s defaults (mnist5k) with `overrides`."""
-  from lrcc_jax.train import TrainConfig  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.train import TrainConfig  # pylint: disable=g-import-not-at-top
 
   return TrainConfig(**overrides)
 
@@ -322,8 +322,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-  from lrcc_jax.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
-  from lrcc_jax.train import load_model, train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.train import load_model, train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = demo_config(**({"epochs": args.epochs} if hasattr(args, "epochs") else {}))
   workdir = pathlib.Path(args.workdir)
@@ -344,7 +344,7 @@ def _run_demo(args: argparse.Namespace) -> int:
   return 0
 
 
-# --- sweep (lrcc_jax.sweep does the work) -----------------------------------------------
+# --- sweep (lrcc_jax.apps.sweep does the work) -----------------------------------------------
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -359,24 +359,24 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_dispatch_argument(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--async-dispatch", action="store_true",
                       help="keep JAX's asynchronous CPU dispatch for the latency figures"
-                           " (default: off, see lrcc_jax.bench.latency_mode)")
+                           " (default: off, see lrcc_jax.apps.bench.latency_mode)")
 
 
 def _latency_mode(args: argparse.Namespace) -> None:
-  from lrcc_jax import bench  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps import bench  # pylint: disable=g-import-not-at-top
 
   if not args.async_dispatch and not bench.latency_mode():
     print("note: JAX had already started; timing with its dispatch mode as it is", file=sys.stderr)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-  from lrcc_jax.sweep import run_command  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.sweep import run_command  # pylint: disable=g-import-not-at-top
 
   _latency_mode(args)
   return run_command(args)
 
 
-# --- bench (lrcc_jax.bench does the work) ---------------------------------------------
+# --- bench (lrcc_jax.apps.bench does the work) ---------------------------------------------
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +394,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-  from lrcc_jax import bench  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps import bench  # pylint: disable=g-import-not-at-top
 
   _latency_mode(args)
   return bench.run_command(args)
