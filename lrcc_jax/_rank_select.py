@@ -195,10 +195,6 @@ def select_ranks(
 
 
 def _apply(model, ranks, thresholds, ests) -> None:
-  from lrcc_jax.nn import EstimatorFactor  # Lazy: the functional core does not need flax.
-
-  for layer, r, t, est in zip(model.layers, ranks, thresholds, ests):
-    layer.rank = int(r)
-    layer.threshold = float(t)
-    layer.u = EstimatorFactor(est.u)
-    layer.v = EstimatorFactor(est.v)
+  for layer, t, est in zip(model.layers, thresholds, ests):
+    layer.set_estimator(est)
+    layer.threshold[...] = jnp.asarray(t, jnp.float32)
