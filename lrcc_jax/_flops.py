@@ -1,4 +1,4 @@
-"""The FLOP model behind the theoretical speed-up (DESIGN, "FLOP model")."""
+"""The FLOP model behind the theoretical speed-up (docs/design.md, "FLOP model")."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 At batch 1 a dense layer is bound by the weight bytes it reads. Reading only the selected
 units is cheap when each unit's weights are contiguous, i.e. rows of `Wᵀ` (n_out, n_in);
 gathering columns of the (n_in, n_out) training layout is slower than the whole dense
-product on XLA:CPU (DESIGN, "Where the speed comes from"). `pack` does that transpose once.
+product on XLA:CPU (docs/design.md, "Measured facts"). `pack` does that transpose once.
 """
 
 from __future__ import annotations

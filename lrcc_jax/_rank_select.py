@@ -90,7 +90,7 @@ def select_ranks(
   r"""Per-layer estimator ranks that minimise the network's FLOP-model cost at a recall.
 
   For hidden layer `l` with input width `n_in` and output width `n_out`, a candidate rank
-  `r` costs (DESIGN, "FLOP model")
+  `r` costs (docs/design.md, "FLOP model")
 
     cost_l(r) = r (c_in n_in + n_out) + c_in c_l(r) n_in n_out,
 

@@ -3,7 +3,7 @@
 A conditional layer's zeros are the next layer's zero inputs. Keeping only the computed
 units of each row, the next layer needs just the estimator rows `U[active]` and the
 weights at (computed outputs × active inputs): with `m` active inputs and `k` computed
-outputs it reads `m r + r n_out + k m` numbers instead of `n_in n_out` (DESIGN, FLOP
+outputs it reads `m r + r n_out + k m` numbers instead of `n_in n_out` (docs/design.md, FLOP
 model with `c_in`). Everything keeps static shapes: `m` and `k` are capacities.
 
 When the upstream layer selects whole blocks of `b_in` units, the active inputs come in

@@ -1,6 +1,6 @@
 """Latency benchmarks: dense jit against the compute-skipping `packed_dense`.
 
-Protocol (DESIGN, "Measuring"): both sides are jitted, compiled and warmed up outside the
+Protocol (docs/design.md, "Measuring"): both sides are jitted, compiled and warmed up outside the
 timed region, `pack` runs once beforehand, every call ends in `block_until_ready`, the two
 sides are interleaved, and each figure is the median of `repeats` repeats. Ratios are
 reported next to the FLOP model's figure, with the device, jax version and thread count.

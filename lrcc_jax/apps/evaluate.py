@@ -4,7 +4,7 @@
 low-rank sign estimators at the requested ranks, then report the test error of the dense
 network next to that of the conditional network, the estimator's recall and the fraction
 of units it computes per hidden layer, and the theoretical speed-up of the FLOP model
-(DESIGN, "FLOP model"). Everything the estimator is fitted or calibrated on comes from the
+(docs/design.md, "FLOP model"). Everything the estimator is fitted or calibrated on comes from the
 training split; the test split is only ever evaluated.
 """
 
@@ -45,7 +45,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "computed_fraction",
     "theoretical_speedup",
 )
-"""The keys of `evaluate_model`'s result (DESIGN, "Command line", ``evaluate``)."""
+"""The keys of `evaluate_model`'s result (docs/design.md, "Evaluation")."""
 
 CAPACITY_KEYS: tuple[str, ...] = ("capacities", "test_error_capacity")
 """The keys `evaluate_model` adds when it is given `capacities`."""

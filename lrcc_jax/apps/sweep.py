@@ -8,7 +8,7 @@ estimator, and adds what the paper could not: a measured batch-1 latency of the
 compute-skipping network against dense jit on the same machine, in the same run.
 
 For every protocol × estimator × rank setting × threshold it writes one row with the
-DESIGN fields (``dataset, estimator, ranks, threshold, test_error_dense,
+results-row fields (``dataset, estimator, ranks, threshold, test_error_dense,
 test_error_conditional, density, recall, computed_fraction, theoretical_speedup,
 measured_speedup_batch1``) plus ``protocol`` and the skip-mode settings:
 
@@ -18,7 +18,7 @@ measured_speedup_batch1``) plus ``protocol`` and the skip-mode settings:
 - ``test_error_capacity``: the test error of the network run with those capacities; a
   capacity below a row's count drops that row's lowest-scoring selected units.
 - ``measured_speedup_batch1``: `lrcc_jax.apps.bench.bench_mlp` on real test rows (dense jit
-  against `packed_mlp` with the capacities; the DESIGN measuring protocol). It is below
+  against `packed_mlp` with the capacities; docs/design.md, "Measuring"). It is below
   1 where skip mode is slower than dense, and that is what is reported.
 
 Usage::
@@ -68,7 +68,7 @@ ROW_KEYS: tuple[str, ...] = (
     "theoretical_speedup",
     "measured_speedup_batch1",
 )
-"""The results-row fields of DESIGN ("Command line"); every sweep row has them."""
+"""The results-row fields (docs/design.md, "Evaluation"); every sweep row has them."""
 
 EXTRA_KEYS: tuple[str, ...] = (
     "protocol",

@@ -11,7 +11,7 @@ from lrcc_jax.apps.evaluate import RESULT_KEYS, calibration_subset, evaluate_mod
 from lrcc_jax import packed_mlp
 from lrcc_jax.nn import ConditionalMLP, EstimatorFactor
 
-DESIGN_KEYS = {
+CONTRACT_KEYS = {
     "dataset", "n_examples", "test_error_dense", "test_error_conditional", "ranks", "threshold",
     "estimator", "density", "recall", "computed_fraction", "theoretical_speedup",
 }
@@ -39,7 +39,7 @@ def _prepared(model, ranks, thresholds):
 def test_result_keys_types_and_json():
   ds = _dataset()
   result = evaluate_model(_model(), ds, batch_size=10)
-  assert set(result) == DESIGN_KEYS == set(RESULT_KEYS)
+  assert set(result) == CONTRACT_KEYS == set(RESULT_KEYS)
   json.dumps(result, allow_nan=False)
   assert result["dataset"] == "synthetic" and result["n_examples"] == 37
   assert result["ranks"] == [3, 2] and result["threshold"] == [0.0, 0.0]

@@ -16,7 +16,7 @@ from lrcc_jax.apps.train import TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "experiments" / "configs"
-DESIGN_ROW_KEYS = {
+CONTRACT_ROW_KEYS = {
     "dataset", "estimator", "ranks", "threshold", "test_error_dense", "test_error_conditional",
     "density", "recall", "computed_fraction", "theoretical_speedup", "measured_speedup_batch1",
 }
@@ -91,7 +91,7 @@ def test_quick_sweep_writes_every_row_and_plot(quick_run):
       for ranks in ((3, 3), (24, 12)) for t in (0.0, "calibrated")
   }
   for row in rows:
-    assert DESIGN_ROW_KEYS <= set(row) and set(sweep.EXTRA_KEYS) <= set(row)
+    assert CONTRACT_ROW_KEYS <= set(row) and set(sweep.EXTRA_KEYS) <= set(row)
     assert set(row) == set(sweep.ROW_KEYS) | set(sweep.EXTRA_KEYS)
     assert row["dataset"].startswith("npz:")
     for key in ("density", "recall", "computed_fraction", "capacities", "thresholds"):
@@ -204,7 +204,7 @@ def test_tfds_configs_run_under_mock_data(name, dataset, hidden, n_in, tmp_path)
     result = sweep.run_sweep(config, cfg_sweep, tmp_path / "runs", tmp_path / "out", progress=False)
   (row,) = result["rows"]
   assert row["dataset"] == dataset and row["ranks"] == [2, 2]
-  assert DESIGN_ROW_KEYS <= set(row)
+  assert CONTRACT_ROW_KEYS <= set(row)
   assert (tmp_path / "out" / f"sweep_{dataset}.json").exists()
 
 
