@@ -161,6 +161,72 @@ def bench_layer(
   return rows
 
 
+def bench_module(
+    width: int = 4096, rank: int = 64, fraction: float = 0.10, *, block_size: int = 16,
+    batch: int = 1, repeats: int = 9, seed: int = 0,
+) -> dict:
+  """The NNX layer in skip mode against `packed_dense` on the same packed weights.
+
+  Times, interleaved: a `ConditionalDense` in skip mode under `nnx.jit` three ways (the
+  default; donating the module, ``donate_argnums=0``; and ``graph=False``), `packed_dense`
+  on the layer's packed form under `jax.jit`, and the dense layer, as an `nnx.Linear` under
+  the default `nnx.jit` and as a plain `jax.jit` product. With graph updates on and no
+  donation, `nnx.jit` returns every variable of its module arguments as a fresh output,
+  which costs a copy of all the module's arrays per call whatever the module computes; the
+  `nnx.Linear` side shows that cost on a module with nothing of this library in it. It
+  also counts the module's traces while its threshold changes three times (expected: 0).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from lrcc_jax.nn import ConditionalDense  # pylint: disable=g-import-not-at-top
+
+  cap = capacity_blocks(fraction, width, block_size)
+  layer = ConditionalDense(width, width, rank=rank, capacity=cap, block_size=block_size, rngs=nnx.Rngs(seed))
+  layer.bias[...] = 0.01 * jax.random.normal(jax.random.key(seed + 1), (width,))
+  layer.repack()
+  linear = nnx.Linear(width, width, rngs=nnx.Rngs(seed))
+  x = jax.random.normal(jax.random.key(seed + 2), (batch, width), jnp.float32)
+  traces = []
+
+  def skip(layer, x):
+    traces.append(1)
+    return layer(x, "skip")
+
+  module_default = nnx.jit(skip)
+  module_donated = nnx.jit(skip, donate_argnums=0)
+  module_tree = nnx.jit(skip, graph=False, graph_updates=False)
+  linear_default = nnx.jit(lambda m, x: jax.nn.relu(m(x)))
+  packed = jax.block_until_ready(layer.packed())
+  kernel, bias = layer.kernel[...], layer.bias[...]
+  core_fn = jax.jit(lambda x, t: packed_dense(x, packed, threshold=t, capacity=cap))
+  dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+  for fn in (module_default, module_donated, module_tree):
+    np.testing.assert_allclose(np.asarray(fn(layer, x)), np.asarray(core_fn(x, 0.0)), rtol=1e-5, atol=1e-5)
+  t = time_interleaved({
+      "dense": lambda: dense_fn(x),
+      "packed_dense": lambda: core_fn(x, 0.0),
+      "module_donated": lambda: module_donated(layer, x),
+      "module_graph_false": lambda: module_tree(layer, x),
+      "module_default": lambda: module_default(layer, x),
+      "nnx_linear_default": lambda: linear_default(linear, x),
+  }, repeats=repeats)
+  n_traces = len(traces)
+  for threshold in (-0.1, 0.05, 0.2):
+    layer.threshold[...] = threshold
+    for fn in (module_default, module_donated, module_tree):
+      fn(layer, x).block_until_ready()
+  ms = {f"{k}_ms": 1e3 * v for k, v in t.items()}
+  return {
+      "width": width, "rank": rank, "batch": batch, "block_size": block_size, "capacity": cap,
+      "capacity_fraction": cap * block_size / width, **ms,
+      "module_donated_over_packed_dense": t["module_donated"] / t["packed_dense"],
+      "module_graph_false_over_packed_dense": t["module_graph_false"] / t["packed_dense"],
+      "module_default_over_packed_dense": t["module_default"] / t["packed_dense"],
+      "module_donated_speedup_over_dense": t["dense"] / t["module_donated"],
+      "retraces_over_three_threshold_changes": len(traces) - n_traces,
+  }
+
+
 def format_table(rows: list[dict]) -> str:
   head = (f"{'batch':>5} {'cap':>5} {'path':>10} {'dense ms':>9} {'skip ms':>8} {'speedup':>8}"
           f" {'model':>7} {'achieved':>8} {'varied x':>8}")
@@ -383,6 +449,14 @@ def run_command(args) -> int:
       print(f"batch {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, skip {r['skip_ms']:.3f} ms,"
             f" {r['measured_speedup']:.2f}x (FLOP model {r['flop_model_speedup']:.2f}x)")
     path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
+  elif args.suite == "module":
+    row = bench_module(rank=args.rank, block_size=args.block_size, repeats=args.repeats)
+    for k in ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default"):
+      print(f"{k:>20}: {row[k + '_ms']:9.3f} ms")
+    print(f"module (donated) / packed_dense: {row['module_donated_over_packed_dense']:.2f}x;"
+          f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x;"
+          f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}")
+    path = write_results("bench_module", {"environment": env, "rows": [row]}, out)
   else:
     rows = bench_suite(
         widths=args.widths or (1024, 4096, 8192), batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
