@@ -25,6 +25,7 @@ from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._mlp import PackedMLP
 from lrcc_jax._packed import PackedDense, pack, packed_dense
+from lrcc_jax._registry import NEEDS_INPUTS, fit_estimator
 from lrcc_jax._stats import calibrate_threshold
 
 Array = jax.Array
@@ -79,29 +80,34 @@ class ConditionalDense(nnx.Module):
   def estimator(self) -> LowRankEstimator:
     return LowRankEstimator(self.u[...], self.v[...])
 
+  def set_estimator(self, est: LowRankEstimator) -> None:
+    """Replaces the estimator factors (and the rank) with `est`, checked against the kernel.
+
+    The one way factors reach a layer: refits, rank selection and evaluation all go
+    through it, so the rank attribute can never disagree with the factors.
+    """
+    rank = _checks.check_estimator(est, *self.kernel.shape)
+    self.rank = _checks.check_rank(rank, *self.kernel.shape)
+    self.u = EstimatorFactor(est.u)
+    self.v = EstimatorFactor(est.v)
+
   def refit(
-      self, inputs: Array | None = None, *, method: Method = "svd", rank: int | None = None
+      self, inputs: Array | None = None, *, method: str = "svd", rank: int | None = None,
+      **options,
   ) -> None:
     """Refits the estimator from the current kernel (optionally at a new rank).
 
     Args:
-      inputs: calibration inputs (..., in_features), needed by ``method="data_aware"``.
-      method: ``"svd"`` (the paper) or ``"data_aware"`` (`fit_data_aware`).
+      inputs: calibration inputs (..., in_features), needed by the data-dependent fits.
+      method: an estimator name of `lrcc_jax.ESTIMATORS` (``"svd"``: the paper).
       rank: new rank; keeps the current one when None.
+      **options: passed to `lrcc_jax.fit_estimator` (e.g. ``recall``, ``seed``).
     """
     kernel = self.kernel[...]
-    if rank is not None:
-      self.rank = _checks.check_rank(rank, *kernel.shape)
-    if method == "svd":
-      est = fit_svd(kernel, self.rank)
-    elif method == "data_aware":
-      if inputs is None:
-        raise ValueError("method='data_aware' needs calibration inputs.")
-      est = fit_data_aware(kernel, self.rank, inputs)
-    else:
-      raise ValueError(f"method={method!r} must be 'svd' or 'data_aware'.")
-    self.u = EstimatorFactor(est.u)
-    self.v = EstimatorFactor(est.v)
+    rank = self.rank if rank is None else _checks.check_rank(rank, *kernel.shape)
+    self.set_estimator(
+        fit_estimator(method, kernel, rank, inputs, bias=self.bias[...], **options)
+    )
 
   def pack(self, dtype: jnp.dtype | None = None) -> PackedDense:
     """The layer in the unit-major inference layout (`lrcc_jax.pack`)."""
@@ -208,14 +214,15 @@ class ConditionalMLP(nnx.Module):
       self,
       inputs: Array | None = None,
       *,
-      method: Method = "svd",
+      method: str = "svd",
       ranks: int | Sequence[int] | None = None,
+      **options,
   ) -> None:
-    """Refits every layer's estimator; data-aware fits see the dense network's inputs."""
+    """Refits every layer's estimator; data-dependent fits see the dense network's inputs."""
     ranks = _per_layer(ranks, len(self.layers), "ranks")
-    layer_x = self.layer_inputs(inputs, mode="dense") if method == "data_aware" else [None] * len(ranks)
+    layer_x = self.layer_inputs(inputs, mode="dense") if method in NEEDS_INPUTS else [None] * len(ranks)
     for layer, r, xi in zip(self.layers, ranks, layer_x):
-      layer.refit(xi, method=method, rank=r)
+      layer.refit(xi, method=method, rank=r, **options)
 
   def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
     for layer, t in zip(self.layers, _per_layer(thresholds, len(self.layers), "thresholds")):
