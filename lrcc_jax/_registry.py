@@ -10,22 +10,25 @@ signature::
 and ignore what they do not use: ``"svd"`` (the paper's truncated SVD) needs only the
 kernel, ``"data_aware"`` the layer's calibration inputs too, ``"trained"`` also the bias
 and the recall target it is trained for.
+
+The fits are imported when first called, so the names (`ESTIMATORS`) cost no JAX import:
+the command line offers them in ``--help`` and checks ``--estimator`` before JAX loads.
 """
 
 from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING, Any
 
 from lrcc_jax._checks import describe
-from lrcc_jax._estimator import LowRankEstimator, fit_data_aware, fit_svd
-from lrcc_jax._trained import fit_trained
 
-Array = jax.Array
+if TYPE_CHECKING:
+  import jax
+
+  from lrcc_jax._estimator import LowRankEstimator
+
+  Array = jax.Array
 
 
 def _no_options(name: str, options: Mapping[str, Any]) -> None:
@@ -47,16 +50,24 @@ def _needs(name: str, inputs: Array | None) -> Array:
 def _svd(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **options):
   del inputs, bias, recall, seed
   _no_options("svd", options)
+  from lrcc_jax._estimator import fit_svd  # pylint: disable=g-import-not-at-top
+
   return fit_svd(kernel, rank)
 
 
 def _data_aware(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **options):
   del bias, recall, seed
   _no_options("data_aware", options)
+  from lrcc_jax._estimator import fit_data_aware  # pylint: disable=g-import-not-at-top
+
   return fit_data_aware(kernel, rank, _needs("data_aware", inputs))
 
 
 def _trained(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **options):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from lrcc_jax._trained import fit_trained  # pylint: disable=g-import-not-at-top
+
   inputs = _needs("trained", inputs)
   if bias is None:
     bias = jnp.zeros((getattr(kernel, "shape", (0, 0))[-1],), getattr(kernel, "dtype", None))

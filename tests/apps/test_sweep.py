@@ -134,9 +134,7 @@ def test_rerun_resumes_instead_of_retraining(quick_run, tiny_config, tmp_path):
   assert len(result["rows"]) == 1 and (tmp_path / "sweep_again.json").exists()
 
 
-def test_trained_estimator_rows_when_available(tiny_config, tmp_path):
-  if "trained" not in evaluate.available_estimators():
-    pytest.skip("lrcc_jax._trained.fit_trained is not there")
+def test_trained_estimator_rows(tiny_config, tmp_path):
   config, cfg_sweep = sweep.load_config(tiny_config)
   small = dataclasses.replace(
       cfg_sweep, protocols=("dense",), estimators=("trained",), thresholds=("calibrated",),
