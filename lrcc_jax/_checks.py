@@ -148,7 +148,10 @@ def check_capacity(capacity: Any, n_blocks: int, block_size: int = 1) -> int | N
 
 def check_fraction(value: Any, name: str) -> float:
   """Checks a Python float in (0, 1]."""
-  value = float(value)
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number in (0, 1], got {describe(value)}.") from None
   if not (0.0 < value <= 1.0):
     raise ValueError(f"{name}={value} must lie in (0, 1].")
   return value

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lrcc_jax import _checks
 from lrcc_jax.apps import bench, data, evaluate, table, train
 
 logger = logging.getLogger(__name__)
@@ -204,10 +205,7 @@ def resolve_ranks(setting: Sequence[Any], widths: Sequence[int]) -> tuple[int, .
     widths: the network's widths ``(n_in, h_1, …, h_L)``.
   """
   full = [min(a, b) for a, b in zip(widths, widths[1:])]
-  if len(setting) == 1:
-    setting = tuple(setting) * len(full)
-  if len(setting) != len(full):
-    raise ValueError(f"rank setting {tuple(setting)} needs 1 or {len(full)} entries.")
+  setting = _checks.per_layer(setting[0] if len(setting) == 1 else setting, len(full), "rank setting")
   return tuple(f if r == FULL else min(int(r), f) for r, f in zip(setting, full))
 
 

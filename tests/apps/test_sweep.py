@@ -151,7 +151,7 @@ def test_resolve_ranks_and_config_errors(tmp_path):
   assert sweep.resolve_ranks((5,), (784, 1000, 600, 400)) == (5, 5, 5)
   assert sweep.resolve_ranks(("full",), (784, 1000, 600, 400)) == (784, 600, 400)
   assert sweep.resolve_ranks((900, 50, "full"), (784, 1000, 600, 400)) == (784, 50, 400)
-  with pytest.raises(ValueError, match="needs 1 or 3 entries"):
+  with pytest.raises(ValueError, match="rank setting has 2 entries but the model has 3 hidden layers"):
     sweep.resolve_ranks((1, 2), (784, 1000, 600, 400))
   with pytest.raises(ValueError, match="positive int or 'full'"):
     sweep.SweepConfig(ranks=((0,),))
