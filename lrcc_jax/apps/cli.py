@@ -139,8 +139,12 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-  """Progress bars only for a person watching: not with --no-progress, not into a log."""
-  return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+  """Whether to report progress: bars and one line per epoch or row, unless --no-progress.
+
+  The bars themselves are tqdm's with ``disable=None``: drawn only when stderr is a
+  terminal, so a log file gets the per-epoch lines and no redraws.
+  """
+  return not getattr(args, "no_progress", False)
 
 
 _NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

@@ -467,9 +467,10 @@ def evaluate_model(
   )
 
 
-SPEEDUP_LEGEND = (
-    "speed-up (FLOP model): multiply-adds of the dense network / of the conditional one"
-    " (lrcc_jax.network_costs), not a measured time; `lrcc-jax bench` measures.",
+RESULTS_LEGEND = (
+    "legend: err = error rate of the dense / conditional network; recall, computed = per"
+    " hidden layer; speed-up (FLOP model) = dense / conditional multiply-adds, a model, not"
+    " a measured time (`lrcc-jax bench` measures)."
 )
 
 
@@ -496,11 +497,4 @@ def format_results(rows: Sequence[dict[str, Any]], *, label: str | None = None) 
         f"{row['theoretical_speedup']:.2f}x",
     ]
     lines.append([str(row[label]), *cells] if label is not None else cells)
-  legend = (
-      "err dense / err cond: error rate of the dense network / of the conditional one"
-      " (skipped units read as zero).",
-      "recall: share of the truly active units computed; computed: share of units computed"
-      " (per hidden layer, '/'-separated).",
-      *SPEEDUP_LEGEND,
-  )
-  return format_table(header, lines, right=right, legend=legend)
+  return format_table(header, lines, right=right, legend=(RESULTS_LEGEND,))

@@ -484,8 +484,9 @@ def train_and_evaluate(
   Args:
     config: the run's configuration.
     workdir: run directory; created if missing.
-    progress: show a tqdm bar per epoch (loss, accuracy, mean activation density) when
-      stderr is a terminal; never in a log file, where every redraw would be a line.
+    progress: report progress: a tqdm bar per epoch (loss, accuracy, mean activation
+      density), drawn only when stderr is a terminal (never into a log file, where every
+      redraw would be a line), and one line per epoch.
     stop_after_epochs: stop once this epoch number is complete, as if interrupted
       (for tests); the schedule still spans ``config.epochs``.
     mesh: a 1-D ``("data",)`` mesh; defaults to `make_data_mesh(config.batch_size)`.
