@@ -155,3 +155,10 @@ def test_docstring_examples_run():
 
   result = doctest.testmod(_modules, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 2 and result.failed == 0
+
+
+def test_assigning_a_threshold_sets_the_variable():
+  layer = _model().layers[0]
+  var = layer.threshold
+  layer.threshold = -0.25
+  assert layer.threshold is var and float(layer.threshold[...]) == -0.25

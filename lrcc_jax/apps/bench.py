@@ -1,6 +1,6 @@
 """Latency benchmarks: dense jit against the compute-skipping `packed_dense`.
 
-Protocol (docs/design.md, "Measuring"): both sides are jitted, compiled and warmed up outside the
+Protocol: both sides are jitted, compiled and warmed up outside the
 timed region, `pack` runs once beforehand, every call ends in `block_until_ready`, the two
 sides are interleaved, and each figure is the median of `repeats` repeats. Ratios are
 reported next to the FLOP model's figure, with the device, jax version and thread count.
@@ -22,10 +22,24 @@ import numpy as np
 
 from lrcc_jax import _native
 from lrcc_jax._estimator import fit_svd
-from lrcc_jax._flops import LayerCost, theoretical_speedup
+from lrcc_jax._flops import LayerCost, network_costs, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
 from lrcc_jax._packed import auto_gathers, pack, packed_dense
 from lrcc_jax._estimator import estimate
+from lrcc_jax.apps.table import format_table as _format_table
+
+DEFAULT_OUT = "runs/bench"
+"""Where ``lrcc-jax bench`` writes unless ``--out`` says otherwise (never the committed
+``experiments/results/`` by default: a casual run must not overwrite the reference figures)."""
+
+LEGEND: tuple[str, ...] = (
+    "cap: units computed per row (capacity, as a share of the layer); path: gather = the"
+    " skip kernel ran, dense+mask = it fell back to the dense product.",
+    "speedup: dense jit time / skip time, measured here; model: the FLOP model's speed-up"
+    " (multiply-adds, not a time); achieved: speedup / model.",
+    "varied x: measured speed-up at batch 1 on 16 different inputs in turn (the gathered"
+    " rows then come from memory, not cache); blank for batch > 1.",
+)
 
 
 def environment() -> dict:
@@ -264,20 +278,46 @@ def bench_storage(
 
 
 def format_table(rows: list[dict]) -> str:
-  head = (f"{'batch':>5} {'cap':>5} {'path':>10} {'dense ms':>9} {'skip ms':>8} {'speedup':>8}"
-          f" {'model':>7} {'achieved':>8} {'varied x':>8}")
-  lines = [head, "-" * len(head)]
-  for r in rows:
-    lines.append(
-        f"{r['batch']:>5} {r['capacity_fraction']:>5.0%} {r['path']:>10} {r['dense_ms']:>9.3f}"
-        f" {r['skip_ms']:>8.3f} {r['measured_speedup']:>7.2f}x {r['flop_model_speedup']:>6.2f}x"
-        f" {r['fraction_of_model']:>8.0%}"
-        + (f" {r['varied_input_speedup']:>7.2f}x" if r.get("varied_input_speedup") else "")
-    )
-  return "\n".join(lines)
+  """The ``--suite layer`` table, with a legend of its columns."""
+  header = ["batch", "cap", "path", "dense ms", "skip ms", "speedup", "model", "achieved", "varied x"]
+  lines = [[
+      str(r["batch"]), f"{r['capacity_fraction']:.0%}", r["path"], f"{r['dense_ms']:.3f}",
+      f"{r['skip_ms']:.3f}", f"{r['measured_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+      f"{r['fraction_of_model']:.0%}",
+      f"{r['varied_input_speedup']:.2f}x" if r.get("varied_input_speedup") else "",
+  ] for r in rows]
+  return _format_table(header, lines, right=[True, True, False] + [True] * 6, legend=LEGEND)
 
 
-def write_results(name: str, payload: dict, out_dir: str | os.PathLike = "experiments/results") -> Path:
+def format_mlp_table(rows: list[dict]) -> str:
+  """The ``--suite mlp`` table, with a legend."""
+  header = ["batch", "dense ms", "skip ms", "speedup (measured)", "model (FLOP)", "achieved"]
+  lines = [[
+      str(r["batch"]), f"{r['dense_ms']:.3f}", f"{r['skip_ms']:.3f}",
+      f"{r['measured_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+      f"{r['fraction_of_model']:.0%}",
+  ] for r in rows]
+  return _format_table(header, lines, right=[True] * 6, legend=LEGEND[1:2])
+
+
+def format_suite_table(rows: list[dict]) -> str:
+  """The ``--suite full`` table, with a legend."""
+  header = ["width", "batch", "cap", "path", "dense ms", "mask ms", "skip ms", "skip speedup",
+            "mask speedup", "model"]
+  lines = [[
+      str(r["width"]), str(r["batch"]), f"{r['capacity_fraction']:.0%}", r["path"],
+      f"{r['dense_ms']:.3f}", f"{r['mask_ms']:.3f}", f"{r['skip_ms']:.3f}",
+      f"{r['skip_speedup']:.2f}x", f"{r['mask_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+  ] for r in rows]
+  legend = (
+      LEGEND[0],
+      "skip / mask speedup: dense jit time / time of packed_dense (skip) or of the dense"
+      " product then the mask (mask), measured here; model: the FLOP model, not a time.",
+  )
+  return _format_table(header, lines, right=[True, True, True, False] + [True] * 6, legend=legend)
+
+
+def write_results(name: str, payload: dict, out_dir: str | os.PathLike = DEFAULT_OUT) -> Path:
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{name}.json"
@@ -349,12 +389,10 @@ def bench_mlp(
         else 1.0
         for c, l, pl in zip(capacities, model.layers, packed.layers)
     ]
-    costs, c_in = [], 1.0
-    for layer, c, frac in zip(model.layers, computed, fractions):
-      costs.append(LayerCost(layer.kernel.shape[0], layer.kernel.shape[1], layer.rank, c, c_in))
-      c_in = c
-    costs.append(LayerCost(head[0].shape[0], head[0].shape[1], None, 1.0, c_in))
-    flop = theoretical_speedup(costs)
+    widths = [n_in] + [int(k.shape[1]) for k, _ in kernels]
+    flop = theoretical_speedup(
+        network_costs(widths, model.ranks, computed, num_classes=int(head[0].shape[1]))
+    )
     measured = t["dense"] / t["skip"]
     rows.append({
         "batch": batch, "widths": [n_in] + [k.shape[1] for k, _ in kernels],
@@ -404,7 +442,7 @@ def bench_suite(
   if progress:
     import tqdm
 
-    bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr)
+    bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr, disable=None)
   for width in widths:
     k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
     kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
@@ -468,23 +506,69 @@ def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
+def plot_speedups(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+  """Measured and FLOP-model speed-up against batch size (``--suite layer`` and ``mlp``).
+
+  One line per capacity fraction (rows without one, the MLP's, form a single line).
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=(5.5, 4), layout="constrained")
+  ax = fig.subplots()
+  groups = sorted({r.get("capacity_fraction") for r in rows}, key=lambda f: (f is None, f))
+  for i, frac in enumerate(groups):
+    sel = sorted((r for r in rows if r.get("capacity_fraction") == frac), key=lambda r: r["batch"])
+    tag = "" if frac is None else f", {frac:.0%} computed"
+    batches = [r["batch"] for r in sel]
+    ax.plot(batches, [r["measured_speedup"] for r in sel], "o-", color=f"C{i}", label=f"measured{tag}")
+    ax.plot(batches, [r["flop_model_speedup"] for r in sel], "--", color=f"C{i}", alpha=0.6,
+            label=f"FLOP model{tag}")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("speed-up over dense jit")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.savefig(path, dpi=110)
+
+
+def plot_times(bars: dict[str, float], path: str | os.PathLike, title: str) -> None:
+  """Horizontal bars of milliseconds per call (``--suite module`` and ``storage``)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=(6, 0.45 * len(bars) + 1.2), layout="constrained")
+  ax = fig.subplots()
+  names = list(bars)
+  ax.barh(names, [bars[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+  for i, n in enumerate(names):
+    ax.text(bars[n], i, f" {bars[n]:.3g} ms", va="center", fontsize=7)
+  ax.set_xscale("log")
+  ax.invert_yaxis()
+  ax.set_xlabel("ms per call (median of interleaved repeats; log scale)")
+  ax.set_title(title, fontsize=9)
+  fig.savefig(path, dpi=110)
+
+
 def run_command(args) -> int:
-  """`lrcc-jax bench`: run a suite, print its table, write JSON (and a PNG for `full`)."""
-  out = Path(args.out)
+  """`lrcc-jax bench`: run a suite, print its table, write its JSON and PNG to ``--out``."""
+  out = Path(args.out or DEFAULT_OUT)
   env = environment()
+  progress = getattr(args, "progress", not args.no_progress)
   if args.suite == "layer":
     rows = bench_layer(
         rank=args.rank, batches=args.batches or (1, 8, 64), block_size=args.block_size, repeats=args.repeats
     )
     print(format_table(rows))
     path = write_results("bench_layer", {"environment": env, "rows": rows}, out)
+    plot_speedups(rows, out / "bench_layer.png",
+                  f"4096x4096 layer, rank {args.rank}, blocks of {args.block_size}")
   elif args.suite == "mlp":
     model = random_mlp(4096, 4, args.rank, capacity_blocks(0.1, 4096, args.block_size), block_size=args.block_size)
     rows = bench_mlp(model, args.batches or (1, 4, 64), repeats=args.repeats)
-    for r in rows:
-      print(f"batch {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, skip {r['skip_ms']:.3f} ms,"
-            f" {r['measured_speedup']:.2f}x (FLOP model {r['flop_model_speedup']:.2f}x)")
+    print(format_mlp_table(rows))
     path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
+    plot_speedups(rows, out / "bench_mlp.png", f"4-layer 4096 MLP, rank {args.rank}, 10% computed")
   elif args.suite == "storage":
     rows = bench_storage(rank=args.rank, block_size=args.block_size, batches=args.batches or (1, 8), repeats=args.repeats)
     for r in rows:
@@ -492,6 +576,12 @@ def run_command(args) -> int:
             f" ({r['path_f32']}), skip bf16 {r['skip_bf16_ms']:.3f} ms ({r['path_bf16']}):"
             f" bf16 {r['bf16_speedup_over_f32_storage']:.2f}x f32 storage, {r['bf16_speedup_over_dense']:.2f}x dense")
     path = write_results("bench_storage", {"environment": env, "rows": rows}, out)
+    plot_times(
+        {f"{name}, batch {r['batch']}": r[key] for r in rows
+         for name, key in (("dense f32", "dense_f32_ms"), ("skip, f32 weights", "skip_f32_ms"),
+                           ("skip, bf16 weights", "skip_bf16_ms"))},
+        out / "bench_storage.png", f"{rows[0]['width']}² layer, {rows[0]['capacity_fraction']:.0%} computed",
+    )
   elif args.suite == "module":
     row = bench_module(rank=args.rank, block_size=args.block_size, repeats=args.repeats)
     for k in ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default"):
@@ -500,16 +590,18 @@ def run_command(args) -> int:
           f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x;"
           f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}")
     path = write_results("bench_module", {"environment": env, "rows": [row]}, out)
+    plot_times(
+        {k.replace("_", " "): row[k + "_ms"] for k in
+         ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default")},
+        out / "bench_module.png", f"{row['width']}² ConditionalDense, skip mode, batch {row['batch']}",
+    )
   else:
     rows = bench_suite(
         widths=args.widths or (1024, 4096, 8192), batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
-        rank=args.rank, block_size=args.block_size, repeats=args.repeats, progress=not args.no_progress,
+        rank=args.rank, block_size=args.block_size, repeats=args.repeats, progress=progress,
     )
-    for r in rows:
-      print(f"{r['width']:>5} b{r['batch']:<4} {r['capacity_fraction']:>4.0%} {r['path']:>10}"
-            f" dense {r['dense_ms']:8.3f} mask {r['mask_ms']:8.3f} skip {r['skip_ms']:8.3f}"
-            f"  skip {r['skip_speedup']:5.2f}x  model {r['flop_model_speedup']:5.2f}x")
+    print(format_suite_table(rows))
     path = write_results("bench_suite", {"environment": env, "rows": rows}, out)
     plot_suite(rows, out / "bench_suite.png")
-  print(f"wrote {path}")
+  print(f"wrote {path} and {path.with_suffix('.png')}")
   return 0

@@ -16,7 +16,8 @@ against that:
 
 `Checkpointer.restore_latest` walks the steps from the newest down and uses the first one
 that passes both. Damaged or incomplete steps are moved aside into ``<directory>_corrupt/``
-(never deleted, never loaded) and reported with one log line; orbax's own unfinished
+(never deleted, never loaded) and reported with one log line, except with
+``read_only=True`` (evaluation), which leaves every file where it is and only reports; orbax's own unfinished
 ``*.orbax-checkpoint-tmp-*`` directories are not steps and are never considered.
 
 JAX typed PRNG keys (e.g. the dropout stream of an NNX module) are stored as their raw
@@ -151,6 +152,10 @@ class Checkpointer:
     self._max_to_keep = max_to_keep
     self._unsealed: list[int] = []
     self._mgr = self._open()
+    self.restored_step: int | None = None
+    """The step the last `restore_latest` used (None: none was usable)."""
+    self.damaged_steps: list[tuple[int, str]] = []
+    """(step, reason) of every step the last `restore_latest` skipped, newest first."""
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
@@ -218,18 +223,23 @@ class Checkpointer:
     shutil.move(str(self.directory / str(step)), str(dest))
     return dest
 
-  def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
+  def restore_latest(
+      self, like: PyTree, *, read_only: bool = False
+  ) -> tuple[PyTree, dict] | None:
     """Restores the newest complete, undamaged step.
 
     Args:
       like: a tree of arrays with the structure, shapes and dtypes to restore, e.g.
         the freshly initialised state (typed PRNG keys allowed; their implementation
         is taken from these concrete keys).
+      read_only: leave damaged steps where they are (and write nothing); for readers
+        such as evaluation, which must not change a training run's directory.
 
     Returns:
       ``(tree, meta)`` with host numpy arrays (PRNG keys re-wrapped) and the saved
       metadata, or None when no step is usable. Damaged steps are moved to
-      ``<directory>_corrupt/`` with a log line, so later saves can reuse their numbers.
+      ``<directory>_corrupt/`` with a log line, so later saves can reuse their numbers
+      (unless `read_only`). `restored_step` and `damaged_steps` say what happened.
     """
     self._seal()
     abstract_host = jax.tree.map(
@@ -238,18 +248,22 @@ class Checkpointer:
     )
     damaged = False
     result = None
+    self.restored_step, self.damaged_steps = None, []
     for step in reversed(self.all_steps()):
       try:
         tree, meta = self._restore(step, abstract_host)
       except Exception as err:  # orbax/tensorstore raise many types on damaged files.
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        self.damaged_steps.append((step, reason))
+        if read_only:
+          logger.warning("Skipping damaged checkpoint step %d (%s); left in place.", step, reason)
+          continue
         dest = self._quarantine(step)
         damaged = True
-        logger.warning(
-            "Skipping damaged checkpoint step %d (%s: %s); moved it to %s.",
-            step, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", dest,
-        )
+        logger.warning("Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest)
         continue
       result = (from_host(tree, like), meta)
+      self.restored_step = step
       break
     if damaged:
       self._mgr.close()

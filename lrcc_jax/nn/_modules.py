@@ -33,6 +33,7 @@ from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._mlp import PackedMLP, packed_mlp
 from lrcc_jax._packed import PackedDense, pack, packed_dense
+from lrcc_jax._registry import NEEDS_INPUTS, fit_estimator
 from lrcc_jax._stats import calibrate_threshold
 
 Array = jax.Array
@@ -148,6 +149,14 @@ class ConditionalDense(nnx.Module):
     self.v = EstimatorFactor(est.v)
     self.packed_weight = PackedWeight(self._unit_major())
 
+  def __setattr__(self, name: str, value: Any) -> None:
+    # `layer.threshold = t` sets the variable's value: the graph (and a jitted model's
+    # trace) stays the same.
+    if name == "threshold" and not isinstance(value, nnx.Variable) and "threshold" in vars(self):
+      self.threshold[...] = jnp.asarray(value, jnp.float32)
+      return
+    super().__setattr__(name, value)
+
   @property
   def estimator(self) -> LowRankEstimator:
     return LowRankEstimator(self.u[...], self.v[...])
@@ -162,34 +171,35 @@ class ConditionalDense(nnx.Module):
     self.packed_weight[...] = self._unit_major()
 
   def set_estimator(self, est: LowRankEstimator) -> None:
-    """Sets the estimator factors (any rank) and refreshes the packed copy."""
-    _checks.check_estimator(est, *self.kernel.shape)
-    self.rank = est.u.shape[1]
-    self.u = EstimatorFactor(jnp.asarray(est.u))
-    self.v = EstimatorFactor(jnp.asarray(est.v))
+    """Replaces the estimator factors (and the rank) with `est`, checked against the kernel.
+
+    The one way factors reach a layer: refits, rank selection and evaluation all go
+    through it, so the rank attribute can never disagree with the factors. It also
+    refreshes the packed copy of the kernel, so skip mode reads the current weights.
+    """
+    rank = _checks.check_estimator(est, *self.kernel.shape)
+    self.rank = _checks.check_rank(rank, *self.kernel.shape)
+    self.u = EstimatorFactor(est.u)
+    self.v = EstimatorFactor(est.v)
     self.repack()
 
   def refit(
-      self, inputs: Array | None = None, *, method: Method = "svd", rank: int | None = None
+      self, inputs: Array | None = None, *, method: str = "svd", rank: int | None = None,
+      **options,
   ) -> None:
     """Refits the estimator from the current kernel (optionally at a new rank).
 
     Args:
-      inputs: calibration inputs (..., in_features), needed by ``method="data_aware"``.
-      method: ``"svd"`` (the paper) or ``"data_aware"`` (`fit_data_aware`).
+      inputs: calibration inputs (..., in_features), needed by the data-dependent fits.
+      method: an estimator name of `lrcc_jax.ESTIMATORS` (``"svd"``: the paper).
       rank: new rank; keeps the current one when None.
+      **options: passed to `lrcc_jax.fit_estimator` (e.g. ``recall``, ``seed``).
     """
     kernel = self.kernel[...]
     rank = self.rank if rank is None else _checks.check_rank(rank, *kernel.shape)
-    if method == "svd":
-      est = fit_svd(kernel, rank)
-    elif method == "data_aware":
-      if inputs is None:
-        raise ValueError("method='data_aware' needs calibration inputs.")
-      est = fit_data_aware(kernel, rank, inputs)
-    else:
-      raise ValueError(f"method={method!r} must be 'svd' or 'data_aware'.")
-    self.set_estimator(est)
+    self.set_estimator(
+        fit_estimator(method, kernel, rank, inputs, bias=self.bias[...], **options)
+    )
 
   def calibrate(self, x: Array, *, recall: float = 0.99) -> Array:
     """Sets the threshold to the largest one with `recall` on `x` (`calibrate_threshold`)."""
@@ -353,14 +363,15 @@ class ConditionalMLP(nnx.Module):
       self,
       inputs: Array | None = None,
       *,
-      method: Method = "svd",
+      method: str = "svd",
       ranks: int | Sequence[int] | None = None,
+      **options,
   ) -> None:
-    """Refits every layer's estimator; data-aware fits see the dense network's inputs."""
+    """Refits every layer's estimator; data-dependent fits see the dense network's inputs."""
     ranks = _per_layer(ranks, len(self.layers), "ranks")
-    layer_x = self.layer_inputs(inputs, mode="dense") if method == "data_aware" else [None] * len(ranks)
+    layer_x = self.layer_inputs(inputs, mode="dense") if method in NEEDS_INPUTS else [None] * len(ranks)
     for layer, r, xi in zip(self.layers, ranks, layer_x):
-      layer.refit(xi, method=method, rank=r)
+      layer.refit(xi, method=method, rank=r, **options)
 
   def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
     """Sets the thresholds' values (no retrace of a jitted model)."""

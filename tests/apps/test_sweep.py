@@ -134,9 +134,7 @@ def test_rerun_resumes_instead_of_retraining(quick_run, tiny_config, tmp_path):
   assert len(result["rows"]) == 1 and (tmp_path / "sweep_again.json").exists()
 
 
-def test_trained_estimator_rows_when_available(tiny_config, tmp_path):
-  if "trained" not in evaluate.available_estimators():
-    pytest.skip("lrcc_jax._trained.fit_trained is not there")
+def test_trained_estimator_rows(tiny_config, tmp_path):
   config, cfg_sweep = sweep.load_config(tiny_config)
   small = dataclasses.replace(
       cfg_sweep, protocols=("dense",), estimators=("trained",), thresholds=("calibrated",),
@@ -153,7 +151,7 @@ def test_resolve_ranks_and_config_errors(tmp_path):
   assert sweep.resolve_ranks((5,), (784, 1000, 600, 400)) == (5, 5, 5)
   assert sweep.resolve_ranks(("full",), (784, 1000, 600, 400)) == (784, 600, 400)
   assert sweep.resolve_ranks((900, 50, "full"), (784, 1000, 600, 400)) == (784, 50, 400)
-  with pytest.raises(ValueError, match="needs 1 or 3 entries"):
+  with pytest.raises(ValueError, match="rank setting has 2 entries but the model has 3 hidden layers"):
     sweep.resolve_ranks((1, 2), (784, 1000, 600, 400))
   with pytest.raises(ValueError, match="positive int or 'full'"):
     sweep.SweepConfig(ranks=((0,),))
