@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +15,17 @@ from lrcc_jax._layers import conditional_dense
 from lrcc_jax._registry import ESTIMATORS, NEEDS_INPUTS, check_estimator_name, fit_estimator
 from lrcc_jax._stats import calibrate_threshold, estimator_stats
 
-if TYPE_CHECKING:
-  from lrcc_jax.nn import ConditionalMLP
+
+
+class _Layer(Protocol):
+  kernel: Any
+  bias: Any
+
+
+class _Network(Protocol):
+  """What `select_ranks` reads of a network (`lrcc_jax.nn.ConditionalMLP` has it)."""
+
+  layers: Sequence[_Layer]
 
 Array = jax.Array
 Method = Literal["svd", "data_aware", "trained"]
@@ -72,7 +81,7 @@ def _nonzero_fraction(h: Array) -> float:
 
 
 def select_ranks(
-    model: ConditionalMLP,
+    model: _Network,
     x: Array,
     *,
     recall: float = 0.99,
