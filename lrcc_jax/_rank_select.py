@@ -26,6 +26,7 @@ class _Network(Protocol):
   """What `select_ranks` reads of a network (`lrcc_jax.nn.ConditionalMLP` has it)."""
 
   layers: Sequence[_Layer]
+  head: Any
 
 Array = jax.Array
 Method = Literal["svd", "data_aware", "trained"]

@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import jax
@@ -461,7 +462,7 @@ def bench_suite(
         )
         gathered = auto_gathers(packed, batch, cap)
         model = theoretical_speedup([LayerCost(width, width, rank, computed)])
-        row = {
+        row: dict[str, Any] = {
             "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
             "block_size": block_size, "capacity": cap, "computed_fraction": computed,
             "path": "gather" if gathered else "dense+mask",

@@ -178,6 +178,7 @@ def _capacity_errors(
       x, packed, thresholds=[thresholds[i] for i in range(len(capacities))],
       capacities=list(capacities),
   )
+  assert not isinstance(logits, tuple)
   return jnp.sum((jnp.argmax(logits, axis=-1) != y) & valid, dtype=jnp.int32)
 
 
@@ -307,9 +308,9 @@ def evaluate_prepared(
   model.set_thresholds(0.0)
   model.set_capacities(None)
   graphdef, state = nnx.split(model)
-  totals: dict[str, np.ndarray] = {}
-  for images, labels, valid in padded_batches(images_all, labels_all, batch_size):
-    x, y, valid = jnp.asarray(normalize(images)), jnp.asarray(labels), jnp.asarray(valid)
+  totals: dict[str, Any] = {}
+  for images, labels, valid_rows in padded_batches(images_all, labels_all, batch_size):
+    x, y, valid = jnp.asarray(normalize(images)), jnp.asarray(labels), jnp.asarray(valid_rows)
     counts = _batch_counts_jit(graphdef, state, packed, t, x, y, valid)
     if with_capacity:
       counts["errors_capacity"] = _capacity_errors(packed, t, x, y, valid, capacities=capacities)
@@ -441,7 +442,7 @@ def evaluate_model(
   if split not in SPLITS:
     raise ValueError(f"split={split!r} must be one of {', '.join(SPLITS)}.")
   recall = _checks.check_fraction(recall, "recall")
-  capacities = check_capacities(capacities, model)
+  caps: Any = check_capacities(capacities, model)
   capacity_quantile = _checks.check_fraction(capacity_quantile, "capacity_quantile")
   batch_size = _checks.as_static_int(batch_size, "batch_size")
   if batch_size < 1:
@@ -451,17 +452,19 @@ def evaluate_model(
 
   model = nnx.clone(model)
   model.eval()
-  needs_rows = estimator in NEEDS_INPUTS or thresholds is None or capacities == "auto"
+  needs_rows = estimator in NEEDS_INPUTS or thresholds is None or caps == "auto"
   train_x = jnp.asarray(calibration_subset(dataset, calibration_rows, seed)) if needs_rows else None
   fit_estimators(model, train_x, estimator=estimator, ranks=ranks, recall=recall, seed=seed)
   if thresholds is None:
+    assert train_x is not None
     model.calibrate(train_x, recall=recall)
   else:
     model.set_thresholds(thresholds)
-  if capacities == "auto":
-    capacities = selection_capacities(model, train_x, quantile=capacity_quantile)
-  if capacities is not None:
-    model.set_capacities(capacities)
+  if caps == "auto":
+    assert train_x is not None
+    caps = selection_capacities(model, train_x, quantile=capacity_quantile)
+  if caps is not None:
+    model.set_capacities(caps)
   return evaluate_prepared(
       model, dataset, estimator=estimator, batch_size=batch_size, split=split
   )

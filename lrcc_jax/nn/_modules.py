@@ -369,7 +369,11 @@ class ConditionalMLP(nnx.Module):
   ) -> None:
     """Refits every layer's estimator; data-dependent fits see the dense network's inputs."""
     ranks = _per_layer(ranks, len(self.layers), "ranks")
-    layer_x = self.layer_inputs(inputs, mode="dense") if method in NEEDS_INPUTS else [None] * len(ranks)
+    layer_x: list[Array | None] = [None] * len(ranks)
+    if method in NEEDS_INPUTS:
+      if inputs is None:
+        raise ValueError(f"method={method!r} needs calibration inputs.")
+      layer_x = list(self.layer_inputs(inputs, mode="dense"))
     for layer, r, xi in zip(self.layers, ranks, layer_x):
       layer.refit(xi, method=method, rank=r, **options)
 
@@ -403,14 +407,16 @@ class ConditionalMLP(nnx.Module):
 
   def packed(self) -> PackedMLP:
     """The network's current inference form, read from the packed copies (no transpose)."""
-    return PackedMLP(tuple(l.packed() for l in self.layers), self.head.kernel[...], self.head.bias[...])
+    return PackedMLP(tuple(l.packed() for l in self.layers), *self._head())
 
   def pack(self, dtype: Any = None) -> PackedMLP:
     """Refreshes the packed copies; the network for `lrcc_jax.packed_mlp`."""
-    return PackedMLP(
-        tuple(l.pack(dtype) for l in self.layers),
-        self.head.kernel[...], self.head.bias[...],
-    )
+    return PackedMLP(tuple(l.pack(dtype) for l in self.layers), *self._head())
+
+  def _head(self) -> tuple[Array, Array]:
+    bias = self.head.bias
+    assert bias is not None  # built with use_bias=True
+    return self.head.kernel[...], bias[...]
 
   def settings(self) -> dict:
     return {
