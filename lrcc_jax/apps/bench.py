@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -443,7 +444,7 @@ def bench_suite(
   if progress:
     import tqdm
 
-    bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr, disable=None)
+    bar = tqdm.tqdm(total=len(grid), desc="bench", file=sys.stderr, disable=None)
   for width in widths:
     k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
     kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
