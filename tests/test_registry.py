@@ -1,6 +1,7 @@
 """The estimator registry, the shared argument checks and the cheap package import."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from lrcc_jax import _checks
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._sparse import sparse_linear, sparse_packed_dense
 from lrcc_jax.nn import ConditionalDense
+
+REPO = str(pathlib.Path(__file__).resolve().parents[1])  # the checkout under test, for subprocesses
 
 
 def _layer(n_in=12, n_out=8, seed=0):
@@ -114,7 +117,7 @@ def test_network_costs_is_the_chained_flop_model():
 def test_importing_the_package_does_not_load_jax():
   code = "import sys, lrcc_jax; assert 'jax' not in sys.modules; lrcc_jax.ESTIMATORS; assert 'jax' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
-                 env={**os.environ, "PYTHONPATH": os.getcwd()})
+                 env={**os.environ, "PYTHONPATH": REPO})
   assert set(L.__all__) <= set(dir(L))
   for name in L.__all__:
     assert getattr(L, name) is not None
