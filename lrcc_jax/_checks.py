@@ -146,6 +146,25 @@ def check_capacity(capacity: Any, n_blocks: int, block_size: int = 1) -> int | N
   return capacity
 
 
+def check_positive(value: Any, name: str) -> float:
+  """Returns `value` as a positive Python float, or raises `ValueError` naming `name`."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a positive number, got {describe(value)}.") from None
+  if not value > 0:
+    raise ValueError(f"{name}={value} must be positive.")
+  return value
+
+
+def check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+  """Returns `value` if it is one of the names `choices`, else raises `ValueError`."""
+  if not isinstance(value, str) or value not in choices:
+    shown = repr(value) if isinstance(value, str) else describe(value)
+    raise ValueError(f"{name}={shown} must be one of {choices}.")
+  return value
+
+
 def check_fraction(value: Any, name: str) -> float:
   """Checks a Python float in (0, 1]."""
   try:

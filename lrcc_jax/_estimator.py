@@ -104,8 +104,7 @@ def fit_data_aware(
         f"fit_data_aware needs at least rank={rank} calibration rows, got {x.shape[0]}"
         f" (inputs shape {tuple(inputs.shape)})."
     )
-  if not ridge > 0:
-    raise ValueError(f"ridge={ridge} must be positive.")
+  ridge = _checks.check_positive(ridge, "ridge")
   cov = x.T @ x / x.shape[0]
   lam = ridge * jnp.trace(cov) / n_in + jnp.finfo(cov.dtype).tiny
   evals, evecs = jnp.linalg.eigh(cov + lam * jnp.eye(n_in, dtype=cov.dtype))

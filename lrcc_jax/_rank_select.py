@@ -130,7 +130,8 @@ def select_ranks(
     method: an estimator name of `ESTIMATORS`: ``"svd"`` (the paper), ``"data_aware"``
       (`fit_data_aware`) or ``"trained"`` (`fit_trained`); the data-dependent fits see the
       conditional inputs of the layer.
-    fit_kwargs: extra keyword arguments for `fit_trained` (e.g. ``steps``, ``seed``).
+    fit_kwargs: extra options of the fit (`fit_estimator`; only ``"trained"`` takes any,
+      e.g. ``steps``, ``seed``).
 
   Returns:
     A `RankSelection` with the ranks, thresholds, estimators, the per-layer candidate table and the
@@ -149,8 +150,6 @@ def select_ranks(
   candidates = sorted({_checks.as_static_int(r, "candidates entry") for r in candidates})
   if not candidates:
     raise ValueError("candidates must name at least one rank.")
-  if method != "trained" and fit_kwargs:
-    raise ValueError(f"fit_kwargs only apply to method='trained', got method={method!r}.")
   fit_kwargs = dict(fit_kwargs or {})
   layers = list(model.layers)
   _checks.check_features(x, int(layers[0].kernel.shape[0]), "first hidden layer")

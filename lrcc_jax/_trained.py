@@ -214,16 +214,13 @@ def fit_trained(
     raise ValueError(f"steps={steps} must be non-negative.")
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be at least 1.")
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate={learning_rate} must be positive.")
-  if margin is not None and not float(margin) > 0:
-    raise ValueError(f"margin={margin} must be positive.")
-  if init == "data_aware":
+  learning_rate = _checks.check_positive(learning_rate, "learning_rate")
+  if margin is not None:
+    margin = _checks.check_positive(margin, "margin")
+  if _checks.check_choice(init, INITS, "init") == "data_aware":
     est = fit_data_aware(kernel, rank, x)
-  elif init == "svd":
-    est = fit_svd(kernel, rank)
   else:
-    raise ValueError(f"init={init!r} must be one of {INITS}.")
+    est = fit_svd(kernel, rank)
   est = _balance(est)
   if steps > 0:
     if margin is None:

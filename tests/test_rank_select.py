@@ -100,7 +100,7 @@ def test_leading_dims_are_rows():
         (dict(candidates=()), r"at least one rank"),
         (dict(candidates=(50, 100)), r"hidden layer 1 \(16, 24\).*none of"),
         (dict(candidates=(2.5,)), r"static Python int"),
-        (dict(fit_kwargs=dict(steps=3)), r"fit_kwargs only apply"),
+        (dict(fit_kwargs=dict(steps=3)), r"'svd' takes no options, got \['steps'\]"),
     ],
 )
 def test_value_errors(kwargs, match):

@@ -1,6 +1,7 @@
 """The estimator registry, the shared argument checks and the cheap package import."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from lrcc_jax import _checks
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._sparse import sparse_linear, sparse_packed_dense
 from lrcc_jax.nn import ConditionalDense
+
+REPO = str(pathlib.Path(__file__).resolve().parents[1])  # the checkout under test, for subprocesses
 
 
 def _layer(n_in=12, n_out=8, seed=0):
@@ -114,7 +117,31 @@ def test_network_costs_is_the_chained_flop_model():
 def test_importing_the_package_does_not_load_jax():
   code = "import sys, lrcc_jax; assert 'jax' not in sys.modules; lrcc_jax.ESTIMATORS; assert 'jax' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
-                 env={**os.environ, "PYTHONPATH": os.getcwd()})
+                 env={**os.environ, "PYTHONPATH": REPO})
   assert set(L.__all__) <= set(dir(L))
   for name in L.__all__:
     assert getattr(L, name) is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=np.ones(500)), r"learning_rate must be a positive number, got a ndarray of shape \(500,\)"),
+        (dict(margin=np.ones((20, 20))), r"margin must be a positive number, got a ndarray of shape \(20, 20\)"),
+        (dict(init=np.zeros(300)), r"init=a ndarray of shape \(300,\) and dtype float64 must be one of"),
+        (dict(recall=np.ones(100)), r"recall must be a number in \(0, 1\], got a ndarray of shape \(100,\)"),
+    ],
+)
+def test_array_arguments_are_described_not_printed(kwargs, match):
+  kernel, bias, x = _layer()
+  with pytest.raises(ValueError, match=match) as err:
+    L.fit_trained(kernel, bias, 3, x, **kwargs)
+  assert len(str(err.value)) < 200
+
+
+def test_ridge_of_the_wrong_kind():
+  kernel, _, x = _layer()
+  with pytest.raises(ValueError, match=r"ridge must be a positive number, got a ndarray of shape \(4,\)"):
+    L.fit_data_aware(kernel, 3, x, ridge=np.ones(4))
+  with pytest.raises(ValueError, match=r"ridge=0.0 must be positive"):
+    L.fit_data_aware(kernel, 3, x, ridge=0.0)

@@ -372,7 +372,7 @@ def evaluate_model(
 
   1. Refit every hidden layer's estimator at `ranks` with `estimator`: the paper's
      truncated SVD, `fit_data_aware` on `calibration_rows` seeded training rows, or
-     (where `lrcc_jax._trained` provides it) ``"trained"``, `fit_trained` on those rows
+     ``"trained"``, `fit_trained` on those rows
      (`fit_estimators`).
   2. Set the thresholds: `threshold` for every layer (or one per layer), or with
      ``"calibrated"`` the largest thresholds whose recall on those training rows is at
@@ -406,8 +406,8 @@ def evaluate_model(
     threshold: a float for every layer, one float per layer, or ``"calibrated"``.
     recall: the target recall of ``threshold="calibrated"`` (and of ``"trained"``'s
       fit), in (0, 1].
-    estimator: ``"svd"`` (the paper), ``"data_aware"`` or ``"trained"`` (see
-      `lrcc_jax.ESTIMATORS`).
+    estimator: a name of `lrcc_jax.ESTIMATORS`: ``"svd"`` (the paper), ``"data_aware"``
+      or ``"trained"``.
     calibration_rows: number of training rows for data-aware and trained fits, for
       calibration and for ``capacities="auto"``.
     batch_size: test rows per jitted batch (the last batch is padded, so one compile).

@@ -17,6 +17,8 @@ from lrcc_jax.apps import bench, cli
 
 TINY = ["--hidden", "16,8,8", "--ranks", "4", "--batch-size", "16", "--no-progress"]
 
+REPO = str(pathlib.Path(__file__).resolve().parents[2])  # the checkout under test, for subprocesses
+
 
 def _main(argv):
   """Runs `cli.main` in-process; returns (status, stdout, stderr)."""
@@ -118,7 +120,7 @@ def test_train_log_has_no_bar_redraws(data_dir, tmp_path):
          f"npz:{data_dir / 'pool.npz'}", "--workdir", str(tmp_path / "w"), "--epochs", "1",
          "--hidden", "8", "--batch-size", "32"],
         stdout=subprocess.PIPE, stderr=f, text=True, timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
     )
   text = log.read_text()
   assert proc.returncode == 0, text
@@ -144,7 +146,7 @@ def test_help_and_argument_errors_answer_before_jax_loads(argv):
       "sys.exit(status)\n"
   )
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                        env={**os.environ, "PYTHONPATH": os.getcwd()})
+                        env={**os.environ, "PYTHONPATH": REPO})
   assert "AssertionError" not in proc.stderr, proc.stderr
   assert proc.returncode in (0, 2), proc.stderr
 
