@@ -82,7 +82,7 @@ def test_calibrate_reaches_recall_per_layer():
 
 
 def test_bad_configuration_errors():
-  with pytest.raises(ValueError, match="ranks has 3 entries but the network has 2"):
+  with pytest.raises(ValueError, match="ranks has 3 entries but the model has 2"):
     _model(ranks=[1, 2, 3])
   with pytest.raises(ValueError, match=r"rank=17"):
     _model(ranks=[17, 2])

@@ -248,14 +248,6 @@ class ConditionalDense(nnx.Module):
       )
 
 
-def _per_layer(value, n: int, name: str) -> list:
-  if isinstance(value, Sequence) and not isinstance(value, str):
-    if len(value) != n:
-      raise ValueError(f"{name} has {len(value)} entries but the network has {n} hidden layers.")
-    return list(value)
-  return [value] * n
-
-
 def default_rank(n_in: int, n_out: int) -> int:
   """Default estimator rank: an eighth of the smaller side, at least 1."""
   return max(1, min(n_in, n_out) // 8)
@@ -303,11 +295,11 @@ class ConditionalMLP(nnx.Module):
       raise ValueError("hidden_sizes must name at least one hidden layer.")
     n = len(hidden_sizes)
     widths = [in_features, *hidden_sizes]
-    ranks = _per_layer(ranks, n, "ranks")
+    ranks = _checks.per_layer(ranks, n, "ranks")
     ranks = [default_rank(a, b) if r is None else r for r, a, b in zip(ranks, widths, widths[1:])]
-    thresholds = _per_layer(thresholds, n, "thresholds")
-    capacities = _per_layer(capacities, n, "capacities")
-    block_sizes = _per_layer(block_sizes, n, "block_sizes")
+    thresholds = _checks.per_layer(thresholds, n, "thresholds")
+    capacities = _checks.per_layer(capacities, n, "capacities")
+    block_sizes = _checks.per_layer(block_sizes, n, "block_sizes")
     init = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init)
     self.layers = nnx.List([
         ConditionalDense(a, b, rank=r, threshold=t, capacity=c, block_size=bs, rngs=rngs, **init)
@@ -368,7 +360,7 @@ class ConditionalMLP(nnx.Module):
       **options,
   ) -> None:
     """Refits every layer's estimator; data-dependent fits see the dense network's inputs."""
-    ranks = _per_layer(ranks, len(self.layers), "ranks")
+    ranks = _checks.per_layer(ranks, len(self.layers), "ranks")
     layer_x: list[Array | None] = [None] * len(ranks)
     if method in NEEDS_INPUTS:
       if inputs is None:
@@ -379,12 +371,12 @@ class ConditionalMLP(nnx.Module):
 
   def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
     """Sets the thresholds' values (no retrace of a jitted model)."""
-    for layer, t in zip(self.layers, _per_layer(thresholds, len(self.layers), "thresholds")):
+    for layer, t in zip(self.layers, _checks.per_layer(thresholds, len(self.layers), "thresholds")):
       layer.threshold[...] = jnp.asarray(t, jnp.float32)
 
   def set_capacities(self, capacities: int | None | Sequence[int | None]) -> None:
     """Sets the static capacities (they fix shapes: a jitted model retraces)."""
-    for layer, c in zip(self.layers, _per_layer(capacities, len(self.layers), "capacities")):
+    for layer, c in zip(self.layers, _checks.per_layer(capacities, len(self.layers), "capacities")):
       n_blocks = layer.kernel.shape[1] // layer.block_size
       layer.capacity = _checks.check_capacity(c, n_blocks, layer.block_size)
 
