@@ -15,7 +15,9 @@ against that:
    bytes), compared with what orbax restores.
 
 `Checkpointer.restore_latest` walks the steps from the newest down and uses the first one
-that passes both.
+that passes both. Damaged or incomplete steps are moved aside into ``<directory>_corrupt/``
+(never deleted, never loaded) and reported with one log line; orbax's own unfinished
+``*.orbax-checkpoint-tmp-*`` directories are not steps and are never considered.
 
 Multi-process runs (``jax.distributed.initialize``): every process calls `save` and
 `restore_latest` in the same order with the same replicated tree. Orbax writes replicated
@@ -24,9 +26,7 @@ alone writes the manifests and moves damaged steps aside. Each save first checks
 tree's digest is the same in every process, so a replica that drifted (e.g. a refit that
 came out differently on one host) stops the run instead of being checkpointed; each
 restore checks that all processes chose the same step. The directory must be one shared
-filesystem path seen by every process. Damaged or incomplete steps are moved aside into ``<directory>_corrupt/``
-(never deleted, never loaded) and reported with one log line; orbax's own unfinished
-``*.orbax-checkpoint-tmp-*`` directories are not steps and are never considered.
+filesystem path seen by every process.
 
 JAX typed PRNG keys (e.g. the dropout stream of an NNX module) are stored as their raw
 ``key_data`` and re-wrapped on restore, because orbax stores plain arrays only.
