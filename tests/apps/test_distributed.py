@@ -61,6 +61,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _subprocess_env(devices: int) -> dict[str, str]:
+  """This environment with `devices` CPU devices, importing this checkout's lrcc_jax."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  root = str(pathlib.Path(lrcc_jax.__file__).resolve().parents[1])
+  env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+  return env
+
+
 def _train_argv(config: train.TrainConfig, workdir: pathlib.Path) -> list[str]:
   return [
       "train", "--dataset", config.dataset, "--workdir", str(workdir),
@@ -80,13 +89,10 @@ def launch_two_processes(
   compilation cache shared by the launches: most of a launch is compiling (many small
   eager programs during initialisation), so a second launch takes about half as long.
   """
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+  env = _subprocess_env(DEVICES_PER_PROCESS)
   env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  root = str(pathlib.Path(lrcc_jax.__file__).resolve().parents[1])
-  env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
   coordinator = f"127.0.0.1:{_free_port()}"
   logs = [workdir.parent / f"{workdir.name}.process{i}.log" for i in range(2)]
   procs = []
@@ -225,3 +231,38 @@ def test_initialize_calls_jax_only_when_asked_or_detected(monkeypatch):
   ]
   with pytest.raises(ValueError, match="process_id"):
     distributed.initialize("10.0.0.1:1234", 2, 2, environ={})
+
+
+_CHECK_SCRIPT = """
+import sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from lrcc_jax.apps import checkpoint
+checkpoint._check_same_in_all_processes(b"same", "equal values")
+try:
+  checkpoint._check_same_in_all_processes(bytes([int(sys.argv[2])]), "differing values")
+except RuntimeError as err:
+  print("raised:", err)
+"""
+
+
+def test_replica_check_fails_when_processes_differ(tmp_path):
+  """The check behind every save: equal bytes pass, different bytes raise in both."""
+  env = _subprocess_env(1)
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", _CHECK_SCRIPT, coordinator, str(i)], env=env,
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      )
+      for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-2000:]
+    assert f"raised: differing values (process {i})." in out, (out, err[-2000:])
