@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
@@ -81,13 +83,20 @@ def _train_argv(config: train.TrainConfig, workdir: pathlib.Path) -> list[str]:
 
 
 def launch_two_processes(
-    config: train.TrainConfig, workdir: pathlib.Path, cache: pathlib.Path
-) -> list[dict]:
-  """Runs ``lrcc-jax train`` as processes 0 and 1; returns each one's JSON summary.
+    config: train.TrainConfig,
+    workdir: pathlib.Path,
+    cache: pathlib.Path,
+    meanwhile: Callable[[], Any] = lambda: None,
+) -> tuple[list[dict], Any]:
+  """Runs ``lrcc-jax train`` as processes 0 and 1, and `meanwhile()` here.
 
-  Both are killed when either fails or the time runs out. `cache` is a persistent
-  compilation cache shared by the launches: most of a launch is compiling (many small
-  eager programs during initialisation), so a second launch takes about half as long.
+  Both are killed when either fails, `meanwhile` raises or the time runs out. `cache` is
+  a persistent compilation cache shared by the launches: most of a launch is compiling
+  (many small eager programs during initialisation), so a second launch takes about
+  half as long.
+
+  Returns:
+    Each process's JSON summary, and what `meanwhile` returned.
   """
   env = _subprocess_env(DEVICES_PER_PROCESS)
   env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
@@ -104,6 +113,7 @@ def launch_two_processes(
       ]
       with logs[i].open("w") as err:
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+    extra = meanwhile()
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while any(p.poll() is None for p in procs):
       if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
@@ -119,7 +129,7 @@ def launch_two_processes(
       f"--- process {i}\n" + "\n".join(log.read_text().splitlines()[-15:])
       for i, log in enumerate(logs)
   )
-  return [json.loads(out) for out in outs]
+  return [json.loads(out) for out in outs], extra
 
 
 def params_and_factors(model) -> dict:
@@ -140,17 +150,27 @@ def compilation_cache(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(config, compilation_cache, tmp_path_factory) -> tuple[pathlib.Path, list[dict]]:
-  workdir = tmp_path_factory.mktemp("two") / "run"
-  return workdir, launch_two_processes(config, workdir, compilation_cache)
+def runs(config, compilation_cache, tmp_path_factory):
+  """The two-process run, and while it runs, the same config in this process over 4 of
+  its (fake) CPU devices: ``((workdir, summaries), (workdir, summary))``."""
+  two_dir = tmp_path_factory.mktemp("two") / "run"
+  one_dir = tmp_path_factory.mktemp("one") / "run"
+  mesh = train.make_data_mesh(config.batch_size, 2 * DEVICES_PER_PROCESS)
+  summaries, one = launch_two_processes(
+      config, two_dir, compilation_cache,
+      meanwhile=lambda: train.train_and_evaluate(config, one_dir, progress=False, mesh=mesh),
+  )
+  return (two_dir, summaries), (one_dir, one)
 
 
 @pytest.fixture(scope="module")
-def single_process_run(config, tmp_path_factory) -> tuple[pathlib.Path, dict]:
-  """The same config on one process over 4 of this process's (fake) CPU devices."""
-  workdir = tmp_path_factory.mktemp("one") / "run"
-  mesh = train.make_data_mesh(config.batch_size, 2 * DEVICES_PER_PROCESS)
-  return workdir, train.train_and_evaluate(config, workdir, progress=False, mesh=mesh)
+def two_process_run(runs) -> tuple[pathlib.Path, list[dict]]:
+  return runs[0]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(runs) -> tuple[pathlib.Path, dict]:
+  return runs[1]
 
 
 def test_two_processes_match_one_process_of_four_devices(two_process_run, single_process_run):
@@ -186,7 +206,7 @@ def test_resume_after_both_processes_die(config, two_process_run, compilation_ca
   workdir = tmp_path / "run"
   shutil.copytree(two_dir, workdir)
   (workdir / "checkpoints" / "2" / "lrcc_manifest.json").unlink()
-  resumed = launch_two_processes(config, workdir, compilation_cache)
+  resumed, _ = launch_two_processes(config, workdir, compilation_cache)
   assert (workdir / "checkpoints_corrupt" / "2").is_dir()
   assert [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
   assert resumed[0]["train_loss"] == summaries[0]["train_loss"]
@@ -266,3 +286,14 @@ def test_replica_check_fails_when_processes_differ(tmp_path):
   for i, (p, (out, err)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, err[-2000:]
     assert f"raised: differing values (process {i})." in out, (out, err[-2000:])
+
+
+def test_train_flags_reach_the_run_not_the_config():
+  args = cli.build_parser().parse_args([
+      "train", "--dataset", "mnist5k", "--workdir", "w", "--stop-after", "1",
+      "--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1",
+  ])
+  assert (args.stop_after, args.coordinator, args.num_processes, args.process_id) == (
+      1, "10.0.0.1:1234", 2, 1
+  )
+  assert cli._train_config(args) == train.TrainConfig(dataset="mnist5k")
