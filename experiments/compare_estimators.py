@@ -3,9 +3,11 @@
 Run (trains the default mnist5k network into the workdir first if it holds no checkpoint,
 about a minute; the comparison itself takes a few minutes on 2 CPU cores)::
 
-  .venv/bin/python experiments/compare_estimators.py --workdir /tmp/lrcc_mnist5k
+  .venv/bin/python experiments/compare_estimators.py --workdir /tmp/lrcc_mnist5k \
+      --out experiments/results
 
-Writes ``experiments/results/compare_estimators.json`` and ``compare_estimators.png``
+Writes ``compare_estimators.json`` and ``compare_estimators.png`` to ``--out`` (default
+``runs/compare_estimators``; the committed ones with ``--out experiments/results``)
 (computed fraction against rank, one panel per hidden layer, one line per estimator) and
 prints the tables.
 
@@ -58,18 +60,16 @@ import lrcc_jax as L
 from lrcc_jax.apps import data
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._rank_select import select_ranks
-from lrcc_jax._trained import fit_trained
 from lrcc_jax.apps.evaluate import calibration_subset
 
-ESTIMATORS = ("svd", "data_aware", "trained", "svd@0")
+# Every registered estimator, plus "svd@0": the paper's SVD at its threshold 0.
+ESTIMATORS = (*L.ESTIMATORS, "svd@0")
 
 
 def _fit(method, kernel, bias, rank, x, recall, steps):
-  if method in ("svd", "svd@0"):
-    return L.fit_svd(kernel, rank)
-  if method == "data_aware":
-    return L.fit_data_aware(kernel, rank, x)
-  return fit_trained(kernel, bias, rank, x, recall=recall, steps=steps)
+  name = "svd" if method == "svd@0" else method
+  options = dict(steps=steps) if name == "trained" else {}
+  return L.fit_estimator(name, kernel, rank, x, bias=bias, recall=recall, **options)
 
 
 def run_network(model, method, ranks, x_cal, x_test, y_test, *, recall, steps):
@@ -161,7 +161,8 @@ def main(argv=None) -> None:
   parser.add_argument("--calibration-rows", type=int, default=4000)
   parser.add_argument("--steps", type=int, default=300, help="fit_trained Adam steps")
   parser.add_argument("--candidates", default="5,10,25,50,100,200", help="select_ranks candidates")
-  parser.add_argument("--out", default="experiments/results")
+  parser.add_argument("--out", default="runs/compare_estimators",
+                      help="output directory (the committed results: experiments/results)")
   args = parser.parse_args(argv)
   ranks = [int(r) for r in args.ranks.split(",")]
   candidates = [int(r) for r in args.candidates.split(",")]
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
 
   selections = []
   svd_rows = [r for r in rows if r["estimator"] in ("svd", "svd@0")]
-  for method in ("svd", "data_aware", "trained"):
+  for method in L.ESTIMATORS:
     sel = select_ranks(model, x_cal, recall=args.recall, candidates=candidates, method=method,
                        fit_kwargs=dict(steps=args.steps) if method == "trained" else None)
     row = run_network(model, method, list(sel.ranks), x_cal, x_test, y_test,

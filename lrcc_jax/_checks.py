@@ -7,7 +7,24 @@ fails at trace time with a message that names the offending values.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any
+
+
+def describe(value: Any) -> str:
+  """A short description of `value` for an error message: never the whole of an array.
+
+  Arrays (anything with a ``shape`` and a ``dtype``) are named by type, shape and dtype;
+  other values by their repr, cut to 60 characters, and type. An error message that
+  prints a (1000, 784) array buries the one line that says what went wrong.
+  """
+  shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+  if shape is not None and dtype is not None:
+    return f"a {type(value).__name__} of shape {tuple(shape)} and dtype {dtype}"
+  text = repr(value)
+  if len(text) > 60:
+    text = text[:57] + "..."
+  return f"{text} of type {type(value).__name__}"
 
 
 def as_static_int(value: Any, name: str) -> int:
@@ -16,9 +33,47 @@ def as_static_int(value: Any, name: str) -> int:
     return operator.index(value)
   except TypeError:
     raise ValueError(
-        f"{name} must be a static Python int (it fixes array shapes), got {value!r}"
-        f" of type {type(value).__name__}."
+        f"{name} must be a static Python int (it fixes array shapes), got {describe(value)}."
     ) from None
+
+
+def per_layer(value: Any, n: int, name: str) -> list:
+  """`value` for each of `n` layers: one value for every layer, or a sequence of `n`.
+
+  Every per-layer setting (ranks, thresholds, capacities, block sizes, L1 weights) takes
+  either form, on the command line and in the library alike, so one rule lives here. A
+  string is one value (it is a name, not a sequence of letters); an array is a sequence.
+
+  Args:
+    value: one value, or a sequence (list, tuple, 1-D array) with one entry per layer.
+    n: the number of layers.
+    name: the argument's name, for the error message.
+
+  Returns:
+    A list of `n` values.
+
+  Raises:
+    ValueError: if a sequence does not have exactly `n` entries.
+  """
+  if getattr(value, "ndim", None) == 1:
+    value = list(value)
+  if isinstance(value, Sequence) and not isinstance(value, str):
+    if len(value) != n:
+      raise ValueError(
+          f"{name} has {len(value)} entries but the model has {n} hidden layers: give one"
+          f" value for every layer, or exactly {n}."
+      )
+    return list(value)
+  return [value] * n
+
+
+def check_bias(bias: Any, n_out: int, what: str = "kernel", shape: Any = None) -> None:
+  """Checks that `bias` is (n_out,) (or exactly `shape`), naming both shapes otherwise."""
+  want = (n_out,) if shape is None else tuple(shape)
+  got = getattr(bias, "shape", None)
+  if got is None or tuple(got) != want:
+    got_text = tuple(got) if got is not None else describe(bias)
+    raise ValueError(f"bias has shape {got_text} but the {what} needs {want}.")
 
 
 def check_kernel(kernel: Any, bias: Any | None = None) -> tuple[int, int]:
@@ -28,11 +83,8 @@ def check_kernel(kernel: Any, bias: Any | None = None) -> tuple[int, int]:
         f"kernel must be 2-D (n_in, n_out), got shape {getattr(kernel, 'shape', None)}."
     )
   n_in, n_out = kernel.shape
-  if bias is not None and tuple(bias.shape) != (n_out,):
-    raise ValueError(
-        f"bias has shape {tuple(bias.shape)} but the kernel {tuple(kernel.shape)} needs"
-        f" ({n_out},)."
-    )
+  if bias is not None:
+    check_bias(bias, n_out, f"kernel {tuple(kernel.shape)}")
   return n_in, n_out
 
 
@@ -96,7 +148,10 @@ def check_capacity(capacity: Any, n_blocks: int, block_size: int = 1) -> int | N
 
 def check_fraction(value: Any, name: str) -> float:
   """Checks a Python float in (0, 1]."""
-  value = float(value)
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number in (0, 1], got {describe(value)}.") from None
   if not (0.0 < value <= 1.0):
     raise ValueError(f"{name}={value} must lie in (0, 1].")
   return value

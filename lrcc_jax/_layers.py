@@ -75,9 +75,9 @@ def conditional_dense(
   estimator.
 
   This is the training-layout (n_in, n_out) form used by the `mask` mode. On XLA:CPU a
-  column gather from this layout is slower than the whole dense product (DESIGN), so it
-  computes the product densely; the compute-skipping form is `pack` + `packed_dense`,
-  which returns the same values.
+  column gather from this layout is slower than the whole dense product (docs/design.md,
+  "Measured facts"), so it computes the product densely; the compute-skipping form is
+  `pack` + `packed_dense`, which returns the same values.
 
   Args:
     x: (..., n_in) inputs; leading dimensions are independent rows.

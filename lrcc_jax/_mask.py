@@ -1,6 +1,6 @@
 """Block selection: which units a row computes, from the estimate, a threshold and a capacity.
 
-The rule (DESIGN, "How the mask M is built"): units form contiguous blocks of `block_size`;
+The rule (docs/design.md, "The mask"): units form contiguous blocks of `block_size`;
 a block's score is the largest estimate among its units; a block is selected when its
 score is above `threshold` and, with a `capacity`, also among the row's `capacity` highest
 scores. Every shape here is static, and there is no control flow.

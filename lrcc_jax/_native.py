@@ -39,6 +39,9 @@ import numpy as np
 Array = jax.Array
 
 TARGET = "lrcc_tile_product"
+# The same kernel reading bf16 weights (f32 inputs, outputs and accumulation).
+TARGET_BF16 = "lrcc_tile_product_bf16"
+_TARGETS = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16}
 _SOURCE = pathlib.Path(__file__).with_name("csrc") / "tile_product.cc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
 _status = {"available": False, "reason": "not built yet"}
@@ -93,6 +96,7 @@ def available() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build(cache, compiler)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LrccTileProduct), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_BF16, jax.ffi.pycapsule(lib.LrccTileProductBf16), platform="cpu")
   except Exception as err:  # pylint: disable=broad-except  # optional: any failure means XLA
     _status.update(available=False, reason=f"build failed: {type(err).__name__}: {err}")
     return False
@@ -105,9 +109,16 @@ def active() -> bool:
   return jax.default_backend() == "cpu" and available()
 
 
-def usable(*dtypes: jnp.dtype) -> bool:
-  """The kernel runs operands of these dtypes (f32 only) on the CPU backend."""
-  return all(d == jnp.float32 for d in dtypes) and active()
+def usable(weight_dtype: jnp.dtype, *dtypes: jnp.dtype) -> bool:
+  """The kernel runs f32 or bf16 weights against f32 activations on the CPU backend.
+
+  With bf16 weights each weight is widened to f32 (exactly: a bf16 is the high half of an
+  f32) and every product and sum is f32, so the result differs from the f32 kernel on the
+  f32-rounded weights only by that rounding: |z_bf16 - z_f32| <= 2^-8 Σ |w x| per output.
+  """
+  return (
+      jnp.dtype(weight_dtype) in _TARGETS and all(d == jnp.float32 for d in dtypes) and active()
+  )
 
 
 @functools.cache
@@ -118,7 +129,8 @@ def _product(b_in: int, xla_product: Callable) -> Callable:
   def call(weight, out_blocks, starts, values):
     rows, k = out_blocks.shape
     out = jax.ShapeDtypeStruct((rows, k, weight.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(weight, out_blocks, starts, values, b_in=np.int64(b_in))
+    target = _TARGETS[jnp.dtype(weight.dtype)]
+    return jax.ffi.ffi_call(target, out)(weight, out_blocks, starts, values, b_in=np.int64(b_in))
 
   @call.def_vmap
   def _vmap(axis_size, in_batched, weight, out_blocks, starts, values):

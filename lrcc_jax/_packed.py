@@ -3,7 +3,7 @@
 At batch 1 a dense layer is bound by the weight bytes it reads. Reading only the selected
 units is cheap when each unit's weights are contiguous, i.e. rows of `Wᵀ` (n_out, n_in);
 gathering columns of the (n_in, n_out) training layout is slower than the whole dense
-product on XLA:CPU (DESIGN, "Where the speed comes from"). `pack` does that transpose once.
+product on XLA:CPU (docs/design.md, "Measured facts"). `pack` does that transpose once.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ MIN_BATCHED_BLOCK_BYTES = 64 * 2**10
 # Independent gather+matvec groups per call. XLA:CPU runs independent ops concurrently, so
 # splitting the selected rows into a few groups uses both cores where one gather followed
 # by one matvec runs on one (0.37 ms against 0.63 ms for 410 of 4096 rows, measured with
-# experiments/bench_layer.py's protocol).
+# `lrcc-jax bench --suite layer`).
 GATHER_GROUPS = 4
 MIN_GROUP_ROWS = 32
 
@@ -296,6 +296,7 @@ def packed_dense(
   """
   n_blocks, block_size, n_in = packed.weight.shape
   n_out = n_blocks * block_size
+  _checks.check_bias(packed.bias, n_out, "packed layer", (n_blocks, block_size))
   _checks.check_features(x, n_in, "packed layer")
   capacity = _checks.check_capacity(capacity, n_blocks, block_size)
   if strategy not in ("auto", "gather", "dense"):

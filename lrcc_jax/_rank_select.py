@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from lrcc_jax import _checks
-from lrcc_jax._estimator import LowRankEstimator, fit_data_aware, fit_svd
-from lrcc_jax._flops import LayerCost, layer_flops, theoretical_speedup
+from lrcc_jax._estimator import LowRankEstimator
+from lrcc_jax._flops import LayerCost, layer_flops, network_costs, theoretical_speedup
 from lrcc_jax._layers import conditional_dense
+from lrcc_jax._registry import ESTIMATORS, NEEDS_INPUTS, check_estimator_name, fit_estimator
 from lrcc_jax._stats import calibrate_threshold, estimator_stats
-from lrcc_jax._trained import fit_trained
 
-if TYPE_CHECKING:
-  from lrcc_jax.nn import ConditionalMLP
+
+
+class _Layer(Protocol):
+  kernel: Any
+  bias: Any
+
+
+class _Network(Protocol):
+  """What `select_ranks` reads of a network (`lrcc_jax.nn.ConditionalMLP` has it)."""
+
+  layers: Sequence[_Layer]
 
 Array = jax.Array
 Method = Literal["svd", "data_aware", "trained"]
-METHODS: tuple[str, ...] = ("svd", "data_aware", "trained")
+METHODS: tuple[str, ...] = ESTIMATORS
 DEFAULT_CANDIDATES: tuple[int, ...] = (5, 10, 25, 50, 100, 200)
 
 
@@ -52,6 +61,8 @@ class RankSelection(NamedTuple):
   Attributes:
     ranks: the chosen rank of every hidden layer.
     thresholds: their calibrated thresholds.
+    estimators: the chosen estimator of every hidden layer (apply with
+      ``layer.set_estimator(est); layer.threshold = t``).
     table: per hidden layer, `{rank: RankCandidate}` for every candidate that was tried.
     costs: the FLOP model of the chosen network, hidden layers then the classifier.
     speedup: `theoretical_speedup(costs)`.
@@ -59,18 +70,10 @@ class RankSelection(NamedTuple):
 
   ranks: tuple[int, ...]
   thresholds: tuple[float, ...]
+  estimators: tuple[LowRankEstimator, ...]
   table: tuple[Mapping[int, RankCandidate], ...]
   costs: tuple[LayerCost, ...]
   speedup: float
-
-
-def _fit(method: str, kernel: Array, bias: Array, rank: int, x: Array, recall: float,
-         fit_kwargs: Mapping) -> LowRankEstimator:
-  if method == "svd":
-    return fit_svd(kernel, rank)
-  if method == "data_aware":
-    return fit_data_aware(kernel, rank, x)
-  return fit_trained(kernel, bias, rank, x, recall=recall, **fit_kwargs)
 
 
 def _nonzero_fraction(h: Array) -> float:
@@ -78,19 +81,18 @@ def _nonzero_fraction(h: Array) -> float:
 
 
 def select_ranks(
-    model: ConditionalMLP,
+    model: _Network,
     x: Array,
     *,
     recall: float = 0.99,
     candidates: Sequence[int] = DEFAULT_CANDIDATES,
     method: Method = "svd",
-    apply: bool = False,
     fit_kwargs: Mapping | None = None,
 ) -> RankSelection:
   r"""Per-layer estimator ranks that minimise the network's FLOP-model cost at a recall.
 
   For hidden layer `l` with input width `n_in` and output width `n_out`, a candidate rank
-  `r` costs (DESIGN, "FLOP model")
+  `r` costs (the FLOP model of `layer_flops`)
 
     cost_l(r) = r (c_in n_in + n_out) + c_in c_l(r) n_in n_out,
 
@@ -108,8 +110,14 @@ def select_ranks(
   a joint search over all rank tuples, and it needs `len(candidates)` fits per layer
   instead of `len(candidates) ** n_layers`.
 
-  The model is not modified unless `apply` is true: kernels and biases are only read, and
-  the fitting is done by the pure functions (`fit_svd`, `fit_data_aware`, `fit_trained`).
+  The model is never modified: kernels and biases are only read, and the fitting is done
+  by the pure functions of the estimator registry (`fit_estimator`). To run the chosen
+  network, apply the result::
+
+    for layer, est, t in zip(model.layers, sel.estimators, sel.thresholds):
+      layer.set_estimator(est)
+      layer.threshold = t
+
   Masks are per unit (block size 1, no capacity), whatever the layers' own settings.
 
   Args:
@@ -118,14 +126,13 @@ def select_ranks(
     recall: recall target in (0, 1], met by every layer on `x`.
     candidates: ranks to try. Ranks outside `[1, min(n_in, n_out)]` of a layer, or above
       `N` for the data-dependent methods, are skipped for that layer.
-    method: ``"svd"`` (the paper), ``"data_aware"`` (`fit_data_aware`) or ``"trained"``
-      (`fit_trained`); the data-dependent fits see the conditional inputs of the layer.
-    apply: if true, also set every layer's rank, estimator factors and threshold to the
-      chosen ones.
+    method: an estimator name of `ESTIMATORS`: ``"svd"`` (the paper), ``"data_aware"``
+      (`fit_data_aware`) or ``"trained"`` (`fit_trained`); the data-dependent fits see the
+      conditional inputs of the layer.
     fit_kwargs: extra keyword arguments for `fit_trained` (e.g. ``steps``, ``seed``).
 
   Returns:
-    A `RankSelection` with the ranks, thresholds, the per-layer candidate table and the
+    A `RankSelection` with the ranks, thresholds, estimators, the per-layer candidate table and the
     FLOP model of the chosen network (with the classifier as an always-computed layer).
 
   Raises:
@@ -137,8 +144,7 @@ def select_ranks(
     Neural Networks, arXiv:1312.4461, 2013 (the per-layer rank sweep this automates).
   """
   recall = _checks.check_fraction(recall, "recall")
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} must be one of {METHODS}.")
+  check_estimator_name(method)
   candidates = sorted({_checks.as_static_int(r, "candidates entry") for r in candidates})
   if not candidates:
     raise ValueError("candidates must name at least one rank.")
@@ -151,11 +157,12 @@ def select_ranks(
   n_rows = h.shape[0]
 
   c_in = 1.0
-  ranks, thresholds, table, costs, chosen_est = [], [], [], [], []
+  ranks, thresholds, table, chosen_est = [], [], [], []
+  computed, input_fractions = [], []
   for i, layer in enumerate(layers):
     kernel, bias = layer.kernel[...], layer.bias[...]
     n_in, n_out = (int(d) for d in kernel.shape)
-    limit = min(n_in, n_out, n_rows if method != "svd" else n_in)
+    limit = min(n_in, n_out, n_rows if method in NEEDS_INPUTS else n_in)
     valid = [r for r in candidates if 1 <= r <= limit]
     if not valid:
       raise ValueError(
@@ -164,7 +171,7 @@ def select_ranks(
       )
     rows, fits = {}, {}
     for r in valid:
-      est = _fit(method, kernel, bias, r, h, recall, fit_kwargs)
+      est = fit_estimator(method, kernel, r, h, bias=bias, recall=recall, **fit_kwargs)
       t = calibrate_threshold(h, kernel, bias, est, recall=recall)
       stats = estimator_stats(h, kernel, bias, est, t)
       c = float(stats["computed_fraction"])
@@ -176,29 +183,22 @@ def select_ranks(
     ranks.append(best)
     thresholds.append(pick.threshold)
     table.append(rows)
-    costs.append(LayerCost(n_in, n_out, best, pick.computed_fraction, c_in))
+    computed.append(pick.computed_fraction)
+    input_fractions.append(c_in)
     chosen_est.append(fits[best])
     h = conditional_dense(h, kernel, bias, fits[best], threshold=pick.threshold)
     c_in = _nonzero_fraction(h)
   head = model.head.kernel[...]
-  costs.append(LayerCost(int(head.shape[0]), int(head.shape[1]), None, 1.0, c_in))
-
-  if apply:
-    _apply(model, ranks, thresholds, chosen_est)
+  widths = [int(layers[0].kernel.shape[0])] + [int(l.kernel.shape[1]) for l in layers]
+  costs = network_costs(
+      widths, ranks, computed, input_fractions, num_classes=int(head.shape[1]),
+      head_input_fraction=c_in,
+  )
   return RankSelection(
       ranks=tuple(ranks),
       thresholds=tuple(thresholds),
+      estimators=tuple(chosen_est),
       table=tuple(table),
       costs=tuple(costs),
       speedup=theoretical_speedup(costs),
   )
-
-
-def _apply(model, ranks, thresholds, ests) -> None:
-  from lrcc_jax.nn import EstimatorFactor  # Lazy: the functional core does not need flax.
-
-  for layer, r, t, est in zip(model.layers, ranks, thresholds, ests):
-    layer.rank = int(r)
-    layer.threshold = float(t)
-    layer.u = EstimatorFactor(est.u)
-    layer.v = EstimatorFactor(est.v)

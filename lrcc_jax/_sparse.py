@@ -3,7 +3,7 @@
 A conditional layer's zeros are the next layer's zero inputs. Keeping only the computed
 units of each row, the next layer needs just the estimator rows `U[active]` and the
 weights at (computed outputs × active inputs): with `m` active inputs and `k` computed
-outputs it reads `m r + r n_out + k m` numbers instead of `n_in n_out` (DESIGN, FLOP
+outputs it reads `m r + r n_out + k m` numbers instead of `n_in n_out` (docs/design.md, FLOP
 model with `c_in`). Everything keeps static shapes: `m` and `k` are capacities.
 
 When the upstream layer selects whole blocks of `b_in` units, the active inputs come in
@@ -99,6 +99,7 @@ def sparse_packed_dense(
   """
   n_blocks, block_size, n_in = packed.weight.shape
   n_out = n_blocks * block_size
+  _checks.check_bias(packed.bias, n_out, "packed layer", (n_blocks, block_size))
   capacity = _checks.check_capacity(capacity, n_blocks, block_size)
   if capacity is None:
     raise ValueError("sparse_packed_dense needs a capacity: it fixes the output size.")
@@ -188,4 +189,5 @@ def _xla_tile_product(weight: Array, out_blocks: Array, starts: Array, values: A
 
 def sparse_linear(x: SparseRows, kernel: Array, bias: Array) -> Array:
   """Dense linear head on sparse inputs: `x_A W[A] + b`, shape (rows, n_out)."""
+  _checks.check_kernel(kernel, bias)
   return jnp.einsum("rm,rmc->rc", x.values, kernel[x.indices].astype(x.values.dtype)) + bias[None]

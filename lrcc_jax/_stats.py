@@ -11,7 +11,16 @@ from lrcc_jax._estimator import LowRankEstimator, add_bias, estimate
 Array = jax.Array
 
 
-def _exact_and_estimate(x, kernel, bias, est):
+def exact_and_estimate(
+    x: Array, kernel: Array, bias: Array | None, est: LowRankEstimator
+) -> tuple[Array, Array]:
+  """The exact pre-activations `z = x W + b` and their estimate `ẑ = (x U) V + b`.
+
+  Every statistic of the estimator compares these two, on checked shapes.
+
+  Returns:
+    ``(z, z_hat)``, both (..., n_out).
+  """
   n_in, n_out = _checks.check_kernel(kernel, bias)
   _checks.check_features(x, n_in)
   _checks.check_estimator(est, n_in, n_out)
@@ -45,7 +54,7 @@ def estimator_stats(
   Returns:
     Mapping of the four float32 scalars above.
   """
-  z, z_hat = _exact_and_estimate(x, kernel, bias, est)
+  z, z_hat = exact_and_estimate(x, kernel, bias, est)
   active = z > 0
   computed = ~(z_hat <= threshold)
   n_active = jnp.sum(active)
@@ -90,7 +99,7 @@ def calibrate_threshold(
     ValueError: if `recall` is outside (0, 1] or shapes mismatch.
   """
   recall = _checks.check_fraction(recall, "recall")
-  z, z_hat = _exact_and_estimate(x, kernel, bias, est)
+  z, z_hat = exact_and_estimate(x, kernel, bias, est)
   active = jnp.reshape(z > 0, (-1,))
   vals = jnp.where(active, jnp.reshape(z_hat, (-1,)), -jnp.inf)
   desc = -jnp.sort(-vals)

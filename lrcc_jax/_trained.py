@@ -15,7 +15,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lrcc_jax import _checks
 from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
@@ -92,6 +91,8 @@ def _train(
     batch_size: int,
 ) -> LowRankEstimator:
   """Adam on relative coordinates `u = rms(u0) p_u`, `v = rms(v0) p_v` over random batches."""
+  import optax  # pylint: disable=g-import-not-at-top  # only this fit needs it
+
   n = x.shape[0]
   z_all = add_bias(x @ kernel, bias)
   scale = jnp.std(z_all) + jnp.finfo(z_all.dtype).tiny

@@ -72,6 +72,52 @@ def test_kernel_matches_numpy_and_xla(b_out, b_in, n_tiles, rows, seed):
 
 
 @needs_native
+@settings(max_examples=15, deadline=None)
+@given(
+    b_out=st.integers(1, 9),
+    b_in=st.sampled_from([1, 3, 4, 16, 64]),
+    n_tiles=st.integers(1, 5),
+    rows=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_weights_match_numpy_within_the_widening_bound(b_out, b_in, n_tiles, rows, seed):
+  """bf16 weights widen exactly to f32: the result is the f32 product of the rounded weights."""
+  rng = np.random.default_rng(seed)
+  n_blocks = int(rng.integers(1, 6))
+  k = int(rng.integers(1, n_blocks + 1))
+  w, out, starts, values = _case(rng, n_blocks, b_out, (n_tiles + 1) * b_in, b_in, k, n_tiles, rows)
+  w16 = jnp.asarray(w, jnp.bfloat16)
+  fn = jax.jit(_native_fn(b_in))
+  assert "lrcc_tile_product_bf16" in fn.lower(w16, out, starts, values).as_text()
+  got = np.asarray(fn(w16, out, starts, values))
+  rounded = np.asarray(w16.astype(jnp.float32))
+  np.testing.assert_allclose(got, _numpy_product(rounded, out, starts, values, b_in), rtol=1e-4, atol=1e-4)
+  # Against the unrounded f32 weights: within the documented bound 2^-8 Σ|w x|.
+  exact = _numpy_product(w, out, starts, values, b_in)
+  bound = 2.0**-8 * _numpy_product(np.abs(w), out, starts, np.abs(values), b_in) + 1e-5
+  assert np.all(np.abs(got - exact) <= bound)
+
+
+@needs_native
+def test_bf16_packed_dense_runs_the_kernel_and_halves_the_bytes():
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(rng.standard_normal((64, 128)) / 8, jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(128) / 10, jnp.float32)
+  est = L.fit_svd(kernel, 8)
+  p16 = L.pack(kernel, bias, est, block_size=16, dtype=jnp.bfloat16)
+  assert p16.weight.dtype == jnp.bfloat16 and p16.weight.nbytes * 2 == kernel.nbytes
+  x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+  fn = jax.jit(lambda x: L.packed_dense(x, p16, threshold=-0.1, capacity=3, strategy="gather"))
+  assert "lrcc_tile_product_bf16" in fn.lower(x).as_text()
+  rounded = kernel.astype(jnp.bfloat16).astype(jnp.float32)
+  mask = L.unit_mask(L.estimate(x, est, bias), -0.1, 3, 16)
+  np.testing.assert_allclose(fn(x), L.masked_dense(x, rounded, bias, mask), rtol=1e-5, atol=1e-5)
+  grad = jax.grad(lambda x: fn(x).sum())(x)
+  ref = jax.grad(lambda x: L.masked_dense(x, rounded, bias, mask).sum())(x)
+  np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
 @pytest.mark.parametrize("n_in", [7, 48, 100])
 def test_one_long_run_is_the_gathered_matvec(n_in):
   """The dense-input form (one run of n_in, with a tail that is not a multiple of 16)."""

@@ -102,3 +102,63 @@ def test_jitted_mask_mode_traces_once():
 
   for seed in range(3):
     f(m, _x(seed=seed))
+
+
+def test_threshold_changes_values_not_the_graph():
+  m = _model(capacities=[5, None], block_sizes=[2, 1])
+  x = _x()
+
+  @nnx.jit
+  @chex.assert_max_traces(n=1)
+  def f(m, x):
+    return m(x, mode="skip"), m.layers[0](x, "mask")
+
+  outs = []
+  for t in (0.0, -0.5, 1e3):
+    m.set_thresholds(t)
+    outs.append(f(m, x))
+    chex.assert_trees_all_close(outs[-1][0], m(x, mode="mask"), atol=1e-5)
+  assert float(jnp.abs(outs[0][1]).sum()) > 0 and float(jnp.abs(outs[2][1]).sum()) == 0
+  m.calibrate(_x(50), recall=0.9)
+  f(m, x)
+
+
+def test_skip_mode_reads_the_packed_copy_without_transposing():
+  layer = ConditionalDense(20, 32, rank=4, capacity=2, block_size=8, rngs=nnx.Rngs(0))
+  x = _x(1)
+  jaxpr = str(jax.make_jaxpr(lambda x: layer(x, "skip"))(x))
+  assert "transpose" not in jaxpr
+  # The copy is derived state: stale after a kernel update until refit/repack.
+  layer.kernel[...] = layer.kernel[...] + 1.0
+  assert not np.allclose(np.asarray(layer.packed_weight[...][0, 0]), np.asarray(layer.kernel[...][:, 0]))
+  layer.refit()
+  np.testing.assert_array_equal(np.asarray(layer.packed_weight[...][0, 0]), np.asarray(layer.kernel[...][:, 0]))
+  chex.assert_trees_all_close(layer(x, "skip"), layer(x, "mask"), atol=1e-5)
+
+
+def test_dtype_and_initializers_like_nnx_linear():
+  layer = ConditionalDense(
+      8, 16, rank=2, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.ones, bias_init=nnx.initializers.constant(0.5), rngs=nnx.Rngs(0),
+  )
+  assert layer.kernel[...].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(layer.bias[...]), 0.5)
+  y = layer(jnp.ones((2, 8)), "dense")
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), 8.5)
+
+
+def test_docstring_examples_run():
+  import doctest
+
+  from lrcc_jax.nn import _modules
+
+  result = doctest.testmod(_modules, optionflags=doctest.ELLIPSIS)
+  assert result.attempted >= 2 and result.failed == 0
+
+
+def test_assigning_a_threshold_sets_the_variable():
+  layer = _model().layers[0]
+  var = layer.threshold
+  layer.threshold = -0.25
+  assert layer.threshold is var and float(layer.threshold[...]) == -0.25

@@ -64,7 +64,7 @@ def test_valid_ranks_and_recall_on_calibration_rows(method):
   assert sel.speedup > 0
 
 
-def test_does_not_touch_the_model_unless_asked():
+def test_never_touches_the_model():
   model, x = _model_and_rows(seed=2)
   before = _snapshot(model)
   sel = select_ranks(model, x, candidates=(2, 4), method="data_aware")
@@ -72,8 +72,9 @@ def test_does_not_touch_the_model_unless_asked():
   assert before[0] == after[0]
   chex.assert_trees_all_equal(before[1], after[1])
 
-  applied = select_ranks(model, x, candidates=(2, 4), method="data_aware", apply=True)
-  assert applied.ranks == sel.ranks
+  for layer, est, t in zip(model.layers, sel.estimators, sel.thresholds):
+    layer.set_estimator(est)
+    layer.threshold = t
   assert model.ranks == sel.ranks
   np.testing.assert_allclose(model.thresholds, sel.thresholds)
   # The applied network meets the recall target on the calibration rows, layer by layer,
@@ -95,7 +96,7 @@ def test_leading_dims_are_rows():
     "kwargs, match",
     [
         (dict(recall=0.0), r"recall=0.0"),
-        (dict(method="pca"), r"method='pca' must be one of"),
+        (dict(method="pca"), r"estimator 'pca' is not one of svd, data_aware, trained"),
         (dict(candidates=()), r"at least one rank"),
         (dict(candidates=(50, 100)), r"hidden layer 1 \(16, 24\).*none of"),
         (dict(candidates=(2.5,)), r"static Python int"),

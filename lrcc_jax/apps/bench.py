@@ -1,6 +1,6 @@
 """Latency benchmarks: dense jit against the compute-skipping `packed_dense`.
 
-Protocol (DESIGN, "Measuring"): both sides are jitted, compiled and warmed up outside the
+Protocol: both sides are jitted, compiled and warmed up outside the
 timed region, `pack` runs once beforehand, every call ends in `block_until_ready`, the two
 sides are interleaved, and each figure is the median of `repeats` repeats. Ratios are
 reported next to the FLOP model's figure, with the device, jax version and thread count.
@@ -22,10 +22,24 @@ import numpy as np
 
 from lrcc_jax import _native
 from lrcc_jax._estimator import fit_svd
-from lrcc_jax._flops import LayerCost, theoretical_speedup
+from lrcc_jax._flops import LayerCost, network_costs, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
 from lrcc_jax._packed import auto_gathers, pack, packed_dense
 from lrcc_jax._estimator import estimate
+from lrcc_jax.apps.table import format_table as _format_table
+
+DEFAULT_OUT = "runs/bench"
+"""Where ``lrcc-jax bench`` writes unless ``--out`` says otherwise (never the committed
+``experiments/results/`` by default: a casual run must not overwrite the reference figures)."""
+
+LEGEND: tuple[str, ...] = (
+    "cap: units computed per row (capacity, as a share of the layer); path: gather = the"
+    " skip kernel ran, dense+mask = it fell back to the dense product.",
+    "speedup: dense jit time / skip time, measured here; model: the FLOP model's speed-up"
+    " (multiply-adds, not a time); achieved: speedup / model.",
+    "varied x: measured speed-up at batch 1 on 16 different inputs in turn (the gathered"
+    " rows then come from memory, not cache); blank for batch > 1.",
+)
 
 
 def environment() -> dict:
@@ -161,21 +175,149 @@ def bench_layer(
   return rows
 
 
-def format_table(rows: list[dict]) -> str:
-  head = (f"{'batch':>5} {'cap':>5} {'path':>10} {'dense ms':>9} {'skip ms':>8} {'speedup':>8}"
-          f" {'model':>7} {'achieved':>8} {'varied x':>8}")
-  lines = [head, "-" * len(head)]
-  for r in rows:
-    lines.append(
-        f"{r['batch']:>5} {r['capacity_fraction']:>5.0%} {r['path']:>10} {r['dense_ms']:>9.3f}"
-        f" {r['skip_ms']:>8.3f} {r['measured_speedup']:>7.2f}x {r['flop_model_speedup']:>6.2f}x"
-        f" {r['fraction_of_model']:>8.0%}"
-        + (f" {r['varied_input_speedup']:>7.2f}x" if r.get("varied_input_speedup") else "")
+def bench_module(
+    width: int = 4096, rank: int = 64, fraction: float = 0.10, *, block_size: int = 16,
+    batch: int = 1, repeats: int = 9, seed: int = 0,
+) -> dict:
+  """The NNX layer in skip mode against `packed_dense` on the same packed weights.
+
+  Times, interleaved: a `ConditionalDense` in skip mode under `nnx.jit` three ways (the
+  default; donating the module, ``donate_argnums=0``; and ``graph=False``), `packed_dense`
+  on the layer's packed form under `jax.jit`, and the dense layer, as an `nnx.Linear` under
+  the default `nnx.jit` and as a plain `jax.jit` product. With graph updates on and no
+  donation, `nnx.jit` returns every variable of its module arguments as a fresh output,
+  which costs a copy of all the module's arrays per call whatever the module computes; the
+  `nnx.Linear` side shows that cost on a module with nothing of this library in it. It
+  also counts the module's traces while its threshold changes three times (expected: 0).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from lrcc_jax.nn import ConditionalDense  # pylint: disable=g-import-not-at-top
+
+  cap = capacity_blocks(fraction, width, block_size)
+  layer = ConditionalDense(width, width, rank=rank, capacity=cap, block_size=block_size, rngs=nnx.Rngs(seed))
+  layer.bias[...] = 0.01 * jax.random.normal(jax.random.key(seed + 1), (width,))
+  layer.repack()
+  linear = nnx.Linear(width, width, rngs=nnx.Rngs(seed))
+  x = jax.random.normal(jax.random.key(seed + 2), (batch, width), jnp.float32)
+  traces = []
+
+  def skip(layer, x):
+    traces.append(1)
+    return layer(x, "skip")
+
+  module_default = nnx.jit(skip)
+  module_donated = nnx.jit(skip, donate_argnums=0)
+  module_tree = nnx.jit(skip, graph=False, graph_updates=False)
+  linear_default = nnx.jit(lambda m, x: jax.nn.relu(m(x)))
+  packed = jax.block_until_ready(layer.packed())
+  kernel, bias = layer.kernel[...], layer.bias[...]
+  core_fn = jax.jit(lambda x, t: packed_dense(x, packed, threshold=t, capacity=cap))
+  dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
+  for fn in (module_default, module_donated, module_tree):
+    np.testing.assert_allclose(np.asarray(fn(layer, x)), np.asarray(core_fn(x, 0.0)), rtol=1e-5, atol=1e-5)
+  t = time_interleaved({
+      "dense": lambda: dense_fn(x),
+      "packed_dense": lambda: core_fn(x, 0.0),
+      "module_donated": lambda: module_donated(layer, x),
+      "module_graph_false": lambda: module_tree(layer, x),
+      "module_default": lambda: module_default(layer, x),
+      "nnx_linear_default": lambda: linear_default(linear, x),
+  }, repeats=repeats)
+  n_traces = len(traces)
+  for threshold in (-0.1, 0.05, 0.2):
+    layer.threshold[...] = threshold
+    for fn in (module_default, module_donated, module_tree):
+      fn(layer, x).block_until_ready()
+  ms = {f"{k}_ms": 1e3 * v for k, v in t.items()}
+  return {
+      "width": width, "rank": rank, "batch": batch, "block_size": block_size, "capacity": cap,
+      "capacity_fraction": cap * block_size / width, **ms,
+      "module_donated_over_packed_dense": t["module_donated"] / t["packed_dense"],
+      "module_graph_false_over_packed_dense": t["module_graph_false"] / t["packed_dense"],
+      "module_default_over_packed_dense": t["module_default"] / t["packed_dense"],
+      "module_donated_speedup_over_dense": t["dense"] / t["module_donated"],
+      "retraces_over_three_threshold_changes": len(traces) - n_traces,
+  }
+
+
+def bench_storage(
+    width: int = 4096, rank: int = 64, fraction: float = 0.10, *, block_size: int = 16,
+    batches: Sequence[int] = (1, 8), repeats: int = 9, seed: int = 0,
+) -> list[dict]:
+  """bf16 against f32 weight storage in `packed_dense` ("auto"), with dense f32 jit.
+
+  bf16 storage halves the weight bytes a gather reads; on the CPU the native kernel
+  widens them to f32 as it reads, so activations and sums stay f32. Where "auto" takes the
+  dense fallback, the bf16 weights are widened once per call before the f32 product.
+  """
+  k_w, k_b, k_x = jax.random.split(jax.random.key(seed), 3)
+  kernel, bias, est, p32, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
+  p16 = jax.block_until_ready(pack(kernel, bias, est, block_size=block_size, dtype=jnp.bfloat16))
+  cap = capacity_blocks(fraction, width, block_size)
+  rows = []
+  for batch in batches:
+    x = jax.random.normal(k_x, (batch, width), jnp.float32)
+    f32_fn = jax.jit(lambda x: packed_dense(x, p32, capacity=cap))
+    bf16_fn = jax.jit(lambda x: packed_dense(x, p16, capacity=cap))
+    t = time_interleaved(
+        {"dense": lambda: dense_fn(x), "f32": lambda: f32_fn(x), "bf16": lambda: bf16_fn(x)},
+        repeats=repeats,
     )
-  return "\n".join(lines)
+    rows.append({
+        "width": width, "rank": rank, "batch": batch, "block_size": block_size, "capacity": cap,
+        "capacity_fraction": cap * block_size / width,
+        "path_f32": "gather" if auto_gathers(p32, batch, cap) else "dense+mask",
+        "path_bf16": "gather" if auto_gathers(p16, batch, cap, jnp.float32) else "dense+mask",
+        "dense_f32_ms": 1e3 * t["dense"], "skip_f32_ms": 1e3 * t["f32"], "skip_bf16_ms": 1e3 * t["bf16"],
+        "bf16_speedup_over_f32_storage": t["f32"] / t["bf16"],
+        "bf16_speedup_over_dense": t["dense"] / t["bf16"],
+        "weight_bytes_f32": int(p32.weight.nbytes), "weight_bytes_bf16": int(p16.weight.nbytes),
+    })
+  return rows
 
 
-def write_results(name: str, payload: dict, out_dir: str | os.PathLike = "experiments/results") -> Path:
+def format_table(rows: list[dict]) -> str:
+  """The ``--suite layer`` table, with a legend of its columns."""
+  header = ["batch", "cap", "path", "dense ms", "skip ms", "speedup", "model", "achieved", "varied x"]
+  lines = [[
+      str(r["batch"]), f"{r['capacity_fraction']:.0%}", r["path"], f"{r['dense_ms']:.3f}",
+      f"{r['skip_ms']:.3f}", f"{r['measured_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+      f"{r['fraction_of_model']:.0%}",
+      f"{r['varied_input_speedup']:.2f}x" if r.get("varied_input_speedup") else "",
+  ] for r in rows]
+  return _format_table(header, lines, right=[True, True, False] + [True] * 6, legend=LEGEND)
+
+
+def format_mlp_table(rows: list[dict]) -> str:
+  """The ``--suite mlp`` table, with a legend."""
+  header = ["batch", "dense ms", "skip ms", "speedup (measured)", "model (FLOP)", "achieved"]
+  lines = [[
+      str(r["batch"]), f"{r['dense_ms']:.3f}", f"{r['skip_ms']:.3f}",
+      f"{r['measured_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+      f"{r['fraction_of_model']:.0%}",
+  ] for r in rows]
+  return _format_table(header, lines, right=[True] * 6, legend=LEGEND[1:2])
+
+
+def format_suite_table(rows: list[dict]) -> str:
+  """The ``--suite full`` table, with a legend."""
+  header = ["width", "batch", "cap", "path", "dense ms", "mask ms", "skip ms", "skip speedup",
+            "mask speedup", "model"]
+  lines = [[
+      str(r["width"]), str(r["batch"]), f"{r['capacity_fraction']:.0%}", r["path"],
+      f"{r['dense_ms']:.3f}", f"{r['mask_ms']:.3f}", f"{r['skip_ms']:.3f}",
+      f"{r['skip_speedup']:.2f}x", f"{r['mask_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+  ] for r in rows]
+  legend = (
+      LEGEND[0],
+      "skip / mask speedup: dense jit time / time of packed_dense (skip) or of the dense"
+      " product then the mask (mask), measured here; model: the FLOP model, not a time.",
+  )
+  return _format_table(header, lines, right=[True, True, True, False] + [True] * 6, legend=legend)
+
+
+def write_results(name: str, payload: dict, out_dir: str | os.PathLike = DEFAULT_OUT) -> Path:
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{name}.json"
@@ -247,12 +389,10 @@ def bench_mlp(
         else 1.0
         for c, l, pl in zip(capacities, model.layers, packed.layers)
     ]
-    costs, c_in = [], 1.0
-    for layer, c, frac in zip(model.layers, computed, fractions):
-      costs.append(LayerCost(layer.kernel.shape[0], layer.kernel.shape[1], layer.rank, c, c_in))
-      c_in = c
-    costs.append(LayerCost(head[0].shape[0], head[0].shape[1], None, 1.0, c_in))
-    flop = theoretical_speedup(costs)
+    widths = [n_in] + [int(k.shape[1]) for k, _ in kernels]
+    flop = theoretical_speedup(
+        network_costs(widths, model.ranks, computed, num_classes=int(head[0].shape[1]))
+    )
     measured = t["dense"] / t["skip"]
     rows.append({
         "batch": batch, "widths": [n_in] + [k.shape[1] for k, _ in kernels],
@@ -302,7 +442,7 @@ def bench_suite(
   if progress:
     import tqdm
 
-    bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr)
+    bar = tqdm.tqdm(total=len(grid), desc="bench", file=__import__("sys").stderr, disable=None)
   for width in widths:
     k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
     kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
@@ -366,33 +506,102 @@ def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
+def plot_speedups(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+  """Measured and FLOP-model speed-up against batch size (``--suite layer`` and ``mlp``).
+
+  One line per capacity fraction (rows without one, the MLP's, form a single line).
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=(5.5, 4), layout="constrained")
+  ax = fig.subplots()
+  groups = sorted({r.get("capacity_fraction") for r in rows}, key=lambda f: (f is None, f))
+  for i, frac in enumerate(groups):
+    sel = sorted((r for r in rows if r.get("capacity_fraction") == frac), key=lambda r: r["batch"])
+    tag = "" if frac is None else f", {frac:.0%} computed"
+    batches = [r["batch"] for r in sel]
+    ax.plot(batches, [r["measured_speedup"] for r in sel], "o-", color=f"C{i}", label=f"measured{tag}")
+    ax.plot(batches, [r["flop_model_speedup"] for r in sel], "--", color=f"C{i}", alpha=0.6,
+            label=f"FLOP model{tag}")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("speed-up over dense jit")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.savefig(path, dpi=110)
+
+
+def plot_times(bars: dict[str, float], path: str | os.PathLike, title: str) -> None:
+  """Horizontal bars of milliseconds per call (``--suite module`` and ``storage``)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=(6, 0.45 * len(bars) + 1.2), layout="constrained")
+  ax = fig.subplots()
+  names = list(bars)
+  ax.barh(names, [bars[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+  for i, n in enumerate(names):
+    ax.text(bars[n], i, f" {bars[n]:.3g} ms", va="center", fontsize=7)
+  ax.set_xscale("log")
+  ax.invert_yaxis()
+  ax.set_xlabel("ms per call (median of interleaved repeats; log scale)")
+  ax.set_title(title, fontsize=9)
+  fig.savefig(path, dpi=110)
+
+
 def run_command(args) -> int:
-  """`lrcc-jax bench`: run a suite, print its table, write JSON (and a PNG for `full`)."""
-  out = Path(args.out)
+  """`lrcc-jax bench`: run a suite, print its table, write its JSON and PNG to ``--out``."""
+  out = Path(args.out or DEFAULT_OUT)
   env = environment()
+  progress = getattr(args, "progress", not args.no_progress)
   if args.suite == "layer":
     rows = bench_layer(
         rank=args.rank, batches=args.batches or (1, 8, 64), block_size=args.block_size, repeats=args.repeats
     )
     print(format_table(rows))
     path = write_results("bench_layer", {"environment": env, "rows": rows}, out)
+    plot_speedups(rows, out / "bench_layer.png",
+                  f"4096x4096 layer, rank {args.rank}, blocks of {args.block_size}")
   elif args.suite == "mlp":
     model = random_mlp(4096, 4, args.rank, capacity_blocks(0.1, 4096, args.block_size), block_size=args.block_size)
     rows = bench_mlp(model, args.batches or (1, 4, 64), repeats=args.repeats)
-    for r in rows:
-      print(f"batch {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, skip {r['skip_ms']:.3f} ms,"
-            f" {r['measured_speedup']:.2f}x (FLOP model {r['flop_model_speedup']:.2f}x)")
+    print(format_mlp_table(rows))
     path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
+    plot_speedups(rows, out / "bench_mlp.png", f"4-layer 4096 MLP, rank {args.rank}, 10% computed")
+  elif args.suite == "storage":
+    rows = bench_storage(rank=args.rank, block_size=args.block_size, batches=args.batches or (1, 8), repeats=args.repeats)
+    for r in rows:
+      print(f"batch {r['batch']:>3}: dense f32 {r['dense_f32_ms']:.3f} ms, skip f32 {r['skip_f32_ms']:.3f} ms"
+            f" ({r['path_f32']}), skip bf16 {r['skip_bf16_ms']:.3f} ms ({r['path_bf16']}):"
+            f" bf16 {r['bf16_speedup_over_f32_storage']:.2f}x f32 storage, {r['bf16_speedup_over_dense']:.2f}x dense")
+    path = write_results("bench_storage", {"environment": env, "rows": rows}, out)
+    plot_times(
+        {f"{name}, batch {r['batch']}": r[key] for r in rows
+         for name, key in (("dense f32", "dense_f32_ms"), ("skip, f32 weights", "skip_f32_ms"),
+                           ("skip, bf16 weights", "skip_bf16_ms"))},
+        out / "bench_storage.png", f"{rows[0]['width']}² layer, {rows[0]['capacity_fraction']:.0%} computed",
+    )
+  elif args.suite == "module":
+    row = bench_module(rank=args.rank, block_size=args.block_size, repeats=args.repeats)
+    for k in ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default"):
+      print(f"{k:>20}: {row[k + '_ms']:9.3f} ms")
+    print(f"module (donated) / packed_dense: {row['module_donated_over_packed_dense']:.2f}x;"
+          f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x;"
+          f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}")
+    path = write_results("bench_module", {"environment": env, "rows": [row]}, out)
+    plot_times(
+        {k.replace("_", " "): row[k + "_ms"] for k in
+         ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default")},
+        out / "bench_module.png", f"{row['width']}² ConditionalDense, skip mode, batch {row['batch']}",
+    )
   else:
     rows = bench_suite(
         widths=args.widths or (1024, 4096, 8192), batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
-        rank=args.rank, block_size=args.block_size, repeats=args.repeats, progress=not args.no_progress,
+        rank=args.rank, block_size=args.block_size, repeats=args.repeats, progress=progress,
     )
-    for r in rows:
-      print(f"{r['width']:>5} b{r['batch']:<4} {r['capacity_fraction']:>4.0%} {r['path']:>10}"
-            f" dense {r['dense_ms']:8.3f} mask {r['mask_ms']:8.3f} skip {r['skip_ms']:8.3f}"
-            f"  skip {r['skip_speedup']:5.2f}x  model {r['flop_model_speedup']:5.2f}x")
+    print(format_suite_table(rows))
     path = write_results("bench_suite", {"environment": env, "rows": rows}, out)
     plot_suite(rows, out / "bench_suite.png")
-  print(f"wrote {path}")
+  print(f"wrote {path} and {path.with_suffix('.png')}")
   return 0

@@ -16,7 +16,8 @@ against that:
 
 `Checkpointer.restore_latest` walks the steps from the newest down and uses the first one
 that passes both. Damaged or incomplete steps are moved aside into ``<directory>_corrupt/``
-(never deleted, never loaded) and reported with one log line; orbax's own unfinished
+(never deleted, never loaded) and reported with one log line, except with
+``read_only=True`` (evaluation), which leaves every file where it is and only reports; orbax's own unfinished
 ``*.orbax-checkpoint-tmp-*`` directories are not steps and are never considered.
 
 Multi-process runs (``jax.distributed.initialize``): every process calls `save` and
@@ -174,6 +175,10 @@ class Checkpointer:
     self._max_to_keep = max_to_keep
     self._unsealed: list[int] = []
     self._mgr = self._open()
+    self.restored_step: int | None = None
+    """The step the last `restore_latest` used (None: none was usable)."""
+    self.damaged_steps: list[tuple[int, str]] = []
+    """(step, reason) of every step the last `restore_latest` skipped, newest first."""
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
@@ -245,47 +250,55 @@ class Checkpointer:
     shutil.move(str(self.directory / str(step)), str(dest))
     return dest
 
-  def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
+  def restore_latest(
+      self, like: PyTree, *, read_only: bool = False
+  ) -> tuple[PyTree, dict] | None:
     """Restores the newest complete, undamaged step.
 
     Args:
       like: a tree of arrays with the structure, shapes and dtypes to restore, e.g.
         the freshly initialised state (typed PRNG keys allowed; their implementation
         is taken from these concrete keys).
+      read_only: leave damaged steps where they are (and write nothing); for readers
+        such as evaluation, which must not change a training run's directory.
 
     Returns:
       ``(tree, meta)`` with host numpy arrays (PRNG keys re-wrapped) and the saved
       metadata, or None when no step is usable. Damaged steps are moved to
-      ``<directory>_corrupt/`` with a log line, so later saves can reuse their numbers.
+      ``<directory>_corrupt/`` with a log line, so later saves can reuse their numbers
+      (unless `read_only`). `restored_step` and `damaged_steps` say what happened.
     """
     self._seal()
     abstract_host = jax.tree.map(
         lambda x: np.zeros(x.shape, x.dtype),
         jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, like),
     )
-    damaged = []
-    result, chosen = None, -1
+    result = None
+    self.restored_step, self.damaged_steps = None, []
     for step in reversed(self.all_steps()):
       try:
         tree, meta = self._restore(step, abstract_host)
       except Exception as err:  # orbax/tensorstore raise many types on damaged files.
-        damaged.append((step, err))
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        self.damaged_steps.append((step, reason))
         continue
-      result, chosen = (from_host(tree, like), meta), step
+      result = (from_host(tree, like), meta)
+      self.restored_step = step
       break
     # Also a barrier: no step is moved while another process may still be reading it.
+    chosen = -1 if self.restored_step is None else self.restored_step
     _check_same_in_all_processes(
         np.int64(chosen).tobytes(), "the processes found different usable checkpoint steps"
     )
-    for step, err in damaged:
-      moved = ""
-      if jax.process_index() == 0:
-        moved = f"; moved it to {self._quarantine(step)}"
-      logger.warning(
-          "Skipping damaged checkpoint step %d (%s: %s)%s.",
-          step, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", moved,
-      )
-    if damaged:
+    for step, reason in self.damaged_steps:
+      if read_only:
+        logger.warning("Skipping damaged checkpoint step %d (%s); left in place.", step, reason)
+      elif jax.process_index() == 0:
+        dest = self._quarantine(step)
+        logger.warning("Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest)
+      else:
+        logger.warning("Skipping damaged checkpoint step %d (%s); process 0 moves it aside.", step, reason)
+    if self.damaged_steps and not read_only:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lrcc_checkpoint_quarantine")
       self._mgr.close()

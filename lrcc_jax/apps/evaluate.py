@@ -4,8 +4,9 @@
 low-rank sign estimators at the requested ranks, then report the test error of the dense
 network next to that of the conditional network, the estimator's recall and the fraction
 of units it computes per hidden layer, and the theoretical speed-up of the FLOP model
-(DESIGN, "FLOP model"). Everything the estimator is fitted or calibrated on comes from the
-training split; the test split is only ever evaluated.
+(`lrcc_jax.network_costs`). Everything the estimator is fitted or calibrated on comes from
+the training split; the test split is only ever evaluated (``split="all"`` scores the
+training rows too, e.g. a user's own data set scored as a whole).
 """
 
 from __future__ import annotations
@@ -21,19 +22,20 @@ import numpy as np
 from flax import nnx
 
 from lrcc_jax import _checks
-from lrcc_jax._flops import LayerCost, theoretical_speedup
-from lrcc_jax._stats import _exact_and_estimate
-from lrcc_jax.apps.data import Dataset, normalize
+from lrcc_jax._flops import network_costs, theoretical_speedup
+from lrcc_jax._registry import ESTIMATORS, NEEDS_INPUTS, check_estimator_name
+from lrcc_jax._stats import exact_and_estimate
+from lrcc_jax.apps.data import SPLITS, Dataset, normalize, padded_batches, split_arrays
+from lrcc_jax.apps.table import format_table
 from lrcc_jax import PackedMLP, packed_mlp
-from lrcc_jax.nn import ConditionalMLP, EstimatorFactor
+from lrcc_jax.nn import ConditionalMLP
 
 Array = jax.Array
 Estimator = Literal["svd", "data_aware", "trained"]
-ESTIMATORS: tuple[str, ...] = ("svd", "data_aware")
-"""The closed-form estimator fits; `available_estimators` adds ``"trained"`` when present."""
 
 RESULT_KEYS: tuple[str, ...] = (
     "dataset",
+    "split",
     "n_examples",
     "test_error_dense",
     "test_error_conditional",
@@ -45,24 +47,10 @@ RESULT_KEYS: tuple[str, ...] = (
     "computed_fraction",
     "theoretical_speedup",
 )
-"""The keys of `evaluate_model`'s result (DESIGN, "Command line", ``evaluate``)."""
+"""The keys of `evaluate_model`'s result (``lrcc-jax evaluate`` adds the checkpoint's)."""
 
 CAPACITY_KEYS: tuple[str, ...] = ("capacities", "test_error_capacity")
 """The keys `evaluate_model` adds when it is given `capacities`."""
-
-
-def _fit_trained_fn() -> Any:
-  """`lrcc_jax._trained.fit_trained`, or None where that module is not there (yet)."""
-  try:
-    from lrcc_jax._trained import fit_trained  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return fit_trained
-
-
-def available_estimators() -> tuple[str, ...]:
-  """`ESTIMATORS`, plus ``"trained"`` when `lrcc_jax._trained.fit_trained` exists."""
-  return ESTIMATORS + (("trained",) if _fit_trained_fn() is not None else ())
 
 
 def check_ranks(ranks: Any, model: ConditionalMLP) -> list[int] | None:
@@ -80,15 +68,8 @@ def check_ranks(ranks: Any, model: ConditionalMLP) -> list[int] | None:
   """
   if ranks is None:
     return None
-  n = len(model.layers)
-  if isinstance(ranks, Sequence) and not isinstance(ranks, str):
-    ranks = list(ranks)
-    if len(ranks) != n:
-      raise ValueError(f"ranks={ranks} has {len(ranks)} entries but the model has {n} hidden layers.")
-  else:
-    ranks = [ranks] * n
   checked = []
-  for i, (r, layer) in enumerate(zip(ranks, model.layers)):
+  for i, (r, layer) in enumerate(zip(_checks.per_layer(ranks, len(model.layers), "ranks"), model.layers)):
     try:
       checked.append(_checks.check_rank(r, *layer.kernel.shape))
     except ValueError as err:
@@ -102,13 +83,7 @@ def _check_thresholds(threshold: Any, n: int) -> list[float] | None:
     if threshold != "calibrated":
       raise ValueError(f"threshold={threshold!r} must be a number, one per layer, or 'calibrated'.")
     return None
-  if isinstance(threshold, Sequence):
-    if len(threshold) != n:
-      raise ValueError(
-          f"threshold has {len(threshold)} entries but the model has {n} hidden layers."
-      )
-    return [float(t) for t in threshold]
-  return [float(threshold)] * n
+  return [float(t) for t in _checks.per_layer(threshold, n, "threshold")]
 
 
 def calibration_subset(dataset: Dataset, rows: int, seed: int = 0) -> np.ndarray:
@@ -165,7 +140,7 @@ def _batch_counts(
   inputs = [x, *acts_cond[:-1]]
   active, computed, hit, nonzero_in, dense_active = [], [], [], [], []
   for i, layer in enumerate(model.layers):
-    z, z_hat = _exact_and_estimate(inputs[i], layer.kernel[...], layer.bias[...], layer.estimator)
+    z, z_hat = exact_and_estimate(inputs[i], layer.kernel[...], layer.bias[...], layer.estimator)
     a = z > 0
     c = ~(z_hat <= thresholds[i])
     active.append(count(a))
@@ -225,31 +200,20 @@ def fit_estimators(
     model: the network (modified).
     inputs: (rows, n_in) normalised calibration rows; needed by ``"data_aware"`` and
       ``"trained"``. Both fit each layer on the input the dense network feeds it.
-    estimator: ``"svd"`` (the paper), ``"data_aware"`` (`fit_data_aware`) or
-      ``"trained"`` (`lrcc_jax._trained.fit_trained`, warm-started from the data-aware
-      fit and trained for the operating point at `recall`).
+    estimator: a name of `lrcc_jax.ESTIMATORS`: ``"svd"`` (the paper), ``"data_aware"``
+      (`fit_data_aware`) or ``"trained"`` (`fit_trained`, warm-started from the
+      data-aware fit and trained for the operating point at `recall`).
     ranks: one rank per hidden layer, or None to keep the model's.
     recall: the recall target that ``"trained"`` optimises for.
     seed: seed of ``"trained"``'s batch draws.
 
   Raises:
-    ValueError: for an unknown or unavailable estimator, or missing inputs.
+    ValueError: for an unknown estimator, or missing inputs.
   """
-  if estimator not in available_estimators():
-    raise ValueError(f"estimator={estimator!r} must be one of {available_estimators()}.")
-  if estimator != "svd" and inputs is None:
+  check_estimator_name(estimator)
+  if estimator in NEEDS_INPUTS and inputs is None:
     raise ValueError(f"estimator={estimator!r} needs calibration inputs.")
-  if estimator != "trained":
-    model.refit(inputs, method=estimator, ranks=ranks)
-    return
-  fit_trained = _fit_trained_fn()
-  model.refit(ranks=ranks)  # sets the ranks; the factors are replaced below
-  for layer, x in zip(model.layers, model.layer_inputs(inputs, mode="dense")):
-    est = fit_trained(
-        layer.kernel[...], layer.bias[...], layer.rank, x, recall=recall, seed=seed
-    )
-    layer.u = EstimatorFactor(est.u)
-    layer.v = EstimatorFactor(est.v)
+  model.refit(inputs, method=estimator, ranks=ranks, recall=recall, seed=seed)
 
 
 def selection_capacities(
@@ -275,10 +239,10 @@ def selection_capacities(
   quantile = _checks.check_fraction(quantile, "quantile")
   caps = []
   for layer, x in zip(model.layers, model.layer_inputs(inputs, mode="mask")):
-    _, z_hat = _exact_and_estimate(x, layer.kernel[...], layer.bias[...], layer.estimator)
+    _, z_hat = exact_and_estimate(x, layer.kernel[...], layer.bias[...], layer.estimator)
     n_blocks = z_hat.shape[-1] // layer.block_size
     scores = jnp.max(jnp.reshape(z_hat, (-1, n_blocks, layer.block_size)), axis=-1)
-    counts = np.asarray(jnp.sum(~(scores <= layer.threshold), axis=-1))
+    counts = np.asarray(jnp.sum(~(scores <= layer.threshold[...]), axis=-1))
     cap = int(np.ceil(np.quantile(counts, quantile, method="higher")))
     caps.append(min(max(cap, 1), n_blocks))
   return caps
@@ -290,16 +254,7 @@ def check_capacities(capacities: Any, model: ConditionalMLP) -> list[int | None]
     return capacities
   if isinstance(capacities, str):
     raise ValueError(f"capacities={capacities!r} must be None, 'auto', an int or one per layer.")
-  n = len(model.layers)
-  if isinstance(capacities, Sequence):
-    if len(capacities) != n:
-      raise ValueError(
-          f"capacities={list(capacities)} has {len(capacities)} entries but the model has {n}"
-          " hidden layers."
-      )
-    capacities = list(capacities)
-  else:
-    capacities = [capacities] * n
+  capacities = _checks.per_layer(capacities, len(model.layers), "capacities")
   out = []
   for i, (c, layer) in enumerate(zip(capacities, model.layers)):
     try:
@@ -317,6 +272,7 @@ def evaluate_prepared(
     *,
     estimator: str,
     batch_size: int = 500,
+    split: str = "test",
 ) -> dict[str, Any]:
   """`evaluate_model`'s statistics for a network whose estimators are already set.
 
@@ -327,16 +283,18 @@ def evaluate_prepared(
 
   Args:
     model: the prepared network (not modified).
-    dataset: the data; only the test split is read.
+    dataset: the data; only `split` is read.
     estimator: the name reported in the result.
-    batch_size: test rows per jitted batch.
+    batch_size: rows per jitted batch.
+    split: ``"test"`` (default), ``"train"`` or ``"all"`` (`lrcc_jax.apps.data.SPLITS`).
   """
   batch_size = _checks.as_static_int(batch_size, "batch_size")
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be at least 1.")
-  n_test = len(dataset.test_images)
+  images_all, labels_all = split_arrays(dataset, split)
+  n_test = len(images_all)
   if n_test == 0:
-    raise ValueError(f"{dataset.name}: the test split is empty.")
+    raise ValueError(f"{dataset.name}: the {split} split is empty.")
   model = nnx.clone(model)
   model.eval()
   capacities = tuple(l.capacity for l in model.layers)
@@ -350,15 +308,7 @@ def evaluate_prepared(
   model.set_capacities(None)
   graphdef, state = nnx.split(model)
   totals: dict[str, np.ndarray] = {}
-  for start in range(0, n_test, batch_size):
-    images = dataset.test_images[start:start + batch_size]
-    labels = dataset.test_labels[start:start + batch_size].astype(np.int32)
-    rows = len(images)
-    pad = batch_size - rows
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
-    valid = np.arange(batch_size) < rows
+  for images, labels, valid in padded_batches(images_all, labels_all, batch_size):
     x, y, valid = jnp.asarray(normalize(images)), jnp.asarray(labels), jnp.asarray(valid)
     counts = _batch_counts_jit(graphdef, state, packed, t, x, y, valid)
     if with_capacity:
@@ -375,14 +325,14 @@ def evaluate_prepared(
   input_fraction = [1.0] + [
       float(nz / (n_test * w)) for nz, w in zip(totals["nonzero_in"][1:], widths[1:-1])
   ]
-  costs = [
-      LayerCost(a, b, r, c, c_in)
-      for a, b, r, c, c_in in zip(widths, widths[1:], model.ranks, computed_fraction, input_fraction)
-  ]
-  head_in = float(totals["head_nonzero_in"] / (n_test * widths[-1]))
-  costs.append(LayerCost(widths[-1], int(model.head.kernel.shape[1]), None, 1.0, head_in))
+  costs = network_costs(
+      widths, model.ranks, computed_fraction, input_fraction,
+      num_classes=int(model.head.kernel.shape[1]),
+      head_input_fraction=float(totals["head_nonzero_in"] / (n_test * widths[-1])),
+  )
   result = {
       "dataset": dataset.name,
+      "split": split,
       "n_examples": int(n_test),
       "test_error_dense": float(totals["errors_dense"] / n_test),
       "test_error_conditional": float(totals["errors_conditional"] / n_test),
@@ -413,6 +363,7 @@ def evaluate_model(
     seed: int = 0,
     capacities: int | Sequence[int | None] | Literal["auto"] | None = None,
     capacity_quantile: float = 0.99,
+    split: str = "test",
 ) -> dict[str, Any]:
   r"""Test error and conditional-computation statistics of a trained network.
 
@@ -455,7 +406,7 @@ def evaluate_model(
     recall: the target recall of ``threshold="calibrated"`` (and of ``"trained"``'s
       fit), in (0, 1].
     estimator: ``"svd"`` (the paper), ``"data_aware"`` or ``"trained"`` (see
-      `available_estimators`).
+      `lrcc_jax.ESTIMATORS`).
     calibration_rows: number of training rows for data-aware and trained fits, for
       calibration and for ``capacities="auto"``.
     batch_size: test rows per jitted batch (the last batch is padded, so one compile).
@@ -463,10 +414,12 @@ def evaluate_model(
     capacities: None (no capacity, the default), one int for every layer, one int or
       None per layer, or ``"auto"``.
     capacity_quantile: the quantile of ``capacities="auto"``, in (0, 1].
+    split: the rows scored: ``"test"`` (default), ``"train"`` or ``"all"`` (every
+      example, train then test). Calibration always draws from the training split.
 
   Returns:
     A JSON-serialisable dict with exactly the keys `RESULT_KEYS`: `dataset` (str),
-    `n_examples` (int), `test_error_dense` and `test_error_conditional` (floats in [0, 1]),
+    `split` (str), `n_examples` (int, the rows scored), `test_error_dense` and `test_error_conditional` (floats in [0, 1]),
     `ranks` (ints), `threshold` (the floats used; None for a calibrated layer with no
     active unit, whose threshold is +inf), `estimator` (str), per-layer float lists
     `density`, `recall` and `computed_fraction`, and `theoretical_speedup` (float).
@@ -484,20 +437,21 @@ def evaluate_model(
   n_layers = len(model.layers)
   ranks = check_ranks(ranks, model)
   thresholds = _check_thresholds(threshold, n_layers)
-  if estimator not in available_estimators():
-    raise ValueError(f"estimator={estimator!r} must be one of {available_estimators()}.")
+  check_estimator_name(estimator)
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r} must be one of {', '.join(SPLITS)}.")
   recall = _checks.check_fraction(recall, "recall")
   capacities = check_capacities(capacities, model)
   capacity_quantile = _checks.check_fraction(capacity_quantile, "capacity_quantile")
   batch_size = _checks.as_static_int(batch_size, "batch_size")
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be at least 1.")
-  if len(dataset.test_images) == 0:
-    raise ValueError(f"{dataset.name}: the test split is empty.")
+  if len(split_arrays(dataset, split)[0]) == 0:
+    raise ValueError(f"{dataset.name}: the {split} split is empty.")
 
   model = nnx.clone(model)
   model.eval()
-  needs_rows = estimator != "svd" or thresholds is None or capacities == "auto"
+  needs_rows = estimator in NEEDS_INPUTS or thresholds is None or capacities == "auto"
   train_x = jnp.asarray(calibration_subset(dataset, calibration_rows, seed)) if needs_rows else None
   fit_estimators(model, train_x, estimator=estimator, ranks=ranks, recall=recall, seed=seed)
   if thresholds is None:
@@ -508,4 +462,39 @@ def evaluate_model(
     capacities = selection_capacities(model, train_x, quantile=capacity_quantile)
   if capacities is not None:
     model.set_capacities(capacities)
-  return evaluate_prepared(model, dataset, estimator=estimator, batch_size=batch_size)
+  return evaluate_prepared(
+      model, dataset, estimator=estimator, batch_size=batch_size, split=split
+  )
+
+
+RESULTS_LEGEND = (
+    "legend: err = error rate of the dense / conditional network; recall, computed = per"
+    " hidden layer; speed-up (FLOP model) = dense / conditional multiply-adds, a model, not"
+    " a measured time (`lrcc-jax bench` measures)."
+)
+
+
+def format_results(rows: Sequence[dict[str, Any]], *, label: str | None = None) -> str:
+  """A human-readable table of `evaluate_model` results, one row each, with a legend.
+
+  Args:
+    rows: results; with `label`, each row's ``row[label]`` names it in a first column.
+    label: the key of a name column (e.g. ``"setting"`` in the demo), or None.
+  """
+  header = ["split", "examples", "err dense", "err cond", "ranks", "recall", "computed",
+            "speed-up (FLOP model)"]
+  right = [False, True, True, True, False, False, False, True]
+  if label is not None:
+    header, right = [label, *header], [False, *right]
+  lines = []
+  for row in rows:
+    cells = [
+        row.get("split", "test"), str(row["n_examples"]),
+        f"{row['test_error_dense']:.4f}", f"{row['test_error_conditional']:.4f}",
+        "/".join(str(r) for r in row["ranks"]),
+        "/".join(f"{r:.3f}" for r in row["recall"]),
+        "/".join(f"{c:.3f}" for c in row["computed_fraction"]),
+        f"{row['theoretical_speedup']:.2f}x",
+    ]
+    lines.append([str(row[label]), *cells] if label is not None else cells)
+  return format_table(header, lines, right=right, legend=(RESULTS_LEGEND,))

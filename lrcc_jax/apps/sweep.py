@@ -8,7 +8,7 @@ estimator, and adds what the paper could not: a measured batch-1 latency of the
 compute-skipping network against dense jit on the same machine, in the same run.
 
 For every protocol × estimator × rank setting × threshold it writes one row with the
-DESIGN fields (``dataset, estimator, ranks, threshold, test_error_dense,
+results fields (``dataset, estimator, ranks, threshold, test_error_dense,
 test_error_conditional, density, recall, computed_fraction, theoretical_speedup,
 measured_speedup_batch1``) plus ``protocol`` and the skip-mode settings:
 
@@ -18,13 +18,16 @@ measured_speedup_batch1``) plus ``protocol`` and the skip-mode settings:
 - ``test_error_capacity``: the test error of the network run with those capacities; a
   capacity below a row's count drops that row's lowest-scoring selected units.
 - ``measured_speedup_batch1``: `lrcc_jax.apps.bench.bench_mlp` on real test rows (dense jit
-  against `packed_mlp` with the capacities; the DESIGN measuring protocol). It is below
+  against `packed_mlp` with the capacities; the protocol of `lrcc_jax.apps.bench`). It is below
   1 where skip mode is slower than dense, and that is what is reported.
 
 Usage::
 
   lrcc-jax sweep --config experiments/configs/mnist5k.py \\
-      [--workdir runs/sweep_mnist5k --out experiments/results --quick]
+      [--workdir runs/sweep_mnist5k --out runs/sweep_mnist5k --quick]
+
+``--out`` defaults to the workdir; the committed figures are regenerated with
+``--out experiments/results``.
 
 A config is a Python file with ``get_config() -> TrainConfig`` and
 ``get_sweep_config() -> SweepConfig`` (see ``experiments/configs``).
@@ -51,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrcc_jax.apps import bench, data, evaluate, train
+from lrcc_jax import _checks
+from lrcc_jax.apps import bench, data, evaluate, table, train
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ ROW_KEYS: tuple[str, ...] = (
     "theoretical_speedup",
     "measured_speedup_batch1",
 )
-"""The results-row fields of DESIGN ("Command line"); every sweep row has them."""
+"""The results-row fields shared with ``lrcc-jax evaluate``; every sweep row has them."""
 
 EXTRA_KEYS: tuple[str, ...] = (
     "protocol",
@@ -100,8 +104,8 @@ class SweepConfig:
       calibration rows).
     protocols: training protocols, ``"dense"`` (estimator after training, the paper)
       and/or ``"in_loop"`` (estimator mask in the training loop).
-    estimators: ``"svd"`` (the paper), ``"data_aware"``, ``"trained"``; an estimator
-      that `evaluate.available_estimators` does not offer is skipped with a warning.
+    estimators: names of `lrcc_jax.ESTIMATORS`: ``"svd"`` (the paper),
+      ``"data_aware"``, ``"trained"``.
     recall: recall target of calibrated thresholds and of the trained estimator.
     capacity_quantile: quantile of the per-row selected-unit counts that sets each
       layer's static capacity for skip mode (1.0 takes the largest count).
@@ -142,10 +146,9 @@ class SweepConfig:
     bad = [p for p in self.protocols if p not in train.PROTOCOLS]
     if bad:
       raise ValueError(f"protocols {bad} must be among {train.PROTOCOLS}.")
-    known = evaluate.ESTIMATORS + ("trained",)
-    bad = [e for e in self.estimators if e not in known]
+    bad = [e for e in self.estimators if e not in evaluate.ESTIMATORS]
     if bad:
-      raise ValueError(f"estimators {bad} must be among {known}.")
+      raise ValueError(f"estimators {bad} must be among {evaluate.ESTIMATORS}.")
     if self.bench_repeats < 1 or self.calibration_rows < 1:
       raise ValueError("bench_repeats and calibration_rows must be at least 1.")
 
@@ -202,10 +205,7 @@ def resolve_ranks(setting: Sequence[Any], widths: Sequence[int]) -> tuple[int, .
     widths: the network's widths ``(n_in, h_1, …, h_L)``.
   """
   full = [min(a, b) for a, b in zip(widths, widths[1:])]
-  if len(setting) == 1:
-    setting = tuple(setting) * len(full)
-  if len(setting) != len(full):
-    raise ValueError(f"rank setting {tuple(setting)} needs 1 or {len(full)} entries.")
+  setting = _checks.per_layer(setting[0] if len(setting) == 1 else setting, len(full), "rank setting")
   return tuple(f if r == FULL else min(int(r), f) for r, f in zip(setting, full))
 
 
@@ -294,7 +294,7 @@ def run_sweep(
     config: train.TrainConfig,
     sweep: SweepConfig,
     workdir: str | os.PathLike,
-    out_dir: str | os.PathLike | None = "experiments/results",
+    out_dir: str | os.PathLike | None = None,
     *,
     quick: bool = False,
     progress: bool = True,
@@ -311,7 +311,7 @@ def run_sweep(
     config: the network and its training; its ``protocol`` is replaced per protocol.
     sweep: what to vary (`SweepConfig`).
     workdir: parent directory of the training runs.
-    out_dir: where ``sweep_<name>.json`` and the PNGs go; None writes nothing.
+    out_dir: where ``sweep_<name>.json`` and the PNGs go; None (default) writes nothing.
     quick: 1 epoch and `SweepConfig.quick` (for tests and smoke runs).
     progress: training progress bars and one log line per row, on stderr.
     name: file tag; defaults to the dataset (``_quick`` appended with `quick`).
@@ -325,12 +325,7 @@ def run_sweep(
   if quick:
     config = dataclasses.replace(config, epochs=1)
     sweep = sweep.quick()
-  estimators = []
-  for e in sweep.estimators:
-    if e in evaluate.available_estimators():
-      estimators.append(e)
-    else:
-      logger.warning("estimator %r is not available here (no lrcc_jax._trained); skipped.", e)
+  estimators = list(sweep.estimators)
   workdir = pathlib.Path(workdir)
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
   x_pool = data.normalize(dataset.test_images)
@@ -432,18 +427,21 @@ def _cell(key: str, value: Any, markdown: bool) -> str:
   return str(value)
 
 
+TABLE_LEGEND: tuple[str, ...] = (
+    "thr: threshold ('cal' = calibrated to the recall target on training rows); err cond:"
+    " conditional network; err cap: with the skip-mode capacities.",
+    "theory: FLOP-model speed-up (multiply-adds), not a time; measured b1: dense jit time /"
+    " skip-mode time at batch 1, measured on this machine (below 1: skipping is slower).",
+)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
-  """A fixed-width text table (or a Markdown table) of sweep rows."""
+  """A fixed-width text table (or a Markdown table) of sweep rows; text has a legend."""
   header = [h for h, _ in TABLE_COLUMNS]
   lines = [[_cell(k, r[k], markdown) for _, k in TABLE_COLUMNS] for r in rows]
-  if markdown:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
-  widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-  out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *lines]]
-  out.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(out)
+  return table.format_table(
+      header, lines, markdown=markdown, legend=() if markdown else TABLE_LEGEND
+  )
 
 
 def _rank_label(ranks: Sequence[int]) -> str:
@@ -567,7 +565,8 @@ def run_command(args: Any) -> int:
   config, sweep = load_config(args.config)
   workdir = args.workdir or os.path.join("runs", f"sweep_{pathlib.Path(args.config).stem}")
   result = run_sweep(
-      config, sweep, workdir, args.out, quick=args.quick, progress=not args.no_progress
+      config, sweep, workdir, args.out or workdir, quick=args.quick,
+      progress=getattr(args, "progress", not args.no_progress),
   )
   rows = result["rows"]
   print(f"{config.dataset}: hidden {','.join(map(str, config.hidden_sizes))},"

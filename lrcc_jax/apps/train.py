@@ -50,10 +50,9 @@ import json
 import logging
 import os
 import pathlib
-import statistics
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -415,9 +414,7 @@ def subspace_refit_step(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
   """The in-loop refit: `subspace_refit` of every layer's factors from its kernel."""
   model, optimizer = nnx.merge(graphdef, state)
   for layer in model.layers:
-    est = subspace_refit(layer.kernel[...], layer.estimator)
-    layer.u = nn.EstimatorFactor(est.u)
-    layer.v = nn.EstimatorFactor(est.v)
+    layer.set_estimator(subspace_refit(layer.kernel[...], layer.estimator))
   return nnx.state((model, optimizer))
 
 
@@ -443,12 +440,7 @@ def evaluate_split(
   if mesh is not None:
     state = _replicate(mesh, state)
   totals = None
-  for start in range(0, len(images), batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    pad = batch_size - len(x)
-    valid = np.arange(batch_size) < len(x)
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros((pad,), y.dtype)]).astype(np.int32)
+  for x, y, valid in data.padded_batches(images, labels, batch_size):
     if mesh is not None:
       x, y, valid = (_shard_batch(mesh, a) for a in (x, y, valid))
     out = eval_step(graphdef, state, x, y, valid, mode=mode)
@@ -553,7 +545,9 @@ def train_and_evaluate(
   Args:
     config: the run's configuration.
     workdir: run directory; created if missing.
-    progress: show a tqdm bar per epoch (loss, accuracy, mean activation density).
+    progress: report progress: a tqdm bar per epoch (loss, accuracy, mean activation
+      density), drawn only when stderr is a terminal (never into a log file, where every
+      redraw would be a line), and one line per epoch.
     stop_after_epochs: stop once this epoch number is complete, as if interrupted
       (for tests); the schedule still spans ``config.epochs``.
     mesh: a 1-D ``("data",)`` mesh; defaults to `make_data_mesh(config.batch_size)`.
@@ -568,7 +562,6 @@ def train_and_evaluate(
       `RESUMABLE_FIELDS`, or the batch size does not divide over the mesh.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   _check_config(workdir, config)
   if mesh is None:
     mesh = make_data_mesh(config.batch_size)
@@ -584,6 +577,8 @@ def train_and_evaluate(
   # files (and the checkpoint manifests), the others only read them when resuming.
   primary = jax.process_index() == 0
   progress = progress and primary
+  # Created only now: a run that fails on its arguments or its data leaves no empty workdir.
+  workdir.mkdir(parents=True, exist_ok=True)
   if primary:
     _write_json_atomic(workdir / "config.json", config.to_dict())
     _write_json_atomic(
@@ -615,8 +610,8 @@ def train_and_evaluate(
       t0 = time.perf_counter()
       batch_metrics = []
       bar = tqdm.tqdm(
-          total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not progress,
-          leave=False, dynamic_ncols=True,
+          total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
+          leave=False, dynamic_ncols=True, disable=None if progress else True,
       )
       for rows in data.batch_indices(
           len(ds.train_images), config.batch_size, seed=config.seed, epoch=epoch
@@ -688,16 +683,31 @@ def train_and_evaluate(
   }
 
 
-def load_model(workdir: str | os.PathLike) -> tuple[nn.ConditionalMLP, TrainConfig]:
-  """Rebuilds the trained model of `workdir` from its last complete checkpoint.
+class LoadedRun(NamedTuple):
+  """A trained run as `load_run` found it.
 
-  Returns:
-    ``(model, config)``: the model in evaluation mode with the checkpoint's params and
-    estimator factors, on the default device.
+  Attributes:
+    model: the model in evaluation mode, with the checkpoint's params and factors.
+    config: the run's `TrainConfig`.
+    step: the checkpoint step restored (the epoch number of ``checkpoints/<step>``).
+    damaged_steps: ``(step, reason)`` of newer checkpoint steps skipped as damaged.
+  """
+
+  model: nn.ConditionalMLP
+  config: TrainConfig
+  step: int
+  damaged_steps: tuple[tuple[int, str], ...]
+
+
+def load_run(workdir: str | os.PathLike) -> LoadedRun:
+  """Rebuilds the trained model of `workdir` from its newest intact checkpoint, read-only.
+
+  Never moves, deletes or writes a file of `workdir`: a damaged newer step is skipped and
+  reported in `LoadedRun.damaged_steps` (and logged), left for `train` to quarantine.
 
   Raises:
     FileNotFoundError: if `workdir` has no config.json/model.json or no usable
-      checkpoint.
+      checkpoint (naming the damaged steps and how to recover).
   """
   workdir = pathlib.Path(workdir)
   cfg_path, shape_path = workdir / "config.json", workdir / "model.json"
@@ -715,65 +725,24 @@ def load_model(workdir: str | os.PathLike) -> tuple[nn.ConditionalMLP, TrainConf
     raise FileNotFoundError(f"No checkpoints in {ckpt_dir}; train first (lrcc-jax train).")
   ckpt = Checkpointer(ckpt_dir)
   try:
-    restored = ckpt.restore_latest(nnx.to_pure_dict(state))
+    restored = ckpt.restore_latest(nnx.to_pure_dict(state), read_only=True)
   finally:
     ckpt.close()
+  damaged = tuple(ckpt.damaged_steps)
   if restored is None:
-    raise FileNotFoundError(f"No complete, undamaged checkpoint in {ckpt_dir}.")
+    details = "; ".join(f"step {s}: {r}" for s, r in damaged) or "no steps at all"
+    raise FileNotFoundError(
+        f"No complete, undamaged checkpoint in {ckpt_dir} ({details}). To recover, run"
+        f" `lrcc-jax train --workdir {workdir}` with the run's settings: it moves damaged"
+        f" steps to {ckpt_dir.name}_corrupt/ and trains again from the newest intact one."
+    )
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored[0]))
   nnx.update((model, optimizer), state)
   model.eval()
-  return model, config
+  return LoadedRun(model, config, int(ckpt.restored_step), damaged)
 
 
-def step_time_overhead(
-    config: TrainConfig, n_steps: int = 200, *, repeats: int = 5
-) -> dict[str, float]:
-  """Per-step training time of protocol ``"in_loop"`` relative to ``"dense"``.
-
-  Both loops run `n_steps` jitted steps on the same random batch, on one device; the
-  in-loop one includes its amortised refits (every ``config.refit_every`` steps).
-  Compilation is done outside the timed region, the two sides are interleaved and the
-  median of `repeats` runs is taken.
-
-  Returns:
-    ``dense_ms`` and ``in_loop_ms`` per step, their ``ratio``, and the time of one
-    refit of all layers: ``subspace_refit_ms`` (the in-loop refit) and ``svd_refit_ms``
-    (exact `fit_svd`, the epoch-end refit).
-  """
-  rng = np.random.default_rng(0)
-  num_features = 784
-  images = rng.integers(0, 256, (config.batch_size, 28, 28, 1), dtype=np.uint8)
-  labels = rng.integers(0, 10, (config.batch_size,), dtype=np.int32)
-  model, optimizer = _abstract_state(config, num_features, 10, 100)
-  graphdef, state0 = nnx.split((model, optimizer))
-  l1 = config.l1_per_layer
-
-  def run(mode: str, state) -> float:
-    t0 = time.perf_counter()
-    for i in range(n_steps):
-      if mode == "mask" and i % config.refit_every == 0:
-        state = subspace_refit_step(graphdef, state)
-      state, m = train_step(graphdef, state, images, labels, l1=l1, mode=mode)
-    jax.block_until_ready((state, m))
-    return (time.perf_counter() - t0) / n_steps * 1e3
-
-  for mode in ("dense", "mask"):  # compile
-    jax.block_until_ready(train_step(graphdef, state0, images, labels, l1=l1, mode=mode))
-  jax.block_until_ready(refit_step(graphdef, state0))
-  jax.block_until_ready(subspace_refit_step(graphdef, state0))
-  dense, in_loop, refit = [], [], []
-  for _ in range(repeats):
-    dense.append(run("dense", state0))
-    in_loop.append(run("mask", state0))
-    t0 = time.perf_counter()
-    jax.block_until_ready(subspace_refit_step(graphdef, state0))
-    t1 = time.perf_counter()
-    jax.block_until_ready(refit_step(graphdef, state0))
-    refit.append(((t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3))
-  d, b = statistics.median(dense), statistics.median(in_loop)
-  return {
-      "dense_ms": d, "in_loop_ms": b, "ratio": b / d,
-      "subspace_refit_ms": statistics.median(r[0] for r in refit),
-      "svd_refit_ms": statistics.median(r[1] for r in refit),
-  }
+def load_model(workdir: str | os.PathLike) -> tuple[nn.ConditionalMLP, TrainConfig]:
+  """``(model, config)`` of `load_run`: the newest intact checkpoint, read-only."""
+  run = load_run(workdir)
+  return run.model, run.config

@@ -6,10 +6,14 @@
 // weight rows only at the active input runs, R rows at a time so that R independent
 // streams are in flight, with a software prefetch two runs ahead. XLA:CPU materialises
 // the same gather element by element before reducing it; this reads each tile once.
+//
+// W is f32 or bf16 (stored as uint16_t: the high half of an f32, so widening is a shift);
+// x, z and every accumulation are f32.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 
@@ -19,8 +23,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+inline float Load(const float* p) { return *p; }
+inline float Load(const uint16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename W>
 struct Job {
-  const float* w;
+  const W* w;
   const int32_t* out;
   const int32_t* start;
   const float* x;
@@ -34,8 +47,8 @@ inline int64_t Clamp(int64_t v, int64_t hi) { return std::min(std::max<int64_t>(
 
 // Rows [j0, j0 + R) of one (r, o) pair; B is the run length (b_in), or 0 for any length,
 // which accumulates in vectors of 16 and finishes the tail scalar.
-template <int R, int B>
-void Rows(const Job& jb, const float* wb, const int64_t* st, const float* xr, float* zp, int64_t j0) {
+template <int R, int B, typename W>
+void Rows(const Job<W>& jb, const W* wb, const int64_t* st, const float* xr, float* zp, int64_t j0) {
   constexpr int A = B > 0 ? B : 16;
   const int64_t b = B > 0 ? B : jb.b_in;
   float acc[R][A] = {};
@@ -46,15 +59,15 @@ void Rows(const Job& jb, const float* wb, const int64_t* st, const float* xr, fl
       for (int q = 0; q < R; ++q) __builtin_prefetch(wb + (j0 + q) * jb.n_in + st[i + 2]);
     }
     for (int q = 0; q < R; ++q) {
-      const float* ws = wb + (j0 + q) * jb.n_in + st[i];
+      const W* ws = wb + (j0 + q) * jb.n_in + st[i];
       if constexpr (B > 0) {
-        for (int t = 0; t < B; ++t) acc[q][t] += ws[t] * xs[t];
+        for (int t = 0; t < B; ++t) acc[q][t] += Load(ws + t) * xs[t];
       } else {
         int64_t t = 0;
         for (; t + A <= b; t += A) {
-          for (int u = 0; u < A; ++u) acc[q][u] += ws[t + u] * xs[t + u];
+          for (int u = 0; u < A; ++u) acc[q][u] += Load(ws + t + u) * xs[t + u];
         }
-        for (; t < b; ++t) tail[q] += ws[t] * xs[t];
+        for (; t < b; ++t) tail[q] += Load(ws + t) * xs[t];
       }
     }
   }
@@ -65,20 +78,21 @@ void Rows(const Job& jb, const float* wb, const int64_t* st, const float* xr, fl
   }
 }
 
-template <int B>
-void Pair(const Job& jb, int64_t p, int64_t* st) {
+template <int B, typename W>
+void Pair(const Job<W>& jb, int64_t p, int64_t* st) {
   constexpr int R = 4;
   const int64_t r = p / jb.k;
   for (int64_t i = 0; i < jb.runs; ++i) st[i] = Clamp(jb.start[r * jb.runs + i], jb.n_in - jb.b_in);
   const float* xr = jb.x + r * jb.runs * jb.b_in;
-  const float* wb = jb.w + Clamp(jb.out[p], jb.n_blocks - 1) * jb.b_out * jb.n_in;
+  const W* wb = jb.w + Clamp(jb.out[p], jb.n_blocks - 1) * jb.b_out * jb.n_in;
   float* zp = jb.z + p * jb.b_out;
   int64_t j = 0;
-  for (; j + R <= jb.b_out; j += R) Rows<R, B>(jb, wb, st, xr, zp, j);
-  for (; j < jb.b_out; ++j) Rows<1, B>(jb, wb, st, xr, zp, j);
+  for (; j + R <= jb.b_out; j += R) Rows<R, B, W>(jb, wb, st, xr, zp, j);
+  for (; j < jb.b_out; ++j) Rows<1, B, W>(jb, wb, st, xr, zp, j);
 }
 
-void RunChunks(Job& jb) {
+template <typename W>
+void RunChunks(Job<W>& jb) {
   std::unique_ptr<int64_t[]> st(new int64_t[std::max<int64_t>(jb.runs, 1)]);
   for (;;) {
     const int64_t c = jb.next.fetch_add(1, std::memory_order_relaxed);
@@ -86,19 +100,20 @@ void RunChunks(Job& jb) {
     const int64_t end = std::min(jb.pairs, (c + 1) * jb.chunk);
     for (int64_t p = c * jb.chunk; p < end; ++p) {
       switch (jb.b_in) {
-        case 4: Pair<4>(jb, p, st.get()); break;
-        case 8: Pair<8>(jb, p, st.get()); break;
-        case 16: Pair<16>(jb, p, st.get()); break;
-        case 32: Pair<32>(jb, p, st.get()); break;
-        case 64: Pair<64>(jb, p, st.get()); break;
-        default: Pair<0>(jb, p, st.get());
+        case 4: Pair<4, W>(jb, p, st.get()); break;
+        case 8: Pair<8, W>(jb, p, st.get()); break;
+        case 16: Pair<16, W>(jb, p, st.get()); break;
+        case 32: Pair<32, W>(jb, p, st.get()); break;
+        case 64: Pair<64, W>(jb, p, st.get()); break;
+        default: Pair<0, W>(jb, p, st.get());
       }
     }
     jb.done.fetch_add(1, std::memory_order_release);
   }
 }
 
-ffi::Error TileProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight,
+template <ffi::DataType T>
+ffi::Error TileProduct(ffi::ThreadPool pool, ffi::Buffer<T> weight,
                        ffi::Buffer<ffi::S32> out_blocks, ffi::Buffer<ffi::S32> starts,
                        ffi::Buffer<ffi::F32> values, ffi::ResultBuffer<ffi::F32> z,
                        int64_t b_in) {
@@ -108,7 +123,8 @@ ffi::Error TileProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight,
       sd[0] != od[0] || vd[0] != od[0] || vd[1] != sd[1] * b_in || b_in > wd[2]) {
     return ffi::Error::InvalidArgument("lrcc_tile_product: inconsistent shapes");
   }
-  auto jb = std::make_shared<Job>();
+  using W = ffi::NativeType<T>;
+  auto jb = std::make_shared<Job<W>>();
   jb->w = weight.typed_data();
   jb->out = out_blocks.typed_data();
   jb->start = starts.typed_data();
@@ -136,10 +152,20 @@ ffi::Error TileProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LrccTileProduct, TileProduct,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LrccTileProduct, TileProduct<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("b_in"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LrccTileProductBf16, TileProduct<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

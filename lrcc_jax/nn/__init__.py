@@ -9,4 +9,6 @@ from lrcc_jax.nn._modules import ConditionalDense as ConditionalDense
 from lrcc_jax.nn._modules import ConditionalMLP as ConditionalMLP
 from lrcc_jax.nn._modules import EstimatorFactor as EstimatorFactor
 from lrcc_jax.nn._modules import Mode as Mode
+from lrcc_jax.nn._modules import PackedWeight as PackedWeight
+from lrcc_jax.nn._modules import Threshold as Threshold
 from lrcc_jax.nn._modules import default_rank as default_rank

@@ -7,14 +7,22 @@ rank, threshold, capacity and block size, and runs in one of three modes:
 - ``"mask"``: `conditional_dense`, the training semantics (dense product, estimator mask);
 - ``"skip"``: `packed_dense`, the compute-skipping path (same values as ``"mask"``).
 
-The estimator factors are `EstimatorFactor` variables, not `nnx.Param`, so an optimizer
-built with ``wrt=nnx.Param`` never trains them; `refit` recomputes them from the kernels.
+What is state and what is static follows what changes the compiled program:
+
+- the kernel and bias are `nnx.Param`, the only trainable variables;
+- the estimator factors are `EstimatorFactor` variables, so an optimizer built with
+  ``wrt=nnx.Param`` never trains them; `refit` recomputes them from the kernel;
+- the threshold is a `Threshold` variable: calibrating it changes a value, not the graph,
+  so a jitted model does not retrace;
+- the unit-major copy of the kernel that skip mode reads is a `PackedWeight` variable,
+  refreshed by `refit`, `set_estimator`, `calibrate`, `pack` and `repack`;
+- the rank, capacity and block size are static Python ints, since they fix shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +31,31 @@ from flax import nnx
 from lrcc_jax import _checks
 from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
 from lrcc_jax._layers import conditional_dense
-from lrcc_jax._mlp import PackedMLP
+from lrcc_jax._mlp import PackedMLP, packed_mlp
 from lrcc_jax._packed import PackedDense, pack, packed_dense
+from lrcc_jax._registry import NEEDS_INPUTS, fit_estimator
 from lrcc_jax._stats import calibrate_threshold
 
 Array = jax.Array
 Mode = Literal["dense", "mask", "skip"]
 Method = Literal["svd", "data_aware"]
 MODES = ("dense", "mask", "skip")
+Initializer = Any
+
+default_kernel_init = jax.nn.initializers.he_normal()
+default_bias_init = jax.nn.initializers.zeros
 
 
 class EstimatorFactor(nnx.Variable):
   """A non-trainable low-rank factor of a layer's estimator."""
+
+
+class Threshold(nnx.Variable):
+  """A layer's estimator threshold: state, so calibration never changes the graph."""
+
+
+class PackedWeight(nnx.Variable):
+  """The kernel in the unit-major (n_blocks, block_size, n_in) layout that skip mode reads."""
 
 
 def _check_mode(mode: str) -> None:
@@ -45,11 +66,44 @@ def _check_mode(mode: str) -> None:
 class ConditionalDense(nnx.Module):
   """A ReLU layer whose units can be skipped when a low-rank estimate predicts zero.
 
+  `y = M ⊙ relu(x W + b)`, where `M` keeps the blocks of `block_size` units whose largest
+  estimate `((x U) V + b)_j` is above `threshold` (and, with a `capacity`, among the row's
+  `capacity` best blocks). ``mode="skip"`` computes only those blocks from a unit-major
+  copy of the kernel, `PackedWeight` (n_out/block_size, block_size, n_in), kept next to
+  the Flax-layout `kernel`: it costs one more copy of the kernel in memory (and in
+  checkpoints), and saves transposing the whole kernel on every call.
+
+  The packed copy follows the kernel only when refreshed: `refit` (and `set_estimator`,
+  `calibrate`, `pack`, `repack`) refresh it. After training the kernel, call `refit`,
+  which the estimator needs anyway.
+
+  Jitting inference: `nnx.jit` with graph updates (its default) returns every variable of
+  a module argument as a new output, a copy of all the module's arrays per call (for a
+  4096² layer far more than the skipped product costs; an `nnx.Linear` pays it too). For
+  inference, jit with ``nnx.jit(f, donate_argnums=0)`` or ``nnx.jit(f, graph=False)``, or
+  `nnx.split` once and `jax.jit` over the state: then skip mode costs what
+  `lrcc_jax.packed_dense` costs (`lrcc-jax bench --suite module` measures all three).
+
   Attributes:
     kernel: (in_features, out_features) `nnx.Param`.
     bias: (out_features,) `nnx.Param`.
     u, v: `EstimatorFactor` variables with `u @ v ≈ kernel`.
-    rank, threshold, capacity, block_size: the static estimator settings.
+    threshold: `Threshold` variable (a scalar).
+    packed_weight: `PackedWeight` variable, the unit-major kernel read by skip mode.
+    rank, capacity, block_size: static settings.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from lrcc_jax.nn import ConditionalDense
+    >>> layer = ConditionalDense(64, 128, rank=8, capacity=4, block_size=16, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 64))
+    >>> y = layer(x, "skip")
+    >>> y.shape
+    (2, 128)
+    >>> bool(jnp.allclose(y, layer(x, "mask"), atol=1e-5))
+    True
   """
 
   def __init__(
@@ -61,67 +115,137 @@ class ConditionalDense(nnx.Module):
       threshold: float = 0.0,
       capacity: int | None = None,
       block_size: int = 1,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      kernel_init: Initializer = default_kernel_init,
+      bias_init: Initializer = default_bias_init,
       rngs: nnx.Rngs,
   ):
+    """Creates the layer.
+
+    Args:
+      in_features, out_features: the kernel's shape.
+      rank: the estimator's rank, in [1, min(in_features, out_features)].
+      threshold: initial estimator threshold (0 in the paper; negative is a margin).
+      capacity: static number of blocks computed per row in skip mode (None: no cap).
+      block_size: static size of the unit blocks; must divide `out_features`.
+      dtype: computation dtype (None: the inputs' and parameters' promoted dtype).
+      param_dtype: dtype of the parameters and of the packed copy.
+      kernel_init: kernel initializer (He normal, for ReLU layers).
+      bias_init: bias initializer (zeros).
+      rngs: the `nnx.Rngs` for the initializers.
+    """
     n_blocks = _checks.check_block_size(block_size, out_features)
     self.capacity = _checks.check_capacity(capacity, n_blocks, block_size)
     self.rank = _checks.check_rank(rank, in_features, out_features)
     self.block_size = block_size
-    self.threshold = float(threshold)
-    init = jax.nn.initializers.he_normal()
-    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+    self.threshold = Threshold(jnp.asarray(threshold, jnp.float32))
     est = fit_svd(self.kernel[...], self.rank)
     self.u = EstimatorFactor(est.u)
     self.v = EstimatorFactor(est.v)
+    self.packed_weight = PackedWeight(self._unit_major())
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    # `layer.threshold = t` sets the variable's value: the graph (and a jitted model's
+    # trace) stays the same.
+    if name == "threshold" and not isinstance(value, nnx.Variable) and "threshold" in vars(self):
+      self.threshold[...] = jnp.asarray(value, jnp.float32)
+      return
+    super().__setattr__(name, value)
 
   @property
   def estimator(self) -> LowRankEstimator:
     return LowRankEstimator(self.u[...], self.v[...])
 
+  def _unit_major(self) -> Array:
+    kernel = self.kernel[...]
+    n_in, n_out = kernel.shape
+    return jnp.reshape(kernel.T, (n_out // self.block_size, self.block_size, n_in))
+
+  def repack(self) -> None:
+    """Refreshes the unit-major copy of the kernel that skip mode reads."""
+    self.packed_weight[...] = self._unit_major()
+
+  def set_estimator(self, est: LowRankEstimator) -> None:
+    """Replaces the estimator factors (and the rank) with `est`, checked against the kernel.
+
+    The one way factors reach a layer: refits, rank selection and evaluation all go
+    through it, so the rank attribute can never disagree with the factors. It also
+    refreshes the packed copy of the kernel, so skip mode reads the current weights.
+    """
+    rank = _checks.check_estimator(est, *self.kernel.shape)
+    self.rank = _checks.check_rank(rank, *self.kernel.shape)
+    self.u = EstimatorFactor(est.u)
+    self.v = EstimatorFactor(est.v)
+    self.repack()
+
   def refit(
-      self, inputs: Array | None = None, *, method: Method = "svd", rank: int | None = None
+      self, inputs: Array | None = None, *, method: str = "svd", rank: int | None = None,
+      **options,
   ) -> None:
     """Refits the estimator from the current kernel (optionally at a new rank).
 
     Args:
-      inputs: calibration inputs (..., in_features), needed by ``method="data_aware"``.
-      method: ``"svd"`` (the paper) or ``"data_aware"`` (`fit_data_aware`).
+      inputs: calibration inputs (..., in_features), needed by the data-dependent fits.
+      method: an estimator name of `lrcc_jax.ESTIMATORS` (``"svd"``: the paper).
       rank: new rank; keeps the current one when None.
+      **options: passed to `lrcc_jax.fit_estimator` (e.g. ``recall``, ``seed``).
     """
     kernel = self.kernel[...]
-    if rank is not None:
-      self.rank = _checks.check_rank(rank, *kernel.shape)
-    if method == "svd":
-      est = fit_svd(kernel, self.rank)
-    elif method == "data_aware":
-      if inputs is None:
-        raise ValueError("method='data_aware' needs calibration inputs.")
-      est = fit_data_aware(kernel, self.rank, inputs)
-    else:
-      raise ValueError(f"method={method!r} must be 'svd' or 'data_aware'.")
-    self.u = EstimatorFactor(est.u)
-    self.v = EstimatorFactor(est.v)
-
-  def pack(self, dtype: jnp.dtype | None = None) -> PackedDense:
-    """The layer in the unit-major inference layout (`lrcc_jax.pack`)."""
-    return pack(
-        self.kernel[...], self.bias[...], self.estimator, block_size=self.block_size,
-        dtype=dtype,
+    rank = self.rank if rank is None else _checks.check_rank(rank, *kernel.shape)
+    self.set_estimator(
+        fit_estimator(method, kernel, rank, inputs, bias=self.bias[...], **options)
     )
+
+  def calibrate(self, x: Array, *, recall: float = 0.99) -> Array:
+    """Sets the threshold to the largest one with `recall` on `x` (`calibrate_threshold`)."""
+    self.threshold[...] = jnp.asarray(
+        calibrate_threshold(x, self.kernel[...], self.bias[...], self.estimator, recall=recall),
+        jnp.float32,
+    )
+    self.repack()
+    return self.threshold[...]
+
+  def packed(self) -> PackedDense:
+    """The layer's current inference form, read from the packed copy (no transpose)."""
+    weight = self.packed_weight[...]
+    bias = jnp.reshape(self.bias[...], weight.shape[:2])
+    return PackedDense(weight, bias, self.u[...], self.v[...])
+
+  def pack(self, dtype: Any = None) -> PackedDense:
+    """Refreshes the packed copy and returns the layer for `lrcc_jax.packed_dense`.
+
+    Args:
+      dtype: optional storage dtype of the returned weights (e.g. `jnp.bfloat16`).
+    """
+    self.repack()
+    packed = self.packed()
+    if dtype is not None:
+      packed = packed._replace(weight=packed.weight.astype(dtype))
+    return packed
 
   def __call__(self, x: Array, mode: Mode = "dense") -> Array:
     _check_mode(mode)
-    kernel, bias = self.kernel[...], self.bias[...]
-    if mode == "dense":
-      _checks.check_features(x, kernel.shape[0])
-      return jax.nn.relu(add_bias(x @ kernel, bias))
-    if mode == "mask":
+    with jax.named_scope(f"lrcc.ConditionalDense.{mode}"):
+      if mode == "skip":
+        packed = self.packed()
+        if self.dtype is not None:
+          x = x.astype(self.dtype)
+        return packed_dense(x, packed, threshold=self.threshold[...], capacity=self.capacity)
+      kernel, bias = self.kernel[...], self.bias[...]
+      if self.dtype is not None:
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+      if mode == "dense":
+        _checks.check_features(x, kernel.shape[0])
+        return jax.nn.relu(add_bias(x @ kernel, bias))
       return conditional_dense(
-          x, kernel, bias, self.estimator, threshold=self.threshold,
+          x, kernel, bias, self.estimator, threshold=self.threshold[...],
           capacity=self.capacity, block_size=self.block_size,
       )
-    return packed_dense(x, self.pack(), threshold=self.threshold, capacity=self.capacity)
 
 
 def _per_layer(value, n: int, name: str) -> list:
@@ -142,7 +266,20 @@ class ConditionalMLP(nnx.Module):
 
   The architecture of Davis & Arel: hidden ReLU layers with dropout, then a dense linear
   classifier. `__call__` can return the hidden activations (before dropout) for the L1
-  sparsity penalty and the estimator statistics.
+  sparsity penalty and the estimator statistics. In skip mode, with dropout off, the whole
+  network runs `lrcc_jax.packed_mlp`, which may keep activations sparse between layers.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from lrcc_jax.nn import ConditionalMLP
+    >>> model = ConditionalMLP(784, [256, 128], 10, capacities=[4, 4], block_sizes=16,
+    ...                        rngs=nnx.Rngs(0))
+    >>> model.eval()
+    >>> x = jnp.ones((1, 784))
+    >>> bool(jnp.allclose(model(x, mode="skip"), model(x, mode="mask"), atol=1e-4))
+    True
   """
 
   def __init__(
@@ -156,6 +293,10 @@ class ConditionalMLP(nnx.Module):
       capacities: int | None | Sequence[int | None] = None,
       block_sizes: int | Sequence[int] = 1,
       dropout_rate: float = 0.0,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      kernel_init: Initializer = default_kernel_init,
+      bias_init: Initializer = default_bias_init,
       rngs: nnx.Rngs,
   ):
     if not hidden_sizes:
@@ -167,11 +308,12 @@ class ConditionalMLP(nnx.Module):
     thresholds = _per_layer(thresholds, n, "thresholds")
     capacities = _per_layer(capacities, n, "capacities")
     block_sizes = _per_layer(block_sizes, n, "block_sizes")
+    init = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init)
     self.layers = nnx.List([
-        ConditionalDense(a, b, rank=r, threshold=t, capacity=c, block_size=bs, rngs=rngs)
+        ConditionalDense(a, b, rank=r, threshold=t, capacity=c, block_size=bs, rngs=rngs, **init)
         for a, b, r, t, c, bs in zip(widths, widths[1:], ranks, thresholds, capacities, block_sizes)
     ])
-    self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+    self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   @property
@@ -180,13 +322,26 @@ class ConditionalMLP(nnx.Module):
 
   @property
   def thresholds(self) -> tuple[float, ...]:
-    return tuple(l.threshold for l in self.layers)
+    """The layers' thresholds as Python floats (outside `jit`)."""
+    return tuple(float(l.threshold[...]) for l in self.layers)
+
+  @property
+  def capacities(self) -> tuple[int | None, ...]:
+    return tuple(l.capacity for l in self.layers)
 
   def __call__(
       self, x: Array, *, mode: Mode = "dense", return_activations: bool = False
   ) -> Array | tuple[Array, list[Array]]:
     """Logits (..., num_classes), and optionally the hidden activations."""
     _check_mode(mode)
+    if mode == "skip" and (self.dropout.deterministic or not self.dropout.rate):
+      with jax.named_scope("lrcc.ConditionalMLP.skip"):
+        if self.head.dtype is not None:
+          x = x.astype(self.head.dtype)
+        return packed_mlp(
+            x, self.packed(), thresholds=[l.threshold[...] for l in self.layers],
+            capacities=list(self.capacities), return_activations=return_activations,
+        )
     acts = []
     h = x
     for layer in self.layers:
@@ -208,20 +363,23 @@ class ConditionalMLP(nnx.Module):
       self,
       inputs: Array | None = None,
       *,
-      method: Method = "svd",
+      method: str = "svd",
       ranks: int | Sequence[int] | None = None,
+      **options,
   ) -> None:
-    """Refits every layer's estimator; data-aware fits see the dense network's inputs."""
+    """Refits every layer's estimator; data-dependent fits see the dense network's inputs."""
     ranks = _per_layer(ranks, len(self.layers), "ranks")
-    layer_x = self.layer_inputs(inputs, mode="dense") if method == "data_aware" else [None] * len(ranks)
+    layer_x = self.layer_inputs(inputs, mode="dense") if method in NEEDS_INPUTS else [None] * len(ranks)
     for layer, r, xi in zip(self.layers, ranks, layer_x):
-      layer.refit(xi, method=method, rank=r)
+      layer.refit(xi, method=method, rank=r, **options)
 
   def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
+    """Sets the thresholds' values (no retrace of a jitted model)."""
     for layer, t in zip(self.layers, _per_layer(thresholds, len(self.layers), "thresholds")):
-      layer.threshold = float(t)
+      layer.threshold[...] = jnp.asarray(t, jnp.float32)
 
   def set_capacities(self, capacities: int | None | Sequence[int | None]) -> None:
+    """Sets the static capacities (they fix shapes: a jitted model retraces)."""
     for layer, c in zip(self.layers, _per_layer(capacities, len(self.layers), "capacities")):
       n_blocks = layer.kernel.shape[1] // layer.block_size
       layer.capacity = _checks.check_capacity(c, n_blocks, layer.block_size)
@@ -234,14 +392,21 @@ class ConditionalMLP(nnx.Module):
     """
     h = x
     for layer in self.layers:
-      layer.threshold = float(
-          calibrate_threshold(h, layer.kernel[...], layer.bias[...], layer.estimator, recall=recall)
-      )
+      layer.calibrate(h, recall=recall)
       h = layer(h, "mask")
     return self.thresholds
 
-  def pack(self, dtype: jnp.dtype | None = None) -> PackedMLP:
-    """The network in the inference layout, for `packed_mlp` (see `lrcc_jax.pack`)."""
+  def repack(self) -> None:
+    """Refreshes every layer's packed copy of its kernel."""
+    for layer in self.layers:
+      layer.repack()
+
+  def packed(self) -> PackedMLP:
+    """The network's current inference form, read from the packed copies (no transpose)."""
+    return PackedMLP(tuple(l.packed() for l in self.layers), self.head.kernel[...], self.head.bias[...])
+
+  def pack(self, dtype: Any = None) -> PackedMLP:
+    """Refreshes the packed copies; the network for `lrcc_jax.packed_mlp`."""
     return PackedMLP(
         tuple(l.pack(dtype) for l in self.layers),
         self.head.kernel[...], self.head.bias[...],
@@ -251,6 +416,6 @@ class ConditionalMLP(nnx.Module):
     return {
         "ranks": list(self.ranks),
         "thresholds": list(self.thresholds),
-        "capacities": [l.capacity for l in self.layers],
+        "capacities": list(self.capacities),
         "block_sizes": [l.block_size for l in self.layers],
     }

@@ -49,9 +49,12 @@ def run(npz, tmp_path_factory):
   return workdir, json.loads(out)
 
 
-def _check_result(result, n_layers=2):
-  assert set(result) == set(RESULT_KEYS)
-  assert result["n_examples"] == 30  # 20% of 150, stratified
+CLI_KEYS = {"step", "damaged_steps"}  # what `evaluate` adds: the checkpoint it scored
+
+
+def _check_result(result, n_layers=2, n_examples=30):
+  assert set(RESULT_KEYS) <= set(result) and set(result) - set(RESULT_KEYS) <= CLI_KEYS
+  assert result["n_examples"] == n_examples  # test split: 20% of 150, stratified
   for key in ("test_error_dense", "test_error_conditional"):
     assert 0.0 <= result[key] <= 1.0
   for key in ("density", "recall", "computed_fraction"):
@@ -81,10 +84,12 @@ def test_evaluate_prints_one_json_object(run, npz):
   _check_result(result)
   assert result["ranks"] == [3, 2] and result["threshold"] == pytest.approx([-0.05, -0.05])
   assert result["dataset"] == npz and result["estimator"] == "svd"
+  assert result["split"] == "test" and result["step"] == 1 and result["damaged_steps"] == []
   # Same numbers as the library on the run's own split (the split is seeded by the run).
   model, config = load_model(workdir)
   ds = load_dataset(npz, seed=config.seed)
-  assert result == evaluate_model(model, ds, ranks=[3, 2], threshold=-0.05)
+  library = evaluate_model(model, ds, ranks=[3, 2], threshold=-0.05)
+  assert {k: v for k, v in result.items() if k not in CLI_KEYS} == library
 
 
 def test_console_script_evaluates_calibrated(run):
@@ -131,8 +136,8 @@ def test_library_errors_print_a_clean_message(run, npz, tmp_path):
       (["train", "--dataset", "nope", "--workdir", str(tmp_path / "x"), *TINY], "Unknown dataset 'nope'"),
       (["evaluate", "--workdir", str(tmp_path / "missing")], "does not exist"),
       (["evaluate", "--workdir", str(workdir), "--ranks", "3,99"], "ranks[1] (hidden layer 2): rank=99"),
-      (["evaluate", "--workdir", str(workdir), "--ranks", "3"], "has 1 entries but the model has 2"),
-      (["evaluate", "--workdir", str(workdir), "--dataset", f"{npz}.nothere"], "No such file"),
+      (["evaluate", "--workdir", str(workdir), "--ranks", "3,2,1"], "has 3 entries but the model has 2"),
+      (["evaluate", "--workdir", str(workdir), "--dataset", f"{npz}.nothere"], f"--dataset {npz}.nothere: no such file"),
   ]
   for argv, message in cases:
     status, out, err = _main(argv)

@@ -347,3 +347,55 @@ def test_iterate_batches_without_shuffle_keeps_order():
 def test_iterate_batches_rejects_mismatched_lengths():
   with pytest.raises(ValueError, match="3 images but 2 labels"):
     next(data.iterate_batches(np.zeros((3, 1, 1, 1), np.uint8), np.zeros(2), 1, seed=0, epoch=0))
+
+
+# --- npz with its own splits, splits, padded batches ---------------------------
+
+
+def test_npz_with_its_own_splits_is_used_as_given(tmp_path):
+  (a, ya), (b, yb) = _good_arrays(30), _good_arrays(10, channels=1)
+  ds = data.load_dataset(
+      _npz(tmp_path, train_image=a, train_label=ya, test_image=b, test_label=yb), seed=5
+  )
+  np.testing.assert_array_equal(ds.train_images, a[..., None])
+  np.testing.assert_array_equal(ds.test_images, b)
+  np.testing.assert_array_equal(ds.test_labels, yb)
+  assert ds.num_classes == 4
+  images, labels = data.split_arrays(ds, "all")
+  assert len(images) == len(labels) == 40
+  np.testing.assert_array_equal(labels, np.concatenate([ya, yb]))
+  with pytest.raises(ValueError, match="split='dev' must be one of test, train, all"):
+    data.split_arrays(ds, "dev")
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        (("image", "label", "train_image", "train_label", "test_image", "test_label"), "has both"),
+        (("train_image", "train_label", "test_image"), r"missing key\(s\) \['test_label'\]"),
+    ],
+)
+def test_npz_split_forms_are_not_mixed(tmp_path, keys, match):
+  images, labels = _good_arrays(8)
+  arrays = {k: images if k.endswith("image") else labels for k in keys}
+  with pytest.raises(ValueError, match=match):
+    data.load_dataset(_npz(tmp_path, **arrays))
+
+
+def test_npz_missing_file_names_the_dataset_and_the_option(tmp_path):
+  name = f"npz:{tmp_path / 'nope.npz'}"
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    data.load_dataset(name)
+  with pytest.raises(FileNotFoundError, match=r"--dataset npz:.*nope.npz: no such file"):
+    data.check_npz_path(name)
+  data.check_npz_path("mnist5k")  # not a file name: nothing to check
+
+
+def test_padded_batches_cover_every_row_once():
+  images, labels = _good_arrays(7)
+  batches = list(data.padded_batches(images, labels, 3))
+  assert [b[0].shape[0] for b in batches] == [3, 3, 3]
+  assert [int(b[2].sum()) for b in batches] == [3, 3, 1]
+  got = np.concatenate([b[1][b[2]] for b in batches])
+  np.testing.assert_array_equal(got, labels)
+  assert all(b[1].dtype == np.int32 for b in batches)

@@ -11,8 +11,8 @@ from lrcc_jax.apps.evaluate import RESULT_KEYS, calibration_subset, evaluate_mod
 from lrcc_jax import packed_mlp
 from lrcc_jax.nn import ConditionalMLP, EstimatorFactor
 
-DESIGN_KEYS = {
-    "dataset", "n_examples", "test_error_dense", "test_error_conditional", "ranks", "threshold",
+RESULT_FIELDS = {
+    "dataset", "split", "n_examples", "test_error_dense", "test_error_conditional", "ranks", "threshold",
     "estimator", "density", "recall", "computed_fraction", "theoretical_speedup",
 }
 
@@ -39,9 +39,10 @@ def _prepared(model, ranks, thresholds):
 def test_result_keys_types_and_json():
   ds = _dataset()
   result = evaluate_model(_model(), ds, batch_size=10)
-  assert set(result) == DESIGN_KEYS == set(RESULT_KEYS)
+  assert set(result) == RESULT_FIELDS == set(RESULT_KEYS)
   json.dumps(result, allow_nan=False)
   assert result["dataset"] == "synthetic" and result["n_examples"] == 37
+  assert result["split"] == "test"
   assert result["ranks"] == [3, 2] and result["threshold"] == [0.0, 0.0]
   assert result["estimator"] == "svd"
   for key in ("density", "recall", "computed_fraction"):
@@ -136,7 +137,7 @@ def test_data_aware_estimator_and_model_left_unchanged():
         (dict(ranks=[0, 2]), r"ranks\[0\].*rank=0"),
         (dict(threshold="auto"), r"threshold='auto'"),
         (dict(threshold=[0.0]), r"threshold has 1 entries"),
-        (dict(estimator="pca"), r"estimator='pca'"),
+        (dict(estimator="pca"), r"estimator 'pca' is not one of svd, data_aware, trained"),
         (dict(recall=1.5), r"recall=1.5"),
         (dict(calibration_rows=0, threshold="calibrated"), r"calibration_rows=0"),
         (dict(batch_size=0), r"batch_size=0"),

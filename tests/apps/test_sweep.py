@@ -16,7 +16,7 @@ from lrcc_jax.apps.train import TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "experiments" / "configs"
-DESIGN_ROW_KEYS = {
+CONTRACT_ROW_KEYS = {
     "dataset", "estimator", "ranks", "threshold", "test_error_dense", "test_error_conditional",
     "density", "recall", "computed_fraction", "theoretical_speedup", "measured_speedup_batch1",
 }
@@ -91,7 +91,7 @@ def test_quick_sweep_writes_every_row_and_plot(quick_run):
       for ranks in ((3, 3), (24, 12)) for t in (0.0, "calibrated")
   }
   for row in rows:
-    assert DESIGN_ROW_KEYS <= set(row) and set(sweep.EXTRA_KEYS) <= set(row)
+    assert CONTRACT_ROW_KEYS <= set(row) and set(sweep.EXTRA_KEYS) <= set(row)
     assert set(row) == set(sweep.ROW_KEYS) | set(sweep.EXTRA_KEYS)
     assert row["dataset"].startswith("npz:")
     for key in ("density", "recall", "computed_fraction", "capacities", "thresholds"):
@@ -134,9 +134,7 @@ def test_rerun_resumes_instead_of_retraining(quick_run, tiny_config, tmp_path):
   assert len(result["rows"]) == 1 and (tmp_path / "sweep_again.json").exists()
 
 
-def test_trained_estimator_rows_when_available(tiny_config, tmp_path):
-  if "trained" not in evaluate.available_estimators():
-    pytest.skip("lrcc_jax._trained.fit_trained is not there")
+def test_trained_estimator_rows(tiny_config, tmp_path):
   config, cfg_sweep = sweep.load_config(tiny_config)
   small = dataclasses.replace(
       cfg_sweep, protocols=("dense",), estimators=("trained",), thresholds=("calibrated",),
@@ -153,7 +151,7 @@ def test_resolve_ranks_and_config_errors(tmp_path):
   assert sweep.resolve_ranks((5,), (784, 1000, 600, 400)) == (5, 5, 5)
   assert sweep.resolve_ranks(("full",), (784, 1000, 600, 400)) == (784, 600, 400)
   assert sweep.resolve_ranks((900, 50, "full"), (784, 1000, 600, 400)) == (784, 50, 400)
-  with pytest.raises(ValueError, match="needs 1 or 3 entries"):
+  with pytest.raises(ValueError, match="rank setting has 2 entries but the model has 3 hidden layers"):
     sweep.resolve_ranks((1, 2), (784, 1000, 600, 400))
   with pytest.raises(ValueError, match="positive int or 'full'"):
     sweep.SweepConfig(ranks=((0,),))
@@ -204,7 +202,7 @@ def test_tfds_configs_run_under_mock_data(name, dataset, hidden, n_in, tmp_path)
     result = sweep.run_sweep(config, cfg_sweep, tmp_path / "runs", tmp_path / "out", progress=False)
   (row,) = result["rows"]
   assert row["dataset"] == dataset and row["ranks"] == [2, 2]
-  assert DESIGN_ROW_KEYS <= set(row)
+  assert CONTRACT_ROW_KEYS <= set(row)
   assert (tmp_path / "out" / f"sweep_{dataset}.json").exists()
 
 
