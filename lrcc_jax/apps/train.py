@@ -274,9 +274,9 @@ def _shard_rows(mesh: jax.sharding.Mesh, source: np.ndarray, rows: np.ndarray) -
 def _sync_each_step(mesh: jax.sharding.Mesh) -> bool:
   """Whether to wait for each step before dispatching the next (XLA:CPU, >1 local device).
 
-  XLA:CPU runs the devices of one process on a shared thread pool sized by the cores.
-  With asynchronous dispatch, several queued steps run at once, and a device's step
-  blocked in the gradient all-reduce holds a pool thread while it waits for a device
+  XLA:CPU runs the devices of one process on a shared thread pool (as its stack traces
+  show). With asynchronous dispatch, several queued steps run at once, and a device's
+  step blocked in the gradient all-reduce holds a pool thread while it waits for a device
   that cannot get one: with more (fake) devices than cores the run deadlocks, and XLA
   aborts it after 40 s ("Termination timeout for all reduce"). Seen here with 4 CPU
   devices in one process on 2 cores, for the 784-1000-600-400 MLP of mnist5k.
