@@ -295,9 +295,13 @@ class Checkpointer:
         logger.warning("Skipping damaged checkpoint step %d (%s); left in place.", step, reason)
       elif jax.process_index() == 0:
         dest = self._quarantine(step)
-        logger.warning("Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest)
+        logger.warning(
+            "Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest
+        )
       else:
-        logger.warning("Skipping damaged checkpoint step %d (%s); process 0 moves it aside.", step, reason)
+        logger.warning(
+            "Skipping damaged checkpoint step %d (%s); process 0 moves it aside.", step, reason
+        )
     if self.damaged_steps and not read_only:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lrcc_checkpoint_quarantine")

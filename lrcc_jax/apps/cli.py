@@ -271,9 +271,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
       "multi-process", "one process per host (docs/multihost.md); with none of these, JAX's "
       "auto-detection runs on a Cloud TPU VM and in SLURM / Open MPI jobs of several tasks",
   )
-  multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address and a free port, the same in every process")
-  multi.add_argument("--num-processes", type=positive_int, default=None, help="processes in the run (1: single-process, no auto-detection)")
-  multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. NUM_PROCESSES-1")
+  multi.add_argument(
+      "--coordinator", default=None, metavar="HOST:PORT",
+      help="process 0's address and a free port, the same in every process",
+  )
+  multi.add_argument(
+      "--num-processes", type=positive_int, default=None,
+      help="processes in the run (1: single-process, no auto-detection)",
+  )
+  multi.add_argument(
+      "--process-id", type=int, default=None, help="this process's index, 0 .. NUM_PROCESSES-1"
+  )
 
 
 def _check_dataset_argument(name: str, option: str = "--dataset") -> None:

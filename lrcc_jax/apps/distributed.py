@@ -100,7 +100,8 @@ def initialize(
   explicit = (coordinator, num_processes, process_id)
   if num_processes is not None and num_processes < 1:
     raise ValueError(f"num_processes={num_processes} must be >= 1.")
-  if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+  too_big = num_processes is not None and process_id is not None and process_id >= num_processes
+  if process_id is not None and (process_id < 0 or too_big):
     raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
   if all(v is None for v in explicit):
     cluster = detect_cluster(environ)

@@ -208,7 +208,8 @@ def test_resume_after_both_processes_die(config, two_process_run, compilation_ca
   (workdir / "checkpoints" / "2" / "lrcc_manifest.json").unlink()
   resumed, _ = launch_two_processes(config, workdir, compilation_cache)
   assert (workdir / "checkpoints_corrupt" / "2").is_dir()
-  assert [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
   assert resumed[0]["train_loss"] == summaries[0]["train_loss"]
   model, _ = train.load_model(workdir)
   reference, _ = train.load_model(two_dir)
