@@ -20,6 +20,15 @@ that passes both. Damaged or incomplete steps are moved aside into ``<directory>
 ``read_only=True`` (evaluation), which leaves every file where it is and only reports; orbax's own unfinished
 ``*.orbax-checkpoint-tmp-*`` directories are not steps and are never considered.
 
+Multi-process runs (``jax.distributed.initialize``): every process calls `save` and
+`restore_latest` in the same order with the same replicated tree. Orbax writes replicated
+arrays once (from process 0) and synchronises the processes around each step; process 0
+alone writes the manifests and moves damaged steps aside. Each save first checks that the
+tree's digest is the same in every process, so a replica that drifted (e.g. a refit that
+came out differently on one host) stops the run instead of being checkpointed; each
+restore checks that all processes chose the same step. The directory must be one shared
+filesystem path seen by every process.
+
 JAX typed PRNG keys (e.g. the dropout stream of an NNX module) are stored as their raw
 ``key_data`` and re-wrapped on restore, because orbax stores plain arrays only.
 
@@ -46,6 +55,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -124,6 +134,19 @@ def from_host(tree: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(leaf, tree, like)
 
 
+def _check_same_in_all_processes(value: bytes, message: str) -> None:
+  """Raises RuntimeError unless every process passes the same `value` (multi-process).
+
+  A collective over all processes, so every process must call it at the same point.
+  """
+  if jax.process_count() == 1:
+    return
+  try:
+    multihost_utils.assert_equal(np.frombuffer(value, np.uint8), message)
+  except AssertionError as err:
+    raise RuntimeError(f"{message} (process {jax.process_index()}).") from err
+
+
 def tree_digest(tree: PyTree) -> str:
   """SHA-256 of a host tree: every leaf's path, dtype, shape and bytes, in tree order."""
   h = hashlib.sha256()
@@ -175,7 +198,11 @@ class Checkpointer:
     """
     self._seal()
     host = to_host(tree)
-    meta = {**meta, _DIGEST_KEY: tree_digest(host)}
+    digest = tree_digest(host)
+    _check_same_in_all_processes(
+        bytes.fromhex(digest), f"step {step}: the replicated state differs between processes"
+    )
+    meta = {**meta, _DIGEST_KEY: digest}
     self._mgr.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)),
@@ -246,7 +273,6 @@ class Checkpointer:
         lambda x: np.zeros(x.shape, x.dtype),
         jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, like),
     )
-    damaged = False
     result = None
     self.restored_step, self.damaged_steps = None, []
     for step in reversed(self.all_steps()):
@@ -255,17 +281,30 @@ class Checkpointer:
       except Exception as err:  # orbax/tensorstore raise many types on damaged files.
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         self.damaged_steps.append((step, reason))
-        if read_only:
-          logger.warning("Skipping damaged checkpoint step %d (%s); left in place.", step, reason)
-          continue
-        dest = self._quarantine(step)
-        damaged = True
-        logger.warning("Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest)
         continue
       result = (from_host(tree, like), meta)
       self.restored_step = step
       break
-    if damaged:
+    # Also a barrier: no step is moved while another process may still be reading it.
+    chosen = -1 if self.restored_step is None else self.restored_step
+    _check_same_in_all_processes(
+        np.int64(chosen).tobytes(), "the processes found different usable checkpoint steps"
+    )
+    for step, reason in self.damaged_steps:
+      if read_only:
+        logger.warning("Skipping damaged checkpoint step %d (%s); left in place.", step, reason)
+      elif jax.process_index() == 0:
+        dest = self._quarantine(step)
+        logger.warning(
+            "Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest
+        )
+      else:
+        logger.warning(
+            "Skipping damaged checkpoint step %d (%s); process 0 moves it aside.", step, reason
+        )
+    if self.damaged_steps and not read_only:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lrcc_checkpoint_quarantine")
       self._mgr.close()
       self._mgr = self._open()
     return result

@@ -262,6 +262,26 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"dense training, or the estimator in the loop (default: {_TRAIN_DEFAULT})",
   )
   add_progress_argument(parser)
+  parser.add_argument(
+      "--stop-after", type=positive_int, default=None, metavar="EPOCH",
+      help="stop once this epoch is complete, as if interrupted; the learning-rate schedule "
+      "still spans --epochs, and a later run with the same flags resumes",
+  )
+  multi = parser.add_argument_group(
+      "multi-process", "one process per host (docs/multihost.md); with none of these, JAX's "
+      "auto-detection runs on a Cloud TPU VM and in SLURM / Open MPI jobs of several tasks",
+  )
+  multi.add_argument(
+      "--coordinator", default=None, metavar="HOST:PORT",
+      help="process 0's address and a free port, the same in every process",
+  )
+  multi.add_argument(
+      "--num-processes", type=positive_int, default=None,
+      help="processes in the run (1: single-process, no auto-detection)",
+  )
+  multi.add_argument(
+      "--process-id", type=int, default=None, help="this process's index, 0 .. NUM_PROCESSES-1"
+  )
 
 
 def _check_dataset_argument(name: str, option: str = "--dataset") -> None:
@@ -283,13 +303,40 @@ def _train_config(args: argparse.Namespace) -> Any:
   return TrainConfig(**given)
 
 
+@contextlib.contextmanager
+def _native_stdout_to_stderr():
+  """Points file descriptor 1 at stderr for a while, so stdout stays JSON only.
+
+  Native libraries write there directly, past `sys.stdout` (Gloo, the CPU collectives of
+  multi-process runs, prints a line per connection).
+  """
+  sys.stdout.flush()
+  try:
+    saved = os.dup(1)
+    os.dup2(2, 1)
+  except OSError:  # no usable descriptors (an unusual embedding): leave them alone
+    yield
+    return
+  try:
+    yield
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
 def _run_train(args: argparse.Namespace) -> int:
   _check_dataset_argument(args.dataset)
+  from lrcc_jax.apps import distributed  # pylint: disable=g-import-not-at-top
   from lrcc_jax.apps.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = _train_config(args)
-  with contextlib.redirect_stdout(sys.stderr):
-    summary = train_and_evaluate(config, args.workdir, progress=show_progress(args))
+  with contextlib.redirect_stdout(sys.stderr), _native_stdout_to_stderr():
+    # Before anything starts a JAX backend: the runtime must know all processes first.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    summary = train_and_evaluate(
+        config, args.workdir, progress=show_progress(args), stop_after_epochs=args.stop_after
+    )
   print(to_json(summary))
   return 0
 

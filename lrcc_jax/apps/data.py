@@ -293,11 +293,32 @@ def iterate_batches(
   n = len(images)
   if len(labels) != n:
     raise ValueError(f"{n} images but {len(labels)} labels")
+  for idx in batch_indices(
+      n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_remainder=drop_remainder
+  ):
+    yield images[idx], labels[idx].astype(np.int32)
+
+
+def batch_indices(
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+) -> Iterator[np.ndarray]:
+  """Yields the example indices of one epoch's batches, in `iterate_batches`' order.
+
+  Batch ``i`` is ``order[i * batch_size:(i + 1) * batch_size]`` of the permutation
+  ``order`` drawn from ``(seed, epoch)``. Indices, not rows, so that a process of a
+  multi-process run can gather only the rows of a global batch that its own devices
+  hold, while every process agrees on the global batch.
+  """
   count = num_batches(n, batch_size, drop_remainder)
   order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
   for i in range(count):
-    idx = order[i * batch_size:(i + 1) * batch_size]
-    yield images[idx], labels[idx].astype(np.int32)
+    yield order[i * batch_size:(i + 1) * batch_size]
 
 
 def _split(

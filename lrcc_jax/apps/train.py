@@ -25,11 +25,16 @@ resumes from the last complete checkpoint.
 
 Data parallelism: a 1-D mesh ``("data",)`` over the devices, the batch sharded along it
 and the state replicated. `jax.jit` propagates the shardings and XLA inserts the gradient
-all-reduce itself. Multi-host: call ``jax.distributed.initialize()`` first in every
-process; `jax.devices()` then lists the devices of all hosts and the same code builds a
-global mesh. Every process iterates the same seeded batch order and contributes its own
-contiguous slice of each global batch (`jax.make_array_from_process_local_data`);
-checkpoints are written by orbax from the replicated state.
+all-reduce itself. Multi-process (one process per host, `lrcc_jax.apps.distributed`,
+``docs/multihost.md``): after ``jax.distributed.initialize()`` in every process,
+`jax.devices()` lists the devices of all processes and the same code builds one global
+mesh over all of them. Every process draws the same seeded batch order and gathers only
+the rows of each global batch that its own devices hold (`_shard_rows`), so a step sees
+the global batch of a single-process run over the same number of devices. The state is
+replicated: every process runs the refits (the SVDs) on its own copy, and each checkpoint
+save checks that all copies agree. Process 0 alone writes ``config.json``,
+``model.json``, ``metrics.jsonl`` and the checkpoint manifests; orbax writes the
+checkpoints (see `lrcc_jax.apps.checkpoint`).
 
 Example (the default config; see `TrainConfig` for the measured result)::
 
@@ -211,7 +216,9 @@ def make_data_mesh(
   Args:
     batch_size: global batch size; it must be divisible by the mesh size.
     num_devices: devices to use. None picks the largest count, at most the number of
-      devices, that divides `batch_size` (all of them when it divides).
+      devices, that divides `batch_size` (all of them when it divides); in a
+      multi-process run it is all of them, since every process must own part of the
+      mesh.
     devices: devices to draw from; defaults to `jax.devices()` (all hosts' devices
       under ``jax.distributed.initialize()``).
 
@@ -219,6 +226,8 @@ def make_data_mesh(
     ValueError: if `num_devices` does not divide `batch_size` or exceeds the devices.
   """
   devices = list(jax.devices() if devices is None else devices)
+  if num_devices is None and jax.process_count() > 1:
+    num_devices = len(devices)
   if num_devices is None:
     num_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
   if not 1 <= num_devices <= len(devices):
@@ -239,18 +248,63 @@ def check_batch_divisible(batch_size: int, num_devices: int) -> None:
 
 
 def _shard_batch(mesh: jax.sharding.Mesh, x: np.ndarray) -> Array:
-  """Places a global batch with its leading axis split over the ``"data"`` axis."""
-  sharding = NamedSharding(mesh, P("data"))
+  """Places a global batch with its leading axis split over the ``"data"`` axis.
+
+  Multi-process: every process holds the same global batch `x` and places the slices
+  of its own devices (`_shard_rows`).
+  """
   if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  # Multi-host: every process holds the same global batch; it contributes its slice.
-  n, i = jax.process_count(), jax.process_index()
-  per = x.shape[0] // n
-  return jax.make_array_from_process_local_data(sharding, x[i * per:(i + 1) * per], x.shape)
+    return jax.device_put(x, NamedSharding(mesh, P("data")))
+  return _shard_rows(mesh, x, np.arange(len(x)))
+
+
+def _shard_rows(mesh: jax.sharding.Mesh, source: np.ndarray, rows: np.ndarray) -> Array:
+  """The global batch ``source[rows]``, split over ``"data"``; only local rows are read.
+
+  Device ``d`` of the mesh holds global rows ``[d·B/D, (d+1)·B/D)``, whichever process
+  owns it, so the global batch (and with it the result of a step) is the one a
+  single-process run over the same number of devices sees. Each process gathers from
+  `source` only the rows of its addressable devices: with P processes, 1/P of a batch.
+  """
+  sharding = NamedSharding(mesh, P("data"))
+  shape = (len(rows), *source.shape[1:])
+  return jax.make_array_from_callback(shape, sharding, lambda index: source[rows[index[0]]])
+
+
+def _sync_each_step(mesh: jax.sharding.Mesh) -> bool:
+  """Whether to wait for each step before dispatching the next (XLA:CPU, >1 local device).
+
+  XLA:CPU runs the devices of one process on a shared thread pool (as its stack traces
+  show). With asynchronous dispatch, several queued steps run at once, and a device's
+  step blocked in the gradient all-reduce holds a pool thread while it waits for a device
+  that cannot get one: with more (fake) devices than cores the run deadlocks, and XLA
+  aborts it after 40 s ("Termination timeout for all reduce"). Seen here with 4 CPU
+  devices in one process on 2 cores, for the 784-1000-600-400 MLP of mnist5k.
+  """
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  return len(local) > 1 and all(d.platform == "cpu" for d in local)
 
 
 def _replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Copies a tree onto every device of `mesh`.
+
+  Multi-process: every process holds the same host values (the same seeded
+  initialisation, or the same checkpoint) and places them on its own devices;
+  `jax.device_put` cannot, since the sharding spans other processes' devices.
+  """
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x: Any) -> Array:
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 def compute_loss(
@@ -390,6 +444,8 @@ def evaluate_split(
     if mesh is not None:
       x, y, valid = (_shard_batch(mesh, a) for a in (x, y, valid))
     out = eval_step(graphdef, state, x, y, valid, mode=mode)
+    if mesh is not None and _sync_each_step(mesh):
+      jax.block_until_ready(out)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if was_training:
     model.train()
@@ -442,13 +498,18 @@ def _read_metrics(path: pathlib.Path) -> list[dict]:
   return records
 
 
-def _truncate_metrics(path: pathlib.Path, last_epoch: int) -> list[dict]:
-  """Keeps one line per epoch up to `last_epoch` (the restored checkpoint's)."""
+def _truncate_metrics(path: pathlib.Path, last_epoch: int, *, write: bool = True) -> list[dict]:
+  """Keeps one line per epoch up to `last_epoch` (the restored checkpoint's).
+
+  With ``write=False`` (the non-primary processes) only returns the kept records.
+  """
   kept = {}
   for r in _read_metrics(path):
     if isinstance(r.get("epoch"), int) and r["epoch"] <= last_epoch:
       kept[r["epoch"]] = r
   records = [kept[e] for e in sorted(kept)]
+  if not write:
+    return records
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
   os.replace(tmp, path)
@@ -512,12 +573,17 @@ def train_and_evaluate(
     raise ValueError(
         f"batch_size={config.batch_size} exceeds the {len(ds.train_images)} training examples."
     )
+  # Multi-process: every process runs this function; process 0 alone writes the run
+  # files (and the checkpoint manifests), the others only read them when resuming.
+  primary = jax.process_index() == 0
+  progress = progress and primary
   # Created only now: a run that fails on its arguments or its data leaves no empty workdir.
   workdir.mkdir(parents=True, exist_ok=True)
-  _write_json_atomic(workdir / "config.json", config.to_dict())
-  _write_json_atomic(
-      workdir / "model.json", {"num_features": ds.num_features, "num_classes": ds.num_classes}
-  )
+  if primary:
+    _write_json_atomic(workdir / "config.json", config.to_dict())
+    _write_json_atomic(
+        workdir / "model.json", {"num_features": ds.num_features, "num_classes": ds.num_classes}
+    )
 
   model, optimizer = _abstract_state(config, ds.num_features, ds.num_classes, steps_per_epoch)
   graphdef, state = nnx.split((model, optimizer))
@@ -531,10 +597,12 @@ def train_and_evaluate(
       nnx.replace_by_pure_dict(state, tree)
       epoch, step = int(meta["epoch"]), int(meta["step"])
       logger.info("Resuming %s from epoch %d (step %d).", workdir, epoch, step)
-    records = _truncate_metrics(metrics_path, epoch)
+    records = _truncate_metrics(metrics_path, epoch, write=primary)
     state = _replicate(mesh, state)
     l1 = config.l1_per_layer
+    train_labels = ds.train_labels.astype(np.int32)
     mode = "mask" if config.protocol == "in_loop" else "dense"
+    sync_steps = _sync_each_step(mesh)
     last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
 
     while epoch < last_epoch:
@@ -545,15 +613,17 @@ def train_and_evaluate(
           total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
           leave=False, dynamic_ncols=True, disable=None if progress else True,
       )
-      for images, labels in data.iterate_batches(
-          ds.train_images, ds.train_labels, config.batch_size, seed=config.seed, epoch=epoch
+      for rows in data.batch_indices(
+          len(ds.train_images), config.batch_size, seed=config.seed, epoch=epoch
       ):
         if mode == "mask" and step % config.refit_every == 0:
           state = subspace_refit_step(graphdef, state)
         state, m = train_step(
-            graphdef, state, _shard_batch(mesh, images), _shard_batch(mesh, labels),
-            l1=l1, mode=mode,
+            graphdef, state, _shard_rows(mesh, ds.train_images, rows),
+            _shard_rows(mesh, train_labels, rows), l1=l1, mode=mode,
         )
+        if sync_steps:
+          jax.block_until_ready(state)
         step += 1
         batch_metrics.append(m)
         bar.update(1)
@@ -585,8 +655,9 @@ def train_and_evaluate(
           "density": dense["density"],
           "seconds": time.perf_counter() - t0,
       }
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      if primary:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
       records.append(record)
       if progress:
         tqdm.tqdm.write(
