@@ -63,7 +63,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrcc_jax.apps import data
-from lrcc_jax import nn
+from lrcc_jax import _checks, nn
 from lrcc_jax._estimator import LowRankEstimator, subspace_refit
 from lrcc_jax.apps.checkpoint import Checkpointer
 
@@ -143,9 +143,7 @@ class TrainConfig:
   @property
   def l1_per_layer(self) -> tuple[float, ...]:
     """λ_l for every hidden layer."""
-    if isinstance(self.l1, tuple):
-      return tuple(float(v) for v in self.l1)
-    return (float(self.l1),) * len(self.hidden_sizes)
+    return tuple(float(v) for v in _checks.per_layer(self.l1, len(self.hidden_sizes), "l1"))
 
   def to_dict(self) -> dict:
     """A JSON-able dict (tuples become lists); `from_dict` inverts it."""
@@ -336,7 +334,7 @@ def compute_loss(
   return ce + penalty, {"ce": ce, "l1": penalty, "logits": logits, "activations": acts}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "l1", "mode"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "l1", "mode"), donate_argnames=("state",))
 def train_step(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -357,6 +355,10 @@ def train_step(
   Returns:
     The new state and the batch's ``loss``, ``ce``, ``accuracy`` and per-layer
     ``density`` (fraction of hidden units active, before dropout).
+
+  The input `state` is donated: its buffers hold the new state, so a step needs no second
+  copy of the parameters and optimizer moments. Do not read the arrays passed in (nor the
+  module they were split from) after the call; `nnx.update` the module with the result.
   """
   model, optimizer = nnx.merge(graphdef, state)
   grad_fn = nnx.value_and_grad(
