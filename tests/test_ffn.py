@@ -278,3 +278,64 @@ def test_default_lowering_has_no_cpu_kernel_target(platform):
         " being made in _native/_pallas separately"
     )
   assert _native.TARGET not in text
+
+
+# --- randomized fits ---------------------------------------------------------------------
+
+
+def _structured(seed, n, m, decay=lambda i: 1.0 / (1.0 + i)):
+  """(n, m) matrix with singular values decay(0), decay(1), ... and random singular vectors."""
+  rng = np.random.default_rng(seed)
+  k = min(n, m)
+  p, _ = np.linalg.qr(rng.standard_normal((n, k)))
+  q, _ = np.linalg.qr(rng.standard_normal((m, k)))
+  return jnp.asarray((p * decay(np.arange(k))) @ q.T, jnp.float32)
+
+
+@pytest.mark.parametrize("decay", [lambda i: 1.0 / (1.0 + i), lambda i: np.exp(-i / 16.0)])
+def test_randomized_svd_is_within_one_percent_of_exact(decay):
+  w = _structured(0, 192, 512, decay)
+  err = lambda e: float(jnp.linalg.norm(w - e.u @ e.v))
+  exact = L.fit_svd(w, 16)
+  fast = L.fit_svd(w, 16, method="randomized")
+  chex.assert_shape([fast.u, fast.v], [(192, 16), (16, 512)])
+  assert err(exact) <= err(fast) * (1 + 1e-4)  # Eckart–Young: nothing beats the exact fit
+  assert err(fast) <= 1.01 * err(exact), (err(fast), err(exact))
+  # without power iterations or oversampling the sketch is visibly worse: the test can fail
+  crude = L.fit_svd(w, 16, method="randomized", oversample=0, power_iters=0)
+  assert err(crude) > 1.01 * err(exact)
+  # different seeds, same quality; jit composes
+  other = jax.jit(lambda w: L.fit_svd(w, 16, method="randomized", seed=3))(w)
+  assert err(other) <= 1.01 * err(exact)
+
+
+def test_randomized_data_aware_is_within_one_percent_of_exact():
+  w = _structured(1, 64, 256)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((512, 64)) * np.linspace(0.1, 2.0, 64), jnp.float32)
+  obj = lambda e: float(jnp.linalg.norm(x @ (w - e.u @ e.v)))
+  exact = L.fit_data_aware(w, 8, x)
+  fast = L.fit_data_aware(w, 8, x, method="randomized")
+  assert obj(fast) <= 1.01 * obj(exact), (obj(fast), obj(exact))
+  # the data-aware objective is what it optimises: better on x than the plain SVD
+  assert obj(fast) < obj(L.fit_svd(w, 8, method="randomized"))
+
+
+def test_fit_method_errors():
+  w = jnp.ones((4, 6))
+  with pytest.raises(ValueError, match="method='fast' must be 'exact' or 'randomized'"):
+    L.fit_svd(w, 2, method="fast")
+  with pytest.raises(ValueError, match="method='qr'"):
+    L.fit_data_aware(w, 2, jnp.ones((8, 4)), method="qr")
+  with pytest.raises(ValueError, match="oversample=-1"):
+    L.fit_svd(w, 2, method="randomized", oversample=-1)
+
+
+def test_cholesky_orth_is_orthonormal_on_ill_conditioned_input():
+  from lrcc_jax._estimator import cholesky_orth
+
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((300, 12)) * np.logspace(0, -4, 12), jnp.float32)
+  q = cholesky_orth(a)
+  np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(12), atol=1e-4)
+  # same column space: projecting a onto q loses nothing
+  np.testing.assert_allclose(np.asarray(q @ (q.T @ a)), np.asarray(a), atol=1e-4)
