@@ -339,3 +339,79 @@ def test_cholesky_orth_is_orthonormal_on_ill_conditioned_input():
   np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(12), atol=1e-4)
   # same column space: projecting a onto q loses nothing
   np.testing.assert_allclose(np.asarray(q @ (q.T @ a)), np.asarray(a), atol=1e-4)
+
+
+# --- ConditionalFFN ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_module_modes_agree_and_match_the_functional_core(act):
+  from flax import nnx
+
+  from lrcc_jax.nn import ConditionalFFN
+
+  m = ConditionalFFN(16, 64, rank=4, activation="relu" if act == "gated" else act, gated=act == "gated",
+                     capacity=3, block_size=4, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 16)), jnp.float32)
+  w = m._weights()
+  mask = m(x, "mask")
+  want = L.conditional_ffn(x, **w, est=m.estimator, capacity=3, block_size=4, activation=m.activation)
+  chex.assert_trees_all_close(mask, want, atol=1e-6)
+  m.pack()
+  chex.assert_trees_all_close(m(x, "skip"), mask, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(nnx.jit(lambda m, x: m(x, "skip"))(m, x), mask, rtol=1e-4, atol=1e-5)
+  # with no cap and a threshold far below every estimate, mask = dense
+  m.capacity, m.threshold = None, -1e9
+  chex.assert_trees_all_close(m(x, "mask"), m(x, "dense"), atol=1e-5)
+  with pytest.raises(ValueError, match="mode='fast'"):
+    m(x, "fast")
+
+
+def test_module_skip_uses_the_cache_refreshed_by_pack_refit_and_calibrate(monkeypatch):
+  from flax import nnx
+
+  from lrcc_jax.nn import ConditionalFFN
+  from lrcc_jax.nn import _ffn as ffn_mod
+
+  m = ConditionalFFN(16, 64, rank=4, activation="relu2", capacity=4, block_size=4, rngs=nnx.Rngs(1))
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((12, 16)), jnp.float32)
+  packed = m.pack()
+  calls = []
+  real = ffn_mod.pack_ffn
+  monkeypatch.setattr(ffn_mod, "pack_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+  for _ in range(3):
+    m(x, "skip")
+  assert calls == []  # no repacking per call
+  assert all(a is b for a, b in zip(jax.tree.leaves(m.packed.get_value()), jax.tree.leaves(packed)))
+  m.refit(x, method="data_aware", rank=8, fit="randomized")
+  assert len(calls) == 1 and m.rank == 8 and m.packed.get_value().u.shape == (16, 8)
+  chex.assert_trees_all_close(m(x, "skip"), m(x, "mask"), rtol=1e-4, atol=1e-5)
+  t = m.calibrate(x, recall=0.9)
+  assert len(calls) == 2 and t == m.threshold
+  stats = L.estimator_stats(x, m.w_in[...], m.b_in[...], m.estimator, t)
+  assert float(stats["recall"]) >= np.float32(0.9)
+  with pytest.raises(ValueError, match="needs calibration inputs"):
+    m.refit(method="data_aware")
+
+
+def test_module_trains_in_mask_mode():
+  import optax
+  from flax import nnx
+
+  from lrcc_jax.nn import ConditionalFFN
+
+  m = ConditionalFFN(8, 32, rank=4, gated=True, capacity=4, block_size=2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 8)), jnp.float32)
+  y = jnp.sin(x)
+
+  @nnx.jit
+  def step(m, opt):
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x, "mask") - y) ** 2))(m)
+    opt.update(m, g)
+    return loss
+
+  u0 = m.u[...]
+  losses = [float(step(m, opt)) for _ in range(30)]
+  assert losses[-1] < 0.7 * losses[0]
+  np.testing.assert_array_equal(np.asarray(m.u[...]), np.asarray(u0))  # the estimator is not trained
