@@ -55,10 +55,12 @@ def fit_svd(
   `‖W − UV‖_F` is never below the exact one, and exceeds it by a factor that shrinks
   with the spectral gap at `rank` raised to `2 q + 1`: HMT's bound is
   `E‖W − QQᵀW‖ ≤ (1 + rank / (oversample − 1))^{1/2} (Σ_{j>rank} σ_j^{2(2q+1)})^{1/(2(2q+1))}`
-  before truncation. Measured on a 2048×8192 matrix with a decaying spectrum at rank 64
-  (`lrcc-jax bench --suite ffn`, defaults): within 0.1% of the exact error, about 20×
-  faster on 2 CPU cores. It costs `2 (q + 1)` products with (n_in × n_out × k) flops
-  instead of an O(n_in n_out min(n_in, n_out)) SVD.
+  before truncation. Measured on a 2048×8192 matrix with singular values `1 / (1 + i)` at
+  rank 64 (`experiments/bench_ffn.py`, defaults): 0.53% above the exact error, 1.05 s
+  against 72 s for the exact SVD on 2 heavily shared CPU cores. It costs `2 (q + 1)`
+  products of (n_in × n_out × k) flops and (k × k) factorisations (`cholesky_orth`)
+  instead of an O(n_in n_out min(n_in, n_out)) SVD. Tested within 1% of the exact error
+  on decaying spectra (`tests/test_ffn.py`).
 
   Args:
     kernel: (n_in, n_out) kernel in Flax layout.
