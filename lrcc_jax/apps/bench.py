@@ -748,7 +748,9 @@ def run_ffn(out_dir: str | os.PathLike = "experiments/results", *, repeats: int 
   """`bench_ffn` (+ `bench_randomized_fit`): prints a table and writes `bench_ffn.json`."""
   env = environment()
   env["threads"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other processes skew latencies
   rows = bench_ffn(rank=rank, repeats=repeats)
+  env["load_average_before_after"] = [load, os.getloadavg() if load is not None else None]
   print(f"{'variant':>8} {'dense ms':>9} {'skip ms':>8} {'skip x':>7} {'varied x':>8} {'composed x':>10} {'model':>6}")
   for r in rows:
     comp = f"{r['composed_speedup']:>9.2f}x" if "composed_speedup" in r else f"{'-':>10}"
