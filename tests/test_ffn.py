@@ -415,3 +415,32 @@ def test_module_trains_in_mask_mode():
   losses = [float(step(m, opt)) for _ in range(30)]
   assert losses[-1] < 0.7 * losses[0]
   np.testing.assert_array_equal(np.asarray(m.u[...]), np.asarray(u0))  # the estimator is not trained
+
+
+# --- benchmark -----------------------------------------------------------------------------
+
+
+def test_ffn_flop_model():
+  from lrcc_jax.apps.bench import ffn_flop_speedup
+
+  # dense 2 d f; conditional r (d + f) + 2 c d f
+  d, f, r, c = 2048, 8192, 64, 0.1
+  assert ffn_flop_speedup(d, f, r, c, False) == pytest.approx(2 * d * f / (r * (d + f) + 2 * c * d * f))
+  assert ffn_flop_speedup(d, f, r, c, True) == pytest.approx(3 * d * f / (r * (d + f) + 3 * c * d * f))
+
+
+def test_run_ffn_writes_checked_rows(tmp_path, capsys):
+  import json
+
+  from lrcc_jax.apps import bench
+
+  path = bench.run_ffn(tmp_path, repeats=1, rank=4, d_model=32, d_ff=256)
+  out = json.loads(path.read_text())
+  assert [r["variant"] for r in out["rows"]] == ["relu", "relu2", "gated"]
+  row = out["rows"][0]
+  assert row["capacity"] == 2 and row["computed_fraction"] == pytest.approx(0.125)
+  assert row["skip_ms"] > 0 and "composed_speedup" in row and row["flop_model_speedup"] > 1
+  fit = out["randomized_fit"]
+  assert fit["shape"] == [32, 256] and -1e-3 <= fit["error_excess"] < 0.05
+  assert out["environment"]["threads"] >= 1 and "jax_version" in out["environment"]
+  assert "skip x" in capsys.readouterr().out

@@ -744,12 +744,12 @@ def bench_randomized_fit(
 
 
 def run_ffn(out_dir: str | os.PathLike = "experiments/results", *, repeats: int = 9, rank: int = 64,
-            fit: bool = True, exact_fit: bool = True) -> Path:
-  """`bench_ffn` (+ `bench_randomized_fit`): prints a table and writes `bench_ffn.json`."""
+            fit: bool = True, exact_fit: bool = True, d_model: int = 2048, d_ff: int = 8192) -> Path:
+  """`bench_ffn` (+ `bench_randomized_fit`, same shape): prints a table, writes `bench_ffn.json`."""
   env = environment()
   env["threads"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other processes skew latencies
-  rows = bench_ffn(rank=rank, repeats=repeats)
+  rows = bench_ffn(d_model, d_ff, rank=rank, repeats=repeats)
   env["load_average_before_after"] = [load, os.getloadavg() if load is not None else None]
   print(f"{'variant':>8} {'dense ms':>9} {'skip ms':>8} {'skip x':>7} {'varied x':>8} {'composed x':>10} {'model':>6}")
   for r in rows:
@@ -758,7 +758,7 @@ def run_ffn(out_dir: str | os.PathLike = "experiments/results", *, repeats: int 
           f" {r['skip_varied_speedup']:>7.2f}x {comp} {r['flop_model_speedup']:>5.2f}x")
   payload = {"environment": env, "rows": rows}
   if fit:
-    payload["randomized_fit"] = f = bench_randomized_fit(rank=rank, exact=exact_fit)
+    payload["randomized_fit"] = f = bench_randomized_fit(d_model, d_ff, rank, exact=exact_fit)
     print(f"rank-{rank} fit of {f['shape'][0]}x{f['shape'][1]}: randomized {f['randomized_s']:.3f} s"
           + (f", exact {f['exact_s']:.1f} s, error excess {100 * f['error_excess']:.3f}%" if exact_fit else ""))
   path = write_results("bench_ffn", payload, out_dir)
