@@ -24,7 +24,12 @@ import jax.numpy as jnp
 from lrcc_jax import _checks, _mask, _native
 from lrcc_jax._estimator import LowRankEstimator, add_bias, estimate
 from lrcc_jax._layers import unit_mask
-from lrcc_jax._packed import gathered_matvec, group_bounds, skip_pays, unit_major_product
+from lrcc_jax._packed import (
+  gathered_matvec,
+  group_bounds,
+  skip_pays,
+  unit_major_product,
+)
 
 Array = jax.Array
 Activation = Literal["relu", "relu2"]
@@ -53,12 +58,11 @@ def _check_ffn(x, w_in, b_in, w_out, b_out, w_up, b_up) -> tuple[int, int, int]:
         f"a gated FFN needs both w_up and b_up, got w_up={'None' if w_up is None else tuple(w_up.shape)}"
         f" and b_up={'None' if b_up is None else tuple(b_up.shape)}."
     )
-  if w_up is not None:
-    if tuple(w_up.shape) != (d, d_ff) or tuple(b_up.shape) != (d_ff,):
-      raise ValueError(
-          f"w_up {tuple(w_up.shape)} and b_up {tuple(b_up.shape)} must match w_in: ({d}, {d_ff})"
-          f" and ({d_ff},)."
-      )
+  if w_up is not None and (tuple(w_up.shape) != (d, d_ff) or tuple(b_up.shape) != (d_ff,)):
+    raise ValueError(
+        f"w_up {tuple(w_up.shape)} and b_up {tuple(b_up.shape)} must match w_in: ({d}, {d_ff})"
+        f" and ({d_ff},)."
+    )
   return d, d_ff, d_out
 
 

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import reference_mask, selection_margin
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from test_packed import _eqns, _primitive_names
 
 import lrcc_jax as L
-from helpers import reference_mask, selection_margin
 from lrcc_jax._ffn import ffn_gathers
-from test_packed import _eqns, _primitive_names
 
 ACTS = ["relu", "relu2", "gated"]  # gated = ReLU-gated: relu(x W_in + b_in) * (x W_up + b_up)
 
@@ -77,7 +77,7 @@ def test_conditional_and_packed_ffn_equal_numpy_reference(case):
   assume(selection_margin(z_hat, threshold, capacity, bs) > 1e-3)
   mask = reference_mask(z_hat, threshold, capacity, bs)
   want = reference_ffn(x, p, mask, activation)
-  kw = dict(threshold=threshold, capacity=capacity, activation=activation)
+  kw = {"threshold": threshold, "capacity": capacity, "activation": activation}
   # jitted: one compile per example instead of one per eager op (keeps the test fast)
   cond = jax.jit(lambda x, p, est: L.conditional_ffn(x, **p, est=est, block_size=bs, **kw))
   got = cond(x, p, est)
@@ -93,7 +93,7 @@ def test_mask_equals_conditional_dense_mask_and_skips_units():
   """Zeroing w_out's rows of masked units changes nothing; masked units never reach y."""
   p, est = _ffn(3, 8, 32, 5, 3, False)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 8)), jnp.float32)
-  kw = dict(threshold=0.05, capacity=3, block_size=4)
+  kw = {"threshold": 0.05, "capacity": 3, "block_size": 4}
   h = L.conditional_dense(x, p["w_in"], p["b_in"], est, **kw)  # M ⊙ relu(z)
   want = h @ p["w_out"] + p["b_out"][None]
   got = L.conditional_ffn(x, p["w_in"], p["b_in"], p["w_out"], p["b_out"], est, **kw)
@@ -162,7 +162,7 @@ def test_gradients_treat_the_mask_as_constant(act, rows):
   p, est = _ffn(1, 8, 16, 3, 3, act == "gated")
   activation = "relu" if act == "gated" else act
   x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 8)), jnp.float32)
-  kw = dict(threshold=-0.1, capacity=2)
+  kw = {"threshold": -0.1, "capacity": 2}
   mask = L.unit_mask(L.estimate(x, est, p["b_in"]), -0.1, 2, 4)
 
   def loss_cond(x, p):

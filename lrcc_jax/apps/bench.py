@@ -688,13 +688,17 @@ def bench_ffn(
     want = conditional_ffn(x, **p, est=est, capacity=cap, block_size=block_size, activation=activation)
     np.testing.assert_allclose(np.asarray(skip_fn(x)), np.asarray(want), rtol=1e-3, atol=1e-3)
     stream = itertools.cycle(xs)
-    fns = {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x), "skip_varied": lambda: skip_fn(next(stream))}
+    fns = {
+        "dense": lambda f=dense_fn, x=x: f(x),
+        "skip": lambda f=skip_fn, x=x: f(x),
+        "skip_varied": lambda f=skip_fn, s=stream: f(next(s)),
+    }
     if variant == "relu":
       layer = pack(p["w_in"], p["b_in"], est, block_size=block_size)
-      composed_fn = jax.jit(lambda x: sparse_linear(
+      composed_fn = jax.jit(lambda x, layer=layer, p=p: sparse_linear(
           sparse_packed_dense(x, layer, capacity=cap), p["w_out"], p["b_out"]))
       np.testing.assert_allclose(np.asarray(composed_fn(x)), np.asarray(want), rtol=1e-3, atol=1e-3)
-      fns["composed"] = lambda: composed_fn(x)
+      fns["composed"] = lambda f=composed_fn, x=x: f(x)
     t = time_interleaved(fns, repeats=repeats)
     flop = ffn_flop_speedup(d_model, d_ff, rank, computed, gated) if ffn_gathers(packed, 1, cap) else 1.0
     row = {

@@ -22,8 +22,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrcc_jax import _checks
-from lrcc_jax._estimator import FitMethod, LowRankEstimator, add_bias, fit_data_aware, fit_svd
-from lrcc_jax._ffn import ACTIVATIONS, Activation, PackedFFN, activate, conditional_ffn, pack_ffn, packed_ffn
+from lrcc_jax._estimator import (
+  FitMethod,
+  LowRankEstimator,
+  add_bias,
+  fit_data_aware,
+  fit_svd,
+)
+from lrcc_jax._ffn import (
+  ACTIVATIONS,
+  Activation,
+  PackedFFN,
+  activate,
+  conditional_ffn,
+  pack_ffn,
+  packed_ffn,
+)
 from lrcc_jax._stats import calibrate_threshold
 from lrcc_jax.nn._modules import MODES, EstimatorFactor, Mode, default_rank
 
