@@ -723,8 +723,6 @@ def bench_randomized_fit(
   Times `fit_svd(method="randomized")` (median of `repeats`, after a compile) and,
   once, the exact `fit_svd`, and compares their Frobenius errors `‖W − UV‖_F`.
   """
-  import time
-
   rng = np.random.default_rng(seed)
   k = min(n_in, n_out)
   p_, _ = np.linalg.qr(rng.standard_normal((n_in, k)))

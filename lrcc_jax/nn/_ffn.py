@@ -39,7 +39,7 @@ from lrcc_jax._ffn import (
   packed_ffn,
 )
 from lrcc_jax._stats import calibrate_threshold
-from lrcc_jax.nn._modules import MODES, EstimatorFactor, Mode, default_rank
+from lrcc_jax.nn._modules import MODES, EstimatorFactor, Mode, Threshold, default_rank
 
 Array = jax.Array
 Method = Literal["svd", "data_aware"]
@@ -58,7 +58,8 @@ class ConditionalFFN(nnx.Module):
     w_out: (d_ff, d_out) `nnx.Param`; b_out: (d_out,).
     u, v: `EstimatorFactor` variables, `u @ v ≈ w_in`.
     packed: `PackedCache` holding the skip mode's `PackedFFN`.
-    rank, threshold, capacity, block_size, activation, gated: static settings.
+    threshold: `Threshold` variable (a scalar): calibrating changes a value, not the graph.
+    rank, capacity, block_size, activation, gated: static settings.
   """
 
   def __init__(
@@ -82,7 +83,7 @@ class ConditionalFFN(nnx.Module):
     self.capacity = _checks.check_capacity(capacity, n_blocks, block_size)
     self.rank = _checks.check_rank(default_rank(d_model, d_ff) if rank is None else rank, d_model, d_ff)
     self.block_size = block_size
-    self.threshold = float(threshold)
+    self.threshold = Threshold(jnp.asarray(threshold, jnp.float32))
     self.activation = activation
     self.gated = bool(gated)
     init_in = jax.nn.initializers.he_normal()
@@ -142,17 +143,17 @@ class ConditionalFFN(nnx.Module):
     self.v = EstimatorFactor(est.v)
     self.pack()
 
-  def calibrate(self, x: Array, *, recall: float = 0.99) -> float:
+  def calibrate(self, x: Array, *, recall: float = 0.99) -> Array:
     """Sets the threshold to keep `recall` of the nonzero hidden units on `x`, and repacks.
 
     A hidden unit of every activation here is nonzero only where `z = x W_in + b_in > 0`,
     so `calibrate_threshold` on the input projection is the right criterion, gated or not.
     """
-    self.threshold = float(
-        calibrate_threshold(x, self.w_in[...], self.b_in[...], self.estimator, recall=recall)
+    self.threshold[...] = jnp.asarray(
+        calibrate_threshold(x, self.w_in[...], self.b_in[...], self.estimator, recall=recall), jnp.float32
     )
     self.pack()
-    return self.threshold
+    return self.threshold[...]
 
   def hidden(self, x: Array) -> Array:
     """The dense hidden activations `h` (..., d_ff), for statistics and penalties."""
@@ -169,10 +170,12 @@ class ConditionalFFN(nnx.Module):
       return add_bias(self.hidden(x) @ self.w_out[...], self.b_out[...])
     if mode == "mask":
       return conditional_ffn(
-          x, **self._weights(), est=self.estimator, threshold=self.threshold, capacity=self.capacity,
+          x, **self._weights(), est=self.estimator, threshold=self.threshold[...], capacity=self.capacity,
           block_size=self.block_size, activation=self.activation,
       )
     packed = self.packed.get_value()
     if packed is None:  # not packed yet: correct, but packs on every call
       packed = pack_ffn(**self._weights(), est=self.estimator, block_size=self.block_size)
-    return packed_ffn(x, packed, threshold=self.threshold, capacity=self.capacity, activation=self.activation)
+    return packed_ffn(
+        x, packed, threshold=self.threshold[...], capacity=self.capacity, activation=self.activation
+    )
