@@ -42,6 +42,10 @@ def _check_activation(activation: str) -> None:
     raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
 
 
+def _shape(a) -> str:
+  return "None" if a is None else str(tuple(a.shape))
+
+
 def _check_ffn(x, w_in, b_in, w_out, b_out, w_up, b_up) -> tuple[int, int, int]:
   """Validates the FFN's shapes; returns (d_model, d_ff, d_out)."""
   d, d_ff = _checks.check_kernel(w_in, b_in)
@@ -55,8 +59,7 @@ def _check_ffn(x, w_in, b_in, w_out, b_out, w_up, b_up) -> tuple[int, int, int]:
   d_out = _checks.check_kernel(w_out, b_out)[1]
   if (w_up is None) != (b_up is None):
     raise ValueError(
-        f"a gated FFN needs both w_up and b_up, got w_up={'None' if w_up is None else tuple(w_up.shape)}"
-        f" and b_up={'None' if b_up is None else tuple(b_up.shape)}."
+        f"a gated FFN needs both w_up and b_up, got w_up={_shape(w_up)} and b_up={_shape(b_up)}."
     )
   if w_up is not None and (tuple(w_up.shape) != (d, d_ff) or tuple(b_up.shape) != (d_ff,)):
     raise ValueError(
@@ -250,7 +253,9 @@ def ffn_block_bytes(packed: PackedFFN) -> int:
   return g_bs * d * packed.w_in.dtype.itemsize + bs * d_out * packed.w_out.dtype.itemsize
 
 
-def ffn_gathers(packed: PackedFFN, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32) -> bool:
+def ffn_gathers(
+    packed: PackedFFN, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32
+) -> bool:
   """Whether `packed_ffn`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
 
   The existing `skip_pays` decision, with the block bytes of all of the FFN's
@@ -258,11 +263,15 @@ def ffn_gathers(packed: PackedFFN, rows: int, capacity: int | None, dtype: jnp.d
   kernel (f32 on CPU).
   """
   native = _native.usable(packed.w_in.dtype, dtype)
-  return skip_pays(rows, capacity, packed.n_blocks, block_bytes=ffn_block_bytes(packed), native=native)
+  return skip_pays(
+      rows, capacity, packed.n_blocks, block_bytes=ffn_block_bytes(packed), native=native
+  )
 
 
 def _gathered_rows_product(h: Array, w_out: Array, idx: Array) -> Array:
-  r"""`y[r] = Σ_k Σ_j h[r, k, j] · w_out[idx[r, k], j]`: (rows, k, bs), (n_blocks, bs, d), (rows, k).
+  r"""`y[r] = Σ_k Σ_j h[r, k, j] · w_out[idx[r, k], j]`.
+
+  Shapes: `h` (rows, k, bs), `w_out` (n_blocks, bs, d), `idx` (rows, k).
 
   A weighted sum of the selected rows of the output projection. For one row the blocks
   are gathered and reduced in `group_bounds` groups, which XLA:CPU runs concurrently on
@@ -346,7 +355,8 @@ def packed_ffn(
     zz = unit_major_product(xr, jnp.reshape(packed.w_in, (n_blocks * rows_per_block, d)))
     zz = jnp.reshape(zz + jnp.reshape(packed.b_in, (1, -1)).astype(dtype), (rows, n_blocks, g, bs))
     z, up = zz[:, :, 0], (zz[:, :, 1] if g == 2 else None)
-    h = activate(jnp.reshape(z, (rows, d_ff)), None if up is None else jnp.reshape(up, (rows, d_ff)), activation)
+    up = None if up is None else jnp.reshape(up, (rows, d_ff))
+    h = activate(jnp.reshape(z, (rows, d_ff)), up, activation)
     h = jnp.where(keep, h, jnp.zeros((), h.dtype))
     y = h @ jnp.reshape(packed.w_out, (d_ff, d_out)).astype(dtype) + b_out
     return jnp.reshape(y, lead + (d_out,))

@@ -81,7 +81,8 @@ class ConditionalFFN(nnx.Module):
     d_out = d_model if d_out is None else d_out
     n_blocks = _checks.check_block_size(block_size, d_ff)
     self.capacity = _checks.check_capacity(capacity, n_blocks, block_size)
-    self.rank = _checks.check_rank(default_rank(d_model, d_ff) if rank is None else rank, d_model, d_ff)
+    rank = default_rank(d_model, d_ff) if rank is None else rank
+    self.rank = _checks.check_rank(rank, d_model, d_ff)
     self.block_size = block_size
     self.threshold = Threshold(jnp.asarray(threshold, jnp.float32))
     self.activation = activation
@@ -105,14 +106,14 @@ class ConditionalFFN(nnx.Module):
     return LowRankEstimator(self.u[...], self.v[...])
 
   def _weights(self) -> dict[str, Array]:
-    w = {"w_in": self.w_in[...], "b_in": self.b_in[...], "w_out": self.w_out[...], "b_out": self.b_out[...]}
-    if self.gated:
-      w.update(w_up=self.w_up[...], b_up=self.b_up[...])
-    return w
+    names = ("w_in", "b_in", "w_out", "b_out") + (("w_up", "b_up") if self.gated else ())
+    return {n: getattr(self, n)[...] for n in names}
 
   def pack(self, dtype: jnp.dtype | None = None) -> PackedFFN:
     """Packs the current weights and estimator (`pack_ffn`) and caches them for ``"skip"``."""
-    packed = pack_ffn(**self._weights(), est=self.estimator, block_size=self.block_size, dtype=dtype)
+    packed = pack_ffn(
+        **self._weights(), est=self.estimator, block_size=self.block_size, dtype=dtype
+    )
     self.packed = PackedCache(packed)
     return packed
 
@@ -149,9 +150,8 @@ class ConditionalFFN(nnx.Module):
     A hidden unit of every activation here is nonzero only where `z = x W_in + b_in > 0`,
     so `calibrate_threshold` on the input projection is the right criterion, gated or not.
     """
-    self.threshold[...] = jnp.asarray(
-        calibrate_threshold(x, self.w_in[...], self.b_in[...], self.estimator, recall=recall), jnp.float32
-    )
+    t = calibrate_threshold(x, self.w_in[...], self.b_in[...], self.estimator, recall=recall)
+    self.threshold[...] = jnp.asarray(t, jnp.float32)
     self.pack()
     return self.threshold[...]
 
@@ -170,8 +170,8 @@ class ConditionalFFN(nnx.Module):
       return add_bias(self.hidden(x) @ self.w_out[...], self.b_out[...])
     if mode == "mask":
       return conditional_ffn(
-          x, **self._weights(), est=self.estimator, threshold=self.threshold[...], capacity=self.capacity,
-          block_size=self.block_size, activation=self.activation,
+          x, **self._weights(), est=self.estimator, threshold=self.threshold[...],
+          capacity=self.capacity, block_size=self.block_size, activation=self.activation,
       )
     packed = self.packed.get_value()
     if packed is None:  # not packed yet: correct, but packs on every call
