@@ -25,6 +25,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "fit_trained": ("lrcc_jax._trained", "fit_trained"),
     "ESTIMATORS": ("lrcc_jax._registry", "ESTIMATORS"),
     "fit_estimator": ("lrcc_jax._registry", "fit_estimator"),
+    "PackedFFN": ("lrcc_jax._ffn", "PackedFFN"),
+    "conditional_ffn": ("lrcc_jax._ffn", "conditional_ffn"),
+    "pack_ffn": ("lrcc_jax._ffn", "pack_ffn"),
+    "packed_ffn": ("lrcc_jax._ffn", "packed_ffn"),
     "LayerCost": ("lrcc_jax._flops", "LayerCost"),
     "layer_flops": ("lrcc_jax._flops", "layer_flops"),
     "network_costs": ("lrcc_jax._flops", "network_costs"),
@@ -75,6 +79,10 @@ if TYPE_CHECKING:
   from lrcc_jax._trained import fit_trained as fit_trained
   from lrcc_jax._registry import ESTIMATORS as ESTIMATORS
   from lrcc_jax._registry import fit_estimator as fit_estimator
+  from lrcc_jax._ffn import PackedFFN as PackedFFN
+  from lrcc_jax._ffn import conditional_ffn as conditional_ffn
+  from lrcc_jax._ffn import pack_ffn as pack_ffn
+  from lrcc_jax._ffn import packed_ffn as packed_ffn
   from lrcc_jax._flops import LayerCost as LayerCost
   from lrcc_jax._flops import layer_flops as layer_flops
   from lrcc_jax._flops import network_costs as network_costs

@@ -607,3 +607,162 @@ def run_command(args) -> int:
     plot_suite(rows, out / "bench_suite.png")
   print(f"wrote {path} and {path.with_suffix('.png')}")
   return 0
+
+
+# --- conditional transformer FFNs (`lrcc_jax.packed_ffn`) --------------------------------
+
+
+def ffn_flop_speedup(d_model: int, d_ff: int, rank: int, computed: float, gated: bool) -> float:
+  """FLOP-model speed-up of a conditional FFN: every projection computes `computed` of d_ff.
+
+  Dense: `(g + 1) d d_ff`; conditional: `r (d + d_ff) + (g + 1) c d d_ff` (g = 2 gated, else 1).
+  """
+  costs = [LayerCost(d_model, d_ff, rank, computed), LayerCost(d_ff, d_model, None, 1.0, computed)]
+  if gated:  # the gate projection costs what the input projection's exact part does
+    costs.append(LayerCost(d_ff, d_model, None, 1.0, computed))
+  return theoretical_speedup(costs)
+
+
+def _random_ffn(key: jax.Array, d_model: int, d_ff: int, gated: bool) -> dict:
+  ks = jax.random.split(key, 6)
+  p = {
+      "w_in": jax.random.normal(ks[0], (d_model, d_ff), jnp.float32) / np.sqrt(d_model),
+      "b_in": 0.01 * jax.random.normal(ks[1], (d_ff,), jnp.float32),
+      "w_out": jax.random.normal(ks[2], (d_ff, d_model), jnp.float32) / np.sqrt(d_ff),
+      "b_out": 0.01 * jax.random.normal(ks[3], (d_model,), jnp.float32),
+  }
+  if gated:
+    p["w_up"] = jax.random.normal(ks[4], (d_model, d_ff), jnp.float32) / np.sqrt(d_model)
+    p["b_up"] = 0.01 * jax.random.normal(ks[5], (d_ff,), jnp.float32)
+  return p
+
+
+def _dense_ffn(p: dict, activation: str) -> Callable:
+  from lrcc_jax._ffn import activate
+
+  def f(x):
+    up = x @ p["w_up"] + p["b_up"][None] if "w_up" in p else None
+    return activate(x @ p["w_in"] + p["b_in"][None], up, activation) @ p["w_out"] + p["b_out"][None]
+
+  return jax.jit(f)
+
+
+def bench_ffn(
+    d_model: int = 2048,
+    d_ff: int = 8192,
+    *,
+    rank: int = 64,
+    fraction: float = 0.10,
+    block_size: int = 16,
+    variants: Sequence[str] = ("relu", "relu2", "gated"),
+    repeats: int = 9,
+    seed: int = 0,
+) -> list[dict]:
+  """Batch-1 FFN: dense jit vs `packed_ffn` computing `fraction` of the hidden units.
+
+  Both sides jitted and warmed, `pack_ffn` outside the timed region, interleaved medians
+  (`time_interleaved`). ``skip`` reuses one input; ``skip_varied`` cycles through 16, so
+  the selected rows come from memory rather than from the cache a fixed input leaves
+  them in. For ReLU, ``composed`` is the best chain of the pre-existing pieces:
+  `sparse_packed_dense` (input projection, sparse output) then `sparse_linear` (rows of
+  `w_out` for the active units).
+  """
+  from lrcc_jax._ffn import conditional_ffn, ffn_gathers, pack_ffn, packed_ffn
+  from lrcc_jax._sparse import sparse_linear, sparse_packed_dense
+
+  rows = []
+  n_blocks = d_ff // block_size
+  cap = capacity_blocks(fraction, d_ff, block_size)
+  computed = cap * block_size / d_ff
+  key = jax.random.key(seed)
+  for variant in variants:
+    gated = variant == "gated"
+    activation = "relu2" if variant == "relu2" else "relu"
+    p = _random_ffn(jax.random.fold_in(key, 1), d_model, d_ff, gated)
+    est = fit_svd(p["w_in"], rank, method="randomized")
+    packed = jax.block_until_ready(pack_ffn(**p, est=est, block_size=block_size))
+    dense_fn = _dense_ffn(p, activation)
+    skip_fn = jax.jit(lambda x, packed=packed, a=activation: packed_ffn(x, packed, capacity=cap, activation=a))
+    xs = list(jax.random.normal(jax.random.fold_in(key, 2), (16, 1, d_model), jnp.float32))
+    x = xs[0]
+    want = conditional_ffn(x, **p, est=est, capacity=cap, block_size=block_size, activation=activation)
+    np.testing.assert_allclose(np.asarray(skip_fn(x)), np.asarray(want), rtol=1e-3, atol=1e-3)
+    stream = itertools.cycle(xs)
+    fns = {
+        "dense": lambda f=dense_fn, x=x: f(x),
+        "skip": lambda f=skip_fn, x=x: f(x),
+        "skip_varied": lambda f=skip_fn, s=stream: f(next(s)),
+    }
+    if variant == "relu":
+      layer = pack(p["w_in"], p["b_in"], est, block_size=block_size)
+      composed_fn = jax.jit(lambda x, layer=layer, p=p: sparse_linear(
+          sparse_packed_dense(x, layer, capacity=cap), p["w_out"], p["b_out"]))
+      np.testing.assert_allclose(np.asarray(composed_fn(x)), np.asarray(want), rtol=1e-3, atol=1e-3)
+      fns["composed"] = lambda f=composed_fn, x=x: f(x)
+    t = time_interleaved(fns, repeats=repeats)
+    flop = ffn_flop_speedup(d_model, d_ff, rank, computed, gated) if ffn_gathers(packed, 1, cap) else 1.0
+    row = {
+        "variant": variant, "d_model": d_model, "d_ff": d_ff, "rank": rank, "block_size": block_size,
+        "capacity": cap, "n_blocks": n_blocks, "computed_fraction": computed,
+        "path": "gather" if ffn_gathers(packed, 1, cap) else "dense+mask",
+        **{f"{name}_ms": 1e3 * v for name, v in t.items()},
+        "skip_speedup": t["dense"] / t["skip"], "skip_varied_speedup": t["dense"] / t["skip_varied"],
+        "flop_model_speedup": flop,
+    }
+    if "composed" in t:
+      row["composed_speedup"] = t["dense"] / t["composed"]
+    rows.append(row)
+  return rows
+
+
+def bench_randomized_fit(
+    n_in: int = 2048, n_out: int = 8192, rank: int = 64, *, repeats: int = 3, exact: bool = True, seed: int = 0
+) -> dict:
+  """Rank-`rank` fit of an (n_in, n_out) matrix with singular values `1 / (1 + i)`.
+
+  Times `fit_svd(method="randomized")` (median of `repeats`, after a compile) and,
+  once, the exact `fit_svd`, and compares their Frobenius errors `‖W − UV‖_F`.
+  """
+  rng = np.random.default_rng(seed)
+  k = min(n_in, n_out)
+  p_, _ = np.linalg.qr(rng.standard_normal((n_in, k)))
+  q_, _ = np.linalg.qr(rng.standard_normal((n_out, k)))
+  w = jnp.asarray((p_ / (1.0 + np.arange(k))) @ q_.T, jnp.float32)
+  err = lambda e: float(jnp.linalg.norm(w - e.u @ e.v))
+  jax.block_until_ready(fit_svd(w, rank, method="randomized"))  # compile
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    fast = jax.block_until_ready(fit_svd(w, rank, method="randomized", seed=i))
+    times.append(time.perf_counter() - start)
+  out = {"shape": [n_in, n_out], "rank": rank, "spectrum": "1/(1+i)", "randomized_s": float(np.median(times)),
+         "randomized_error": err(fast)}
+  if exact:
+    start = time.perf_counter()
+    ex = jax.block_until_ready(fit_svd(w, rank))
+    out.update(exact_s=time.perf_counter() - start, exact_error=err(ex))
+    out["error_excess"] = out["randomized_error"] / out["exact_error"] - 1.0
+  return out
+
+
+def run_ffn(out_dir: str | os.PathLike = "experiments/results", *, repeats: int = 9, rank: int = 64,
+            fit: bool = True, exact_fit: bool = True, d_model: int = 2048, d_ff: int = 8192) -> Path:
+  """`bench_ffn` (+ `bench_randomized_fit`, same shape): prints a table, writes `bench_ffn.json`."""
+  env = environment()
+  env["threads"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other processes skew latencies
+  rows = bench_ffn(d_model, d_ff, rank=rank, repeats=repeats)
+  env["load_average_before_after"] = [load, os.getloadavg() if load is not None else None]
+  print(f"{'variant':>8} {'dense ms':>9} {'skip ms':>8} {'skip x':>7} {'varied x':>8} {'composed x':>10} {'model':>6}")
+  for r in rows:
+    comp = f"{r['composed_speedup']:>9.2f}x" if "composed_speedup" in r else f"{'-':>10}"
+    print(f"{r['variant']:>8} {r['dense_ms']:>9.3f} {r['skip_ms']:>8.3f} {r['skip_speedup']:>6.2f}x"
+          f" {r['skip_varied_speedup']:>7.2f}x {comp} {r['flop_model_speedup']:>5.2f}x")
+  payload = {"environment": env, "rows": rows}
+  if fit:
+    payload["randomized_fit"] = f = bench_randomized_fit(d_model, d_ff, rank, exact=exact_fit)
+    print(f"rank-{rank} fit of {f['shape'][0]}x{f['shape'][1]}: randomized {f['randomized_s']:.3f} s"
+          + (f", exact {f['exact_s']:.1f} s, error excess {100 * f['error_excess']:.3f}%" if exact_fit else ""))
+  path = write_results("bench_ffn", payload, out_dir)
+  print(f"wrote {path}")
+  return path

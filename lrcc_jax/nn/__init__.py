@@ -12,3 +12,5 @@ from lrcc_jax.nn._modules import Mode as Mode
 from lrcc_jax.nn._modules import PackedWeight as PackedWeight
 from lrcc_jax.nn._modules import Threshold as Threshold
 from lrcc_jax.nn._modules import default_rank as default_rank
+from lrcc_jax.nn._ffn import ConditionalFFN as ConditionalFFN
+from lrcc_jax.nn._ffn import PackedCache as PackedCache
