@@ -56,7 +56,7 @@ def fit_svd(
   with the spectral gap at `rank` raised to `2 q + 1`: HMT's bound is
   `E‖W − QQᵀW‖ ≤ (1 + rank / (oversample − 1))^{1/2} (Σ_{j>rank} σ_j^{2(2q+1)})^{1/(2(2q+1))}`
   before truncation. Measured on a 2048×8192 matrix with singular values `1 / (1 + i)` at
-  rank 64 (`experiments/bench_ffn.py`, defaults): 0.53% above the exact error, 0.70 s
+  rank 64 (`lrcc-jax bench --suite ffn`): 0.53% above the exact error, 0.70 s
   against 73 s for the exact SVD on 2 heavily shared CPU cores. It costs `2 (q + 1)`
   products of (n_in × n_out × k) flops and (k × k) factorisations (`cholesky_orth`)
   instead of an O(n_in n_out min(n_in, n_out)) SVD. Tested within 1% of the exact error

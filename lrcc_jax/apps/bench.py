@@ -571,6 +571,8 @@ def run_command(args) -> int:
     print(format_mlp_table(rows))
     path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
     plot_speedups(rows, out / "bench_mlp.png", f"4-layer 4096 MLP, rank {args.rank}, 10% computed")
+  elif args.suite == "ffn":
+    path = run_ffn(out, repeats=args.repeats, rank=args.rank)
   elif args.suite == "storage":
     rows = bench_storage(rank=args.rank, block_size=args.block_size, batches=args.batches or (1, 8), repeats=args.repeats)
     for r in rows:
@@ -764,5 +766,9 @@ def run_ffn(out_dir: str | os.PathLike = "experiments/results", *, repeats: int 
     print(f"rank-{rank} fit of {f['shape'][0]}x{f['shape'][1]}: randomized {f['randomized_s']:.3f} s"
           + (f", exact {f['exact_s']:.1f} s, error excess {100 * f['error_excess']:.3f}%" if exact_fit else ""))
   path = write_results("bench_ffn", payload, out_dir)
-  print(f"wrote {path}")
+  plot_times(
+      {f"{r['variant']}, {side}": r[key] for r in rows
+       for side, key in (("dense", "dense_ms"), ("packed_ffn", "skip_ms"))},
+      Path(out_dir) / "bench_ffn.png", f"FFN d={d_model}, d_ff={d_ff}, batch 1, rank {rank}",
+  )
   return path

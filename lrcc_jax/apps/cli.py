@@ -541,9 +541,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--suite", choices=("layer", "mlp", "module", "storage", "full"), default="layer",
+  parser.add_argument("--suite", choices=("layer", "mlp", "module", "storage", "ffn", "full"), default="layer",
                       help="layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer in skip mode;"
-                           " storage: bf16 vs f32 weights; full: widths x batches x fractions")
+                           " storage: bf16 vs f32 weights; ffn: transformer FFN d=2048, d_ff=8192;"
+                           " full: widths x batches x fractions")
   parser.add_argument("--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)")
   parser.add_argument("--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)")
   parser.add_argument("--rank", type=positive_int, default=64, help="estimator rank (default 64)")

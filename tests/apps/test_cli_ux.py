@@ -219,8 +219,22 @@ def test_bench_writes_a_png_for_every_suite_and_not_into_results(tmp_path, monke
   monkeypatch.setattr(bench, "bench_layer", lambda **kw: rows)
   monkeypatch.setattr(bench, "bench_mlp", lambda *a, **kw: [dict(r, batch=r["batch"]) for r in rows[:2]])
   monkeypatch.setattr(bench, "random_mlp", lambda *a, **kw: None)
+  sides = ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default")
+  module_row = {**{f"{k}_ms": 1.0 for k in sides}, "width": 64, "batch": 1,
+                "module_donated_over_packed_dense": 1.0, "module_graph_false_over_packed_dense": 1.0,
+                "retraces_over_three_threshold_changes": 0}
+  monkeypatch.setattr(bench, "bench_module", lambda **kw: module_row)
+  storage_row = {"batch": 1, "width": 64, "capacity_fraction": 0.1, "dense_f32_ms": 1.0, "skip_f32_ms": 0.5,
+                 "skip_bf16_ms": 0.4, "path_f32": "gather", "path_bf16": "gather",
+                 "bf16_speedup_over_f32_storage": 1.25, "bf16_speedup_over_dense": 2.5}
+  monkeypatch.setattr(bench, "bench_storage", lambda **kw: [storage_row])
+  ffn_row = {"variant": "relu", "dense_ms": 1.0, "skip_ms": 0.2, "skip_speedup": 5.0,
+             "skip_varied_speedup": 5.0, "flop_model_speedup": 8.0}
+  monkeypatch.setattr(bench, "bench_ffn", lambda *a, **kw: [ffn_row])
+  monkeypatch.setattr(bench, "bench_randomized_fit", lambda *a, **kw: {
+      "shape": [64, 64], "randomized_s": 0.1, "exact_s": 1.0, "error_excess": 0.001})
   monkeypatch.chdir(tmp_path)
-  for suite in ("layer", "mlp"):
+  for suite in ("layer", "mlp", "module", "storage", "ffn"):
     status, out, err = _main(["bench", "--suite", suite, "--no-progress"])
     assert status == 0, err
     png = tmp_path / "runs" / "bench" / f"bench_{suite}.png"
