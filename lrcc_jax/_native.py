@@ -101,13 +101,22 @@ def available() -> bool:
 
 
 def active() -> bool:
-  """The kernel is built and the default backend (where `jit` compiles) is the CPU."""
+  """The kernel is built and the default backend (where `jit` compiles) is the CPU.
+
+  Only a report of the current device (bench records, `skip_pays`'s default); kernel
+  choices follow the lowering platform (`_policy`).
+  """
   return jax.default_backend() == "cpu" and available()
 
 
 def usable(*dtypes: jnp.dtype) -> bool:
-  """The kernel runs operands of these dtypes (f32 only) on the CPU backend."""
-  return all(d == jnp.float32 for d in dtypes) and active()
+  """The kernel runs operands of these dtypes (f32 only) and is built.
+
+  Whether the program runs on a CPU is the lowering platform's business: callers stage the
+  kernel in the "cpu" branch of `_policy.dispatch` only, so it appears in CPU lowerings
+  and nowhere else, whatever `jax.default_backend()` is.
+  """
+  return all(d == jnp.float32 for d in dtypes) and available()
 
 
 @functools.cache
