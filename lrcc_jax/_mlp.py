@@ -99,7 +99,10 @@ def packed_mlp(
     layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
     return _policy.dispatch(
         lambda platform: _policy.plan_chain(platform, rows, layers, capacities, x.dtype, NATIVE_MIN_RUN, policy),
-        lambda sparse: _run_mlp(x, packed, thresholds, capacities, return_activations, sparse, policy),
+        lambda sparse, x, packed, thresholds: _run_mlp(
+            x, packed, thresholds, capacities, return_activations, sparse, policy
+        ),
+        (x, packed, list(thresholds)),
     )
   return _run_mlp(x, packed, thresholds, capacities, return_activations, strategy == "sparse", policy)
 

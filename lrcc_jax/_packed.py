@@ -82,15 +82,16 @@ def gathered_matvec(weight: Array, idx: Array, x: Array, *, kernel: str | None =
     _, block_size, n_in = weight.shape
     return _policy.dispatch(
         lambda platform: _policy.gather_kernel(platform, block_size, n_in, weight.dtype, x.dtype, policy),
-        lambda k: gathered_matvec(weight, idx, x, kernel=k),
+        lambda k, weight, idx, x: gathered_matvec(weight, idx, x, kernel=k),
+        (weight, idx, x),
     )
   if kernel == "native":
     starts = jnp.zeros((x.shape[0], 1), jnp.int32)
     return _native.tile_product(weight, idx, starts, x, weight.shape[2], _dense_input_product)
   if kernel == "mosaic":
-    return _pallas.gathered_matvec_tpu(weight, idx, x)
+    return _pallas.differentiable_matvec(_pallas.gathered_matvec_tpu, _xla_gathered_matvec)(weight, idx, x)
   if kernel == "triton":
-    return _pallas.gathered_matvec_gpu(weight, idx, x)
+    return _pallas.differentiable_matvec(_pallas.gathered_matvec_gpu, _xla_gathered_matvec)(weight, idx, x)
   if kernel != "xla":
     raise ValueError(f"kernel={kernel!r} must be 'native', 'mosaic', 'triton' or 'xla'.")
   return _xla_gathered_matvec(weight, idx, x)
@@ -349,7 +350,8 @@ def packed_dense(
   def plan_of(platform: str) -> _policy.Plan:
     return _policy.plan_layer(platform, strategy, rows, capacity, packed.weight.shape, packed.weight.dtype, xr.dtype, policy)
 
-  def run(plan: _policy.Plan) -> Array:
+  def run(plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense) -> Array:
+    bias_flat = jnp.reshape(packed.bias, (1, n_out)).astype(xr.dtype)
     if not plan.gather:
       keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
       z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
@@ -362,5 +364,5 @@ def packed_dense(
     return jnp.reshape(y, (rows, n_out))
 
   with jax.named_scope("lrcc_packed_dense"):
-    y = _policy.dispatch(plan_of, run, key=lambda plan: plan.key)
+    y = _policy.dispatch(plan_of, run, (xr, scores, threshold, packed), key=lambda plan: plan.key)
   return jnp.reshape(y, lead + (n_out,))

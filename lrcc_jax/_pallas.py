@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +334,43 @@ def gathered_matvec_gpu(weight: Array, idx: Array, x: Array, *, interpret: bool 
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
     )(idx.astype(jnp.int32), x, weight)
+
+
+# --- AD and batching for the gather kernels. ---
+
+
+@functools.cache
+def differentiable_matvec(kernel: Callable, fallback: Callable) -> Callable:
+  """`kernel(weight, idx, x)` with `fallback`'s derivatives and a batching rule.
+
+  The result is differentiable (the tangent is `fallback`'s, an XLA form with the same
+  values: the Pallas kernels have no general JVP) and batches under `vmap` (batch axes of
+  `idx` and `x` fold into rows; batched weights run `fallback`), like `_native`.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def call(weight, idx, x):
+    return kernel(weight, idx, x)
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, weight, idx, x):
+    if in_batched[0]:
+      in_axes = (0, *(0 if b else None for b in in_batched[1:]))
+      return jax.vmap(fallback, in_axes=in_axes)(weight, idx, x), True
+    idx, x = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip((idx, x), in_batched[1:]))
+    rows = idx.shape[1]
+    z = call(weight, jnp.reshape(idx, (axis_size * rows, -1)), jnp.reshape(x, (axis_size * rows, -1)))
+    return jnp.reshape(z, (axis_size, rows) + z.shape[1:]), True
+
+  @jax.custom_jvp
+  def product(weight, idx, x):
+    return call(weight, idx, x)
+
+  @product.defjvp
+  def _jvp(primals, tangents):
+    weight, idx, x = primals
+    dw, _, dx = tangents
+    _, dz = jax.jvp(lambda w, v: fallback(w, idx, v), (weight, x), (dw, dx))
+    return product(*primals), dz
+
+  return product

@@ -8,7 +8,7 @@ caller (`packed_dense`, the sparse chain of `packed_mlp`, the NNX modules throug
 `lrcc-jax bench` and the sweep) asks it through `plan_layer` / `plan_chain`.
 
 The platform is the one the program is *lowered* for, not `jax.default_backend()`:
-`dispatch` traces one branch per platform (`jax.lax.platform_dependent`), each with that
+`dispatch` traces one branch per platform (`_switch.platform_switch`), each with that
 platform's policy and kernel, and lowering keeps only the target's branch, so one traced
 program lowers for ("cpu",), ("cuda",), ("tpu",) or all three, and a single-platform
 lowering holds no conditional. Kernels by platform:
@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _native, _pallas
+from lrcc_jax import _native, _pallas, _switch
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 KERNELS = ("native", "xla", "pallas")
@@ -281,23 +281,32 @@ def current_platform() -> str:
   return backend
 
 
-def dispatch(plan_of: Callable[[str], Any], run: Callable[[Any], Any], key: Callable[[Any], Any] = lambda p: p) -> Any:
-  """`run(plan_of(platform))` for the platform the program is lowered for.
+def dispatch(
+    plan_of: Callable[[str], Any],
+    run: Callable[..., Any],
+    args: Sequence[Any],
+    key: Callable[[Any], Any] = lambda p: p,
+) -> Any:
+  """`run(plan_of(platform), *args)` for the platform the program is lowered for.
 
-  Platforms with equal plans share one branch; when every platform plans the same, no
-  switch is staged at all. Otherwise `jax.lax.platform_dependent` stages one branch per
-  plan, and lowering for one platform keeps only its branch (no `case` in the StableHLO);
-  a multi-platform lowering keeps a `case` on the platform, resolved before compilation.
-  Other platforms (ROCm, ...) run `plan_of("default")`. `key(plan)` says which plans stage
-  the same code.
+  Platforms whose plans have equal `key`s share one branch; when every platform plans
+  the same, no switch is staged at all. Otherwise `_switch.platform_switch` stages one
+  branch per plan, resolved at lowering: a single-platform lowering holds that branch's
+  ops and no conditional; a multi-platform one a `case` on the platform. Other platforms
+  (ROCm, ...) run `plan_of("default")`. `run` must read traced values only through `args`.
   """
   plans = {p: plan_of(p) for p in (*PLATFORMS, "default")}
-  branches: dict[Any, Callable[[], Any]] = {}
-  for plan in plans.values():
-    branches.setdefault(key(plan), lambda plan=plan: run(plan))
-  if len(branches) == 1:
-    return run(plans["cpu"])
-  return jax.lax.platform_dependent(**{p: branches[key(plan)] for p, plan in plans.items()})
+  groups: dict[Any, list[str]] = {}
+  for p, plan in plans.items():
+    groups.setdefault(key(plan), []).append(p)
+  if len(groups) == 1:
+    return run(plans["cpu"], *args)
+  branches, platforms = [], []
+  for members in groups.values():
+    branches.append(lambda *a, plan=plans[members[0]]: run(plan, *a))
+    # The default's branch also serves the named platforms grouped with it.
+    platforms.append(None if "default" in members else tuple(members))
+  return _switch.platform_switch(branches, tuple(platforms), *args)
 
 
 # --- Tuned policies (`lrcc-jax tune`). ---
@@ -407,3 +416,15 @@ def policy_status() -> dict:
       "policies": {k: policy_for(plat, k, jnp.float32) for k in kernels},
       "n_tuned": len(tuned),
   }
+
+
+def export_checks() -> list:
+  """`jax.export` safety checks to lift for programs with the project's kernels.
+
+  The CPU FFI kernel (`_native.TARGET`) and Triton's custom call carry no compatibility
+  guarantee, so `jax.export` refuses them unless told, e.g.
+  `jax.export.export(f, platforms=("cpu", "cuda", "tpu"), disabled_checks=export_checks())`.
+  (Mosaic TPU's custom call is on jax's own list.) An exported program is only valid with
+  the same lrcc-jax and jax versions.
+  """
+  return [jax.export.DisabledSafetyCheck.custom_call(t) for t in (_native.TARGET, "__gpu$xla.gpu.triton")]

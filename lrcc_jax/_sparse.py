@@ -169,13 +169,15 @@ def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
   b_in = x.block_size
   starts = x.indices[:, ::b_in]
 
-  def run(kernel: str) -> Array:
+  def run(kernel: str, weight: Array, out_blocks: Array, starts: Array, values: Array) -> Array:
     if kernel == "native":
-      return _native.tile_product(weight, out_blocks, starts, x.values, b_in, _xla_tile_product)
-    return _xla_tile_product(weight, out_blocks, starts, x.values, b_in=b_in)
+      return _native.tile_product(weight, out_blocks, starts, values, b_in, _xla_tile_product)
+    return _xla_tile_product(weight, out_blocks, starts, values, b_in=b_in)
 
   return _policy.dispatch(
-      lambda platform: _policy.tile_kernel(platform, b_in, weight.dtype, x.values.dtype, NATIVE_MIN_RUN), run
+      lambda platform: _policy.tile_kernel(platform, b_in, weight.dtype, x.values.dtype, NATIVE_MIN_RUN),
+      run,
+      (weight, out_blocks, starts, x.values),
   )
 
 

@@ -85,13 +85,13 @@ def test_jit_vmap_and_leading_dims_agree():
 def _eqns(jaxpr, platform="cpu"):
   """Every equation of a jaxpr, descending into sub-jaxprs (pjit, custom_jvp, ...).
 
-  A platform switch (`lax.platform_dependent`, resolved at lowering) contributes only the
+  A platform switch (`_switch.platform_switch`, resolved at lowering) contributes only the
   branch `platform` lowers; tests/test_lowering.py checks the lowered programs hold none.
   """
   from jax.extend.core import jaxprs_in_params
 
   for eqn in jaxpr.eqns:
-    platforms = eqn.params.get("branches_platforms") if eqn.primitive.name == "cond" else None
+    platforms = eqn.params.get("platforms") if eqn.primitive.name == "lrcc_platform_switch" else None
     if platforms:
       hits = [i for i, ps in enumerate(platforms) if ps is not None and platform in ps]
       i = hits[0] if hits else platforms.index(None)
