@@ -28,6 +28,9 @@ from lrcc_jax._sparse import densify as densify
 from lrcc_jax._sparse import sparse_packed_dense as sparse_packed_dense
 from lrcc_jax._pallas import block_sparse_dense_masked as block_sparse_dense_masked
 from lrcc_jax._pallas import block_sparse_dense_prefetch as block_sparse_dense_prefetch
+from lrcc_jax._policy import Policy as Policy
+from lrcc_jax._policy import export_checks as export_checks
+from lrcc_jax._policy import policy_status as policy_status
 from lrcc_jax._rank_select import RankSelection as RankSelection
 from lrcc_jax._rank_select import select_ranks as select_ranks
 from lrcc_jax._stats import calibrate_threshold as calibrate_threshold

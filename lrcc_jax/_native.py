@@ -116,7 +116,7 @@ def usable(*dtypes: jnp.dtype) -> bool:
   kernel in the "cpu" branch of `_policy.dispatch` only, so it appears in CPU lowerings
   and nowhere else, whatever `jax.default_backend()` is.
   """
-  return all(d == jnp.float32 for d in dtypes) and available()
+  return all(jnp.dtype(d) == jnp.float32 for d in dtypes) and available()
 
 
 @functools.cache
