@@ -13,7 +13,13 @@ weights (`PackedDense.weight`, (n_blocks, block_size, n_in)):
   output buffer.
 
 Both run on CPU with ``interpret=True``, which is how the tests check them against
-`masked_dense`; on CPU they are slow and only for testing.
+`masked_dense`; on CPU they are slow and only for testing. They take one selection for all
+rows and are not used by the skipping paths.
+
+The skipping paths' gather kernels are below: `gathered_matvec_tpu` (Mosaic, scalar
+prefetch) and `gathered_matvec_gpu` (Triton), with per-row selections. `_policy` stages
+them in the TPU and CUDA branches of the program; `LRCC_JAX_PALLAS=0` selects XLA's gather
+instead.
 """
 
 from __future__ import annotations
