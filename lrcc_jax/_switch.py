@@ -8,9 +8,12 @@ lowering rule picks the branch per platform (`lower_per_platform`): one platform
 branch's ops and nothing else; several get one `case` whose branches are each lowered for
 their own platforms only.
 
-Transformations: `vmap` vmaps every branch; the JVP computes the primal with the switch and
-the tangent through `jax.lax.platform_dependent` over the same branches, so gradients and
-their transposes use jax's own `cond` rules (a gradient program may hold a `case`).
+Transformations: `vmap` vmaps every branch. The JVP computes the primal with the switch
+and the tangent with the default branch: the branches compute one function (the platform
+changes only how), and the default branch is the portable one (XLA ops only, in
+`_policy.dispatch`), so gradient programs hold no platform kernel in their tangents, no
+conditional, and lower for several platforms at once. Without a default branch the tangent
+goes through `jax.lax.platform_dependent` (jax's `cond` rules).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def platform_switch(branches: Sequence[Callable[..., Any]], platforms: Platforms
   Args:
     branches: callables with the same output structure, shapes and dtypes.
     platforms: for each branch the lowering platforms ("cpu", "cuda", "tpu", "rocm") it
-      serves, or None for the default branch (at most one, any platform not named).
+      serves, or None for the default branch (at most one, any platform not named; it
+      also supplies the derivatives, so it should be portable).
     *args: the branches' arguments (pytrees of arrays; Python scalars become arrays).
       Everything a branch reads must come in here, not through a closure over traced
       values.
@@ -97,7 +101,11 @@ def _as_platform_dependent(branches, platforms) -> Callable[..., Any]:
 def _jvp(primals, tangents, *, branches, platforms):
   outs = switch_p.bind(*primals, branches=branches, platforms=platforms)
   tangents = [ad.instantiate_zeros(t) for t in tangents]
-  _, out_tangents = jax.jvp(_as_platform_dependent(branches, platforms), tuple(primals), tuple(tangents))
+  if None in platforms:  # the default branch: portable, and the same function
+    tangent_fn = jax.extend.core.jaxpr_as_fun(branches[platforms.index(None)])
+  else:
+    tangent_fn = _as_platform_dependent(branches, platforms)
+  _, out_tangents = jax.jvp(tangent_fn, tuple(primals), tuple(tangents))
   return outs, list(out_tangents)
 
 

@@ -97,3 +97,16 @@ def test_multi_platform_export_allows_the_cpu_kernel():
   got = exp.call(jnp.ones((1, 256)))  # runs the CPU branch here
   want = L.packed_dense(jnp.ones((1, 256)), p, capacity=2, strategy="dense")
   assert jnp.allclose(got, want, atol=1e-5)
+
+
+def test_gradient_programs_lower_everywhere_without_conditionals():
+  """Derivatives come from the portable default branch: no kernel, no switch, any platforms."""
+  p = _layer()
+  grad = jax.grad(lambda x: jnp.sum(L.packed_dense(x, p, capacity=2) ** 2))
+  x = jnp.ones((1, 256))
+  for platforms in (("cpu",), ("tpu",), ("cpu", "cuda", "tpu")):
+    text = T.lowered_text(grad, x, platforms)
+    if len(platforms) == 1:
+      assert not T.control_flow_in(text), platforms
+  want = jax.grad(lambda x: jnp.sum(L.packed_dense(x, p, capacity=2, strategy="dense") ** 2))(x)
+  assert jnp.allclose(grad(x), want, atol=1e-5)
