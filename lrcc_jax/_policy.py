@@ -92,10 +92,11 @@ class Policy:
 
 
 # CPU, native kernel: the `_packed.NATIVE_*` measurements (it streams each selected block
-# once on every core; one row pays up to 60% of the blocks).
+# once on every core; one row pays up to 60% of the blocks). Any weight dtype the kernel
+# runs (`_native.usable` decides which).
 CPU_NATIVE = Policy(
     "cpu", "native", max_fraction_one_row=0.6, max_gathered_layers=0.6, small_fraction=0.06,
-    small_fraction_max_rows=64, weight_dtype="float32", source="measured on XLA:CPU, 2 cores",
+    small_fraction_max_rows=64, source="measured on XLA:CPU, 2 cores",
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(

@@ -25,7 +25,9 @@ from typing import Any
 import jax
 import jax.extend
 import jax.numpy as jnp
-from jax._src.interpreters import mlir as _mlir_internal  # lower_per_platform: not public
+from jax._src.interpreters import (
+  mlir as _mlir_internal,  # lower_per_platform: not public
+)
 from jax.interpreters import ad, batching, mlir
 
 Platforms = tuple[tuple[str, ...] | None, ...]

@@ -17,6 +17,7 @@ found in the text, with any control flow left in it:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sys
@@ -51,7 +52,7 @@ def _layers(widths: list[int], block_size: int, seed: int = 0):
 
   rng = np.random.default_rng(seed)
   layers = []
-  for n_in, n_out in zip(widths, widths[1:]):
+  for n_in, n_out in itertools.pairwise(widths):
     w = jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), jnp.float32)
     b = jnp.asarray(rng.standard_normal(n_out) / 8, jnp.float32)
     layers.append(L.pack(w, b, L.fit_svd(w, 4), block_size=block_size))
@@ -60,9 +61,10 @@ def _layers(widths: list[int], block_size: int, seed: int = 0):
 
 def paths(width: int = 256) -> list[Path]:
   """The public skipping paths on tiny `width`-wide f32 layers, at batch 1."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
   import lrcc_jax as L  # pylint: disable=g-import-not-at-top
   from lrcc_jax import nn  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   x = jnp.ones((1, width), jnp.float32)
   (p16,) = _layers([width, width], 16)

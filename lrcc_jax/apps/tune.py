@@ -17,6 +17,7 @@ CPU policy are not fitted (left off), so tune on the shapes you serve.
 from __future__ import annotations
 
 import datetime
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,9 +59,13 @@ def measure(
         x = jax.random.normal(k_x, (batch, width), jnp.float32)
         for frac in fractions:
           cap = bench.capacity_blocks(frac, width, block_size)
-          gather = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap, strategy="gather"))
-          dense = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap, strategy="dense"))
-          t = bench.time_interleaved({"gather": lambda: gather(x), "dense": lambda: dense(x)}, repeats=repeats)
+          fns = {
+              strategy: functools.partial(
+                  jax.jit(functools.partial(packed_dense, capacity=cap, strategy=strategy)), x, packed
+              )
+              for strategy in ("gather", "dense")
+          }
+          t = bench.time_interleaved(fns, repeats=repeats)
           rows.append({
               "width": width, "block_size": block_size, "batch": batch, "capacity": cap,
               "fraction": cap / n_blocks, "kernel": kernel,
