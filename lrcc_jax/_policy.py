@@ -295,6 +295,8 @@ def dispatch(
   branch per plan, resolved at lowering: a single-platform lowering holds that branch's
   ops and no conditional; a multi-platform one a `case` on the platform. Other platforms
   (ROCm, ...) run `plan_of("default")`. `run` must read traced values only through `args`.
+  An eager call (no traced argument) runs op by op on the default device: that device's
+  plan, without a switch.
   """
   plans = {p: plan_of(p) for p in (*PLATFORMS, "default")}
   groups: dict[Any, list[str]] = {}
@@ -302,6 +304,9 @@ def dispatch(
     groups.setdefault(key(plan), []).append(p)
   if len(groups) == 1:
     return run(plans["cpu"], *args)
+  if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+    # Eager call: it runs op by op on the default device, so that platform's plan.
+    return run(plans.get(current_platform(), plans["default"]), *args)
   branches, platforms = [], []
   for members in groups.values():
     branches.append(lambda *a, plan=plans[members[0]]: run(plan, *a))

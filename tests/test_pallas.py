@@ -66,7 +66,7 @@ def _masked_reference(x, w, b, est, block_size, capacity, threshold):
   return L.masked_dense(x, w, b, _mask.expand_blocks(sel, block_size))
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     block_size=st.sampled_from([8, 16]),
     n_in=st.sampled_from([128, 384]),
@@ -86,7 +86,7 @@ def test_tpu_gather_kernel_matches_masked_dense(block_size, n_in, n_blocks, rows
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     block_size=st.sampled_from([1, 2, 4, 16]),
     n_in=st.sampled_from([16, 48, 64]),
