@@ -47,6 +47,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "sparse_packed_dense": ("lrcc_jax._sparse", "sparse_packed_dense"),
     "block_sparse_dense_masked": ("lrcc_jax._pallas", "block_sparse_dense_masked"),
     "block_sparse_dense_prefetch": ("lrcc_jax._pallas", "block_sparse_dense_prefetch"),
+    "Policy": ("lrcc_jax._policy", "Policy"),
+    "export_checks": ("lrcc_jax._policy", "export_checks"),
+    "policy_status": ("lrcc_jax._policy", "policy_status"),
     "RankSelection": ("lrcc_jax._rank_select", "RankSelection"),
     "select_ranks": ("lrcc_jax._rank_select", "select_ranks"),
     "calibrate_threshold": ("lrcc_jax._stats", "calibrate_threshold"),
@@ -101,6 +104,9 @@ if TYPE_CHECKING:
   from lrcc_jax._sparse import sparse_packed_dense as sparse_packed_dense
   from lrcc_jax._pallas import block_sparse_dense_masked as block_sparse_dense_masked
   from lrcc_jax._pallas import block_sparse_dense_prefetch as block_sparse_dense_prefetch
+  from lrcc_jax._policy import Policy as Policy
+  from lrcc_jax._policy import export_checks as export_checks
+  from lrcc_jax._policy import policy_status as policy_status
   from lrcc_jax._rank_select import RankSelection as RankSelection
   from lrcc_jax._rank_select import select_ranks as select_ranks
   from lrcc_jax._stats import calibrate_threshold as calibrate_threshold

@@ -14,9 +14,11 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lrcc_jax import _policy
 from lrcc_jax._estimator import add_bias
-from lrcc_jax._packed import PackedDense, block_bytes, packed_dense, skip_pays
-from lrcc_jax._sparse import densify, native_tiles, sparse_linear, sparse_packed_dense
+from lrcc_jax._packed import PackedDense, packed_dense
+from lrcc_jax._policy import Policies
+from lrcc_jax._sparse import NATIVE_MIN_RUN, densify, sparse_linear, sparse_packed_dense
 
 Array = jax.Array
 
@@ -30,20 +32,23 @@ class PackedMLP(NamedTuple):
 
 
 def sparse_chain_pays(
-    rows: int, packed: PackedMLP, capacities: Sequence[int | None], dtype: jnp.dtype = jnp.float32
+    rows: int,
+    packed: PackedMLP,
+    capacities: Sequence[int | None],
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    platform: str | None = None,
+    policy: Policies = None,
 ) -> bool:
   """Whether `packed_mlp`'s "auto" keeps activations sparse for `rows` rows of `dtype`.
 
-  Every layer needs a capacity that passes `skip_pays`. Its native-kernel limits apply only
-  when every layer's tiles run the kernel (`native_tiles`: f32 on CPU, runs of 2 or more).
+  `_policy.plan_chain` on `platform` (default: the current device's), as `packed_mlp`
+  decides in that platform's branch: every layer needs a capacity that pays under the tile
+  product's policy (the native one on CPU when every layer's tiles run the native kernel).
   """
-  if any(c is None for c in capacities):
-    return False
-  native = all(native_tiles(l.block_size, l.weight.dtype, dtype) for l in packed.layers)
-  return all(
-      skip_pays(rows, c, l.weight.shape[0], block_bytes=block_bytes(l), native=native)
-      for l, c in zip(packed.layers, capacities)
-  )
+  platform = _policy.current_platform() if platform is None else platform
+  layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
+  return _policy.plan_chain(platform, rows, layers, capacities, dtype, NATIVE_MIN_RUN, policy)
 
 
 def packed_mlp(
@@ -54,6 +59,7 @@ def packed_mlp(
     capacities: Sequence[int | None],
     return_activations: bool = False,
     strategy: Literal["auto", "sparse", "layerwise"] = "auto",
+    policy: Policies = None,
 ) -> Array | tuple[Array, list[Array]]:
   """Skip-mode inference of a packed `ConditionalMLP`.
 
@@ -61,9 +67,10 @@ def packed_mlp(
   layer reads only the estimator rows and weights of its active inputs (input sparsity,
   `sparse_packed_dense`); it needs a capacity on every hidden layer. ``"layerwise"`` runs
   `packed_dense` layer by layer on dense activations. ``"auto"`` picks ``"sparse"`` when
-  every layer has a capacity and gathering pays at this batch size (`skip_pays`), else
-  ``"layerwise"`` (whose layers fall back to dense products at large batches). All give
-  the same values.
+  every layer has a capacity and gathering pays at this batch size (`sparse_chain_pays`),
+  else ``"layerwise"`` (whose layers fall back to dense products at large batches). All
+  give the same values. The choice, like the layers' kernels, belongs to the platform the
+  program is lowered for (`_policy.dispatch`).
 
   Args:
     x: (rows, n_in) inputs (or (n_in,)).
@@ -72,6 +79,7 @@ def packed_mlp(
     capacities: one per hidden layer (blocks per row), None for no cap.
     return_activations: also return the dense hidden activations.
     strategy: "auto", "sparse" or "layerwise".
+    policy: optional `Policy` (or one per platform) for every layer's decision and kernel.
 
   Returns:
     Logits, and optionally the list of hidden activations.
@@ -88,14 +96,33 @@ def packed_mlp(
   if strategy == "sparse" and not sparse_ok:
     raise ValueError(f"strategy='sparse' needs a capacity on every layer, got {list(capacities)}.")
   if strategy == "auto":
-    strategy = "sparse" if sparse_chain_pays(rows, packed, capacities, x.dtype) else "layerwise"
+    layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
+    return _policy.dispatch(
+        lambda platform: _policy.plan_chain(platform, rows, layers, capacities, x.dtype, NATIVE_MIN_RUN, policy),
+        lambda sparse, x, packed, thresholds: _run_mlp(
+            x, packed, thresholds, capacities, return_activations, sparse, policy
+        ),
+        (x, packed, list(thresholds)),
+    )
+  return _run_mlp(x, packed, thresholds, capacities, return_activations, strategy == "sparse", policy)
 
+
+def _run_mlp(
+    x: Array,
+    packed: PackedMLP,
+    thresholds: Sequence[float],
+    capacities: Sequence[int | None],
+    return_activations: bool,
+    sparse: bool,
+    policy: Policies,
+) -> Array | tuple[Array, list[Array]]:
+  """`packed_mlp` with its strategy decided: sparse chain or layer by layer."""
   acts = []
-  if strategy == "sparse":
+  if sparse:
     lead = x.shape[:-1]
     h = jnp.reshape(x, (-1, x.shape[-1]))
     for layer, t, c in zip(packed.layers, thresholds, capacities):
-      h = sparse_packed_dense(h, layer, threshold=t, capacity=c)
+      h = sparse_packed_dense(h, layer, threshold=t, capacity=c, policy=policy)
       if return_activations:
         acts.append(jnp.reshape(densify(h, layer.n_out), lead + (layer.n_out,)))
     logits = jnp.reshape(sparse_linear(h, packed.head_kernel, packed.head_bias), lead + (-1,))
@@ -103,7 +130,7 @@ def packed_mlp(
 
   h = x
   for layer, t, c in zip(packed.layers, thresholds, capacities):
-    h = packed_dense(h, layer, threshold=t, capacity=c)
+    h = packed_dense(h, layer, threshold=t, capacity=c, policy=policy)
     acts.append(h)
   logits = add_bias(h @ packed.head_kernel, packed.head_bias)
   return (logits, acts) if return_activations else logits

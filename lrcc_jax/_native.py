@@ -105,19 +105,29 @@ def available() -> bool:
 
 
 def active() -> bool:
-  """The kernel is built and the default backend (where `jit` compiles) is the CPU."""
+  """The kernel is built and the default backend (where `jit` compiles) is the CPU.
+
+  Only a report of the current device (bench records, `skip_pays`'s default); kernel
+  choices follow the lowering platform (`_policy`).
+  """
   return jax.default_backend() == "cpu" and available()
 
 
 def usable(weight_dtype: jnp.dtype, *dtypes: jnp.dtype) -> bool:
-  """The kernel runs f32 or bf16 weights against f32 activations on the CPU backend.
+  """The kernel runs f32 or bf16 weights against f32 activations, and is built.
 
   With bf16 weights each weight is widened to f32 (exactly: a bf16 is the high half of an
   f32) and every product and sum is f32, so the result differs from the f32 kernel on the
   f32-rounded weights only by that rounding: |z_bf16 - z_f32| <= 2^-8 Σ |w x| per output.
+
+  Whether the program runs on a CPU is the lowering platform's business: callers stage the
+  kernel in the "cpu" branch of `_policy.dispatch` only, so it appears in CPU lowerings
+  and nowhere else, whatever `jax.default_backend()` is.
   """
   return (
-      jnp.dtype(weight_dtype) in _TARGETS and all(d == jnp.float32 for d in dtypes) and active()
+      jnp.dtype(weight_dtype) in _TARGETS
+      and all(jnp.dtype(d) == jnp.float32 for d in dtypes)
+      and available()
   )
 
 

@@ -13,8 +13,9 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _checks, _mask, _native
+from lrcc_jax import _checks, _mask, _native, _pallas, _policy
 from lrcc_jax._estimator import LowRankEstimator
+from lrcc_jax._policy import Policies
 
 Array = jax.Array
 Strategy = Literal["auto", "gather", "dense"]
@@ -63,17 +64,36 @@ def group_bounds(k: int, rows_per_item: int = 1) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def gathered_matvec(weight: Array, idx: Array, x: Array) -> Array:
+def gathered_matvec(weight: Array, idx: Array, x: Array, *, kernel: str | None = None, policy: Policies = None) -> Array:
   """`z[r, j] = weight[idx[r, j]] @ x[r]`: (n_blocks, bs, n_in), (rows, k), (rows, n_in) -> (rows, k, bs).
 
-  On XLA:CPU with f32 operands this is the native kernel (`_native`) with one run of
-  `n_in` inputs: it streams each selected block once, on every core (26 of 256 blocks of
-  16 × 4096: 65-180 µs against 270-940 µs for the XLA form, scratch measurement).
-  Otherwise `_xla_gathered_matvec`, with the same values.
+  The kernel depends on the platform the program is lowered for (`_policy.gather_kernel`,
+  staged per platform by `_policy.dispatch` unless `kernel` names one):
+
+  - "native" (CPU, f32): the native kernel (`_native`) with one run of `n_in` inputs; it
+    streams each selected block once, on every core (26 of 256 blocks of 16 × 4096:
+    65-180 µs against 270-940 µs for the XLA form, scratch measurement);
+  - "triton" (CUDA): `_pallas.gathered_matvec_gpu`; "mosaic" (TPU):
+    `_pallas.gathered_matvec_tpu`; both Pallas kernels load only the selected blocks; `LRCC_JAX_PALLAS=0` or a policy
+    with `kernel="xla"` turns them off;
+  - "xla": `_xla_gathered_matvec`. All give the same values.
   """
-  if _native.usable(weight.dtype, x.dtype):
+  if kernel is None:
+    _, block_size, n_in = weight.shape
+    return _policy.dispatch(
+        lambda platform: _policy.gather_kernel(platform, block_size, n_in, weight.dtype, x.dtype, policy),
+        lambda k, weight, idx, x: gathered_matvec(weight, idx, x, kernel=k),
+        (weight, idx, x),
+    )
+  if kernel == "native":
     starts = jnp.zeros((x.shape[0], 1), jnp.int32)
     return _native.tile_product(weight, idx, starts, x, weight.shape[2], _dense_input_product)
+  if kernel == "mosaic":
+    return _pallas.differentiable_matvec(_pallas.gathered_matvec_tpu, _xla_gathered_matvec)(weight, idx, x)
+  if kernel == "triton":
+    return _pallas.differentiable_matvec(_pallas.gathered_matvec_gpu, _xla_gathered_matvec)(weight, idx, x)
+  if kernel != "xla":
+    raise ValueError(f"kernel={kernel!r} must be 'native', 'mosaic', 'triton' or 'xla'.")
   return _xla_gathered_matvec(weight, idx, x)
 
 
@@ -186,37 +206,45 @@ def skip_pays(
       `MAX_GATHER_*` constants for the limits and the measurements behind them.
     native: whether the gathers run the native CPU kernel (the `NATIVE_*` limits apply);
       None asks `_native.active()`, which holds for f32 layers on the CPU backend.
+
+  The CPU shipped policies (`_policy.CPU_NATIVE`, `_policy.CPU_XLA`) through the one
+  decision function `_policy.gather_pays`; kept for the measurements' tests.
   """
-  if capacity is None:
-    return False
   if native is None:
     native = _native.active()
-  if native:
-    fraction = capacity / n_blocks
-    return rows * fraction <= NATIVE_MAX_GATHERED_LAYERS or (
-        fraction <= NATIVE_SMALL_FRACTION and rows <= NATIVE_SMALL_FRACTION_MAX_ROWS
-    )
-  if rows * capacity * block_bytes > MAX_GATHER_BYTES:
-    return False
-  if rows == 1:
-    return capacity <= MAX_GATHER_FRACTION_ONE_ROW * n_blocks
-  if rows > 2 and block_bytes < MIN_BATCHED_BLOCK_BYTES:
-    return False
-  return rows * capacity <= MAX_GATHER_FRACTION * n_blocks
+  policy = _policy.CPU_NATIVE if native else _policy.CPU_XLA
+  return _policy.gather_pays(policy, rows, capacity, n_blocks, block_bytes)
 
 
-def auto_gathers(packed: PackedDense, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32) -> bool:
+def auto_gathers(
+    packed: PackedDense,
+    rows: int,
+    capacity: int | None,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    platform: str | None = None,
+    policy: Policies = None,
+) -> bool:
   """Whether `packed_dense`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
 
-  `skip_pays` with this layer's block bytes, and the native limits where its gathers run
-  the native kernel.
+  `_policy.plan_layer` on `platform` (default: the current device's), as `packed_dense`
+  decides in that platform's branch.
   """
-  native = _native.usable(packed.weight.dtype, dtype)
-  return skip_pays(rows, capacity, packed.weight.shape[0], block_bytes=block_bytes(packed), native=native)
+  platform = _policy.current_platform() if platform is None else platform
+  return _policy.plan_layer(
+      platform, "auto", rows, capacity, packed.weight.shape, packed.weight.dtype, dtype, policy
+  ).gather
 
 
 def gather_selected(
-    xr: Array, packed: PackedDense, scores: Array, threshold: float | Array, capacity: int
+    xr: Array,
+    packed: PackedDense,
+    scores: Array,
+    threshold: float | Array,
+    capacity: int,
+    *,
+    kernel: str | None = None,
+    policy: Policies = None,
 ) -> tuple[Array, Array]:
   """Each row's `capacity` best blocks and their activations, computing only those.
 
@@ -226,6 +254,8 @@ def gather_selected(
     scores: (rows, n_blocks) block scores of the estimate.
     threshold: blocks not above it are zero.
     capacity: static number of blocks per row.
+    kernel: `gathered_matvec`'s kernel; None picks it per lowering platform.
+    policy: the caller's policies (they may select the XLA gather on a platform).
 
   Returns:
     `idx` (rows, capacity) ascending block indices and `vals` (rows, capacity,
@@ -233,7 +263,7 @@ def gather_selected(
   """
   idx = _mask.top_blocks(scores, capacity)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  z = gathered_matvec(packed.weight, idx, xr) + packed.bias[idx].astype(xr.dtype)
+  z = gathered_matvec(packed.weight, idx, xr, kernel=kernel, policy=policy) + packed.bias[idx].astype(xr.dtype)
   return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
 
 
@@ -263,6 +293,7 @@ def packed_dense(
     threshold: float | Array = 0.0,
     capacity: int | None = None,
     strategy: Strategy = "auto",
+    policy: Policies = None,
 ) -> Array:
   r"""Conditional ReLU layer that computes only the selected blocks.
 
@@ -274,9 +305,14 @@ def packed_dense(
   one compiled program for every input.
 
   `strategy="auto"` decides from static shapes: when `rows · k` is so large that the
-  gathers would read more than the dense product (`skip_pays`), it computes densely and
-  masks, which gives the same values and never loses much to dense. `"gather"` and
-  `"dense"` force a path (for benchmarks and tests).
+  gathers would read more than the dense product (`_policy.gather_pays`), it computes
+  densely and masks, which gives the same values and never loses much to dense. `"gather"`
+  and `"dense"` force a path (for benchmarks and tests).
+
+  The decision and the gather kernel belong to the platform the program is lowered for
+  (`_policy.plan_layer`, staged by `_policy.dispatch`): the native kernel on CPU, the
+  Pallas kernels on CUDA (Triton) and TPU (Mosaic), XLA's gather elsewhere or with
+  `LRCC_JAX_PALLAS=0`. A single-platform lowering holds only that platform's code.
 
   Without a capacity the number of selected units is data dependent, which static shapes
   cannot exploit: the product is dense and then masked.
@@ -287,6 +323,9 @@ def packed_dense(
     threshold: blocks whose score is not above it are zero.
     capacity: optional static number of blocks computed per row, in [1, n_blocks].
     strategy: "auto", "gather" or "dense".
+    policy: optional `Policy` (or several, one per platform) overriding the shipped or
+      tuned crossover on its platform; its `kernel` also selects the gather kernel there
+      (`kernel="xla"`: XLA's gather instead of the Pallas kernel).
 
   Returns:
     (..., n_out) activations.
@@ -309,18 +348,22 @@ def packed_dense(
   z_hat = jax.lax.stop_gradient((xr @ packed.u) @ packed.v + bias_flat)
   scores = _mask.block_scores(z_hat, block_size)
 
-  gather = capacity is not None and (
-      strategy == "gather" or (strategy == "auto" and auto_gathers(packed, rows, capacity, xr.dtype))
-  )
-  if not gather:
-    keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
-    z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
-    y = jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
-    return jnp.reshape(y, lead + (n_out,))
+  def plan_of(platform: str) -> _policy.Plan:
+    return _policy.plan_layer(platform, strategy, rows, capacity, packed.weight.shape, packed.weight.dtype, xr.dtype, policy)
 
-  idx, vals = gather_selected(xr, packed, scores, threshold, capacity)
-  row_ids = jnp.arange(rows)[:, None]
-  y = jnp.zeros((rows, n_blocks, block_size), vals.dtype).at[row_ids, idx].set(
-      vals, unique_indices=True, indices_are_sorted=True
-  )
+  def run(plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense) -> Array:
+    bias_flat = jnp.reshape(packed.bias, (1, n_out)).astype(xr.dtype)
+    if not plan.gather:
+      keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
+      z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
+      return jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
+    idx, vals = gather_selected(xr, packed, scores, threshold, capacity, kernel=plan.kernel)
+    row_ids = jnp.arange(rows)[:, None]
+    y = jnp.zeros((rows, n_blocks, block_size), vals.dtype).at[row_ids, idx].set(
+        vals, unique_indices=True, indices_are_sorted=True
+    )
+    return jnp.reshape(y, (rows, n_out))
+
+  with jax.named_scope("lrcc_packed_dense"):
+    y = _policy.dispatch(plan_of, run, (xr, scores, threshold, packed), key=lambda plan: plan.key)
   return jnp.reshape(y, lead + (n_out,))

@@ -23,8 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _checks, _mask, _native
+from lrcc_jax import _checks, _mask, _native, _policy
 from lrcc_jax._packed import PackedDense, gather_selected, group_bounds
+from lrcc_jax._policy import Policies
 
 Array = jax.Array
 
@@ -78,6 +79,7 @@ def sparse_packed_dense(
     *,
     threshold: float | Array = 0.0,
     capacity: int,
+    policy: Policies = None,
 ) -> SparseRows:
   r"""`packed_dense` that returns its output as `SparseRows` and accepts them as input.
 
@@ -93,6 +95,12 @@ def sparse_packed_dense(
     packed: output of `pack`.
     threshold: blocks whose score is not above it are zero.
     capacity: static number of blocks computed per row.
+    policy: optional `Policy` (or one per platform); with `kernel="xla"` the dense-input
+      gather runs XLA's gather on that platform instead of the Pallas kernel.
+
+  The kernels belong to the lowering platform (`_policy.dispatch`): a dense input is
+  gathered as in `packed_dense` (native on CPU, Pallas on CUDA/TPU); the tile product of a
+  sparse input is native on CPU (f32, runs of `NATIVE_MIN_RUN`), XLA elsewhere.
 
   Returns:
     `SparseRows` with `capacity · block_size` entries per row.
@@ -118,7 +126,7 @@ def sparse_packed_dense(
   z_hat = jax.lax.stop_gradient(z_hat + bias[None].astype(dtype))
   scores = _mask.block_scores(z_hat, block_size)
   if not isinstance(x, SparseRows):
-    idx, vals = gather_selected(x, packed, scores, threshold, capacity)
+    idx, vals = gather_selected(x, packed, scores, threshold, capacity, policy=policy)
     return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)), block_size)
   idx = _mask.top_blocks(scores, capacity)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
@@ -141,25 +149,37 @@ def _check_sparse_input(x: SparseRows, n_in: int) -> None:
     )
 
 
-def native_tiles(b_in: int, weight_dtype: jnp.dtype, values_dtype: jnp.dtype) -> bool:
-  """Whether `_tile_product` runs the native kernel for input runs of `b_in`."""
-  return b_in >= NATIVE_MIN_RUN and _native.usable(weight_dtype, values_dtype)
+def native_tiles(b_in: int, weight_dtype: jnp.dtype, values_dtype: jnp.dtype, platform: str | None = None) -> bool:
+  """Whether `_tile_product` runs the native kernel for input runs of `b_in` on `platform`.
+
+  `_policy.tile_kernel`; `platform` defaults to the current device's.
+  """
+  platform = _policy.current_platform() if platform is None else platform
+  return _policy.tile_kernel(platform, b_in, weight_dtype, values_dtype, NATIVE_MIN_RUN) == "native"
 
 
 def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
   """`z[r, o, j] = Σ_i W[out_blocks[r, o] * b_out + j, x.indices[r, i]] · x.values[r, i]`.
 
   The inputs come in runs of `b_in = x.block_size` units starting at `x.indices[:, ::b_in]`,
-  so the weights needed are `b_out × b_in` tiles of the unit-major layout. On XLA:CPU with
-  f32 weights and `b_in >= NATIVE_MIN_RUN` this is the fused native kernel (`_native`,
+  so the weights needed are `b_out × b_in` tiles of the unit-major layout. Lowered for CPU
+  with f32 weights and `b_in >= NATIVE_MIN_RUN` this is the fused native kernel (`_native`,
   20-30 µs per 4096-wide layer at 10% in blocks of 16); elsewhere, or without a compiler,
   `_xla_tile_product` (same values). Returns (rows, k, b_out).
   """
   b_in = x.block_size
   starts = x.indices[:, ::b_in]
-  if native_tiles(b_in, weight.dtype, x.values.dtype):
-    return _native.tile_product(weight, out_blocks, starts, x.values, b_in, _xla_tile_product)
-  return _xla_tile_product(weight, out_blocks, starts, x.values, b_in=b_in)
+
+  def run(kernel: str, weight: Array, out_blocks: Array, starts: Array, values: Array) -> Array:
+    if kernel == "native":
+      return _native.tile_product(weight, out_blocks, starts, values, b_in, _xla_tile_product)
+    return _xla_tile_product(weight, out_blocks, starts, values, b_in=b_in)
+
+  return _policy.dispatch(
+      lambda platform: _policy.tile_kernel(platform, b_in, weight.dtype, x.values.dtype, NATIVE_MIN_RUN),
+      run,
+      (weight, out_blocks, starts, x.values),
+  )
 
 
 def _xla_tile_product(weight: Array, out_blocks: Array, starts: Array, values: Array, *, b_in: int) -> Array:

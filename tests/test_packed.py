@@ -82,11 +82,21 @@ def test_jit_vmap_and_leading_dims_agree():
   chex.assert_trees_all_close(f(x[0, 0]), ref[0, 0], atol=1e-6)
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr, descending into sub-jaxprs (pjit, custom_jvp, ...)."""
+def _eqns(jaxpr, platform="cpu"):
+  """Every equation of a jaxpr, descending into sub-jaxprs (pjit, custom_jvp, ...).
+
+  A platform switch (`_switch.platform_switch`, resolved at lowering) contributes only the
+  branch `platform` lowers; tests/test_lowering.py checks the lowered programs hold none.
+  """
   from jax.extend.core import jaxprs_in_params
 
   for eqn in jaxpr.eqns:
+    platforms = eqn.params.get("platforms") if eqn.primitive.name == "lrcc_platform_switch" else None
+    if platforms:
+      hits = [i for i, ps in enumerate(platforms) if ps is not None and platform in ps]
+      i = hits[0] if hits else platforms.index(None)
+      yield from _eqns(eqn.params["branches"][i].jaxpr, platform)
+      continue
     yield eqn
     for sub in jaxprs_in_params(eqn.params):
       yield from _eqns(sub)

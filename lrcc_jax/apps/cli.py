@@ -564,6 +564,20 @@ def _run_bench(args: argparse.Namespace) -> int:
   return bench.run_command(args)
 
 
+def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+  from lrcc_jax.apps import tune  # pylint: disable=g-import-not-at-top
+
+  tune.add_arguments(parser)
+  _add_dispatch_argument(parser)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+  from lrcc_jax.apps import tune  # pylint: disable=g-import-not-at-top
+
+  _latency_mode(args)
+  return tune.run_command(args)
+
+
 # --- entry point ----------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -572,6 +586,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("train on mnist5k and compare estimator settings in a table", _add_demo_arguments, _run_demo),
     "bench": Command("latency of dense jit vs compute-skipping inference; writes JSON and a PNG per suite", _add_bench_arguments, _run_bench),
     "sweep": Command("train both protocols, sweep estimator ranks and thresholds, write JSON and plots", _add_sweep_arguments, _run_sweep),
+    "tune": Command("measure dense vs gather on this device; write the policy the auto strategy uses", _add_tune_arguments, _run_tune),
 }
 """Subcommands by name. To add one: ``COMMANDS["bench"] = Command(help, add_args, run)``."""
 

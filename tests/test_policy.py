@@ -1,0 +1,73 @@
+"""The strategy policy as data: CPU defaults equal the measured constants; one decision."""
+
+import itertools
+
+import jax.numpy as jnp
+import pytest
+
+import lrcc_jax as L
+from lrcc_jax import _native, _packed, _policy
+
+
+def _old_skip_pays(rows, capacity, n_blocks, block_bytes, native):
+  """The predicate `skip_pays` was before policies, from `_packed`'s constants."""
+  if capacity is None:
+    return False
+  if native:
+    fraction = capacity / n_blocks
+    return rows * fraction <= _packed.NATIVE_MAX_GATHERED_LAYERS or (
+        fraction <= _packed.NATIVE_SMALL_FRACTION and rows <= _packed.NATIVE_SMALL_FRACTION_MAX_ROWS
+    )
+  if rows * capacity * block_bytes > _packed.MAX_GATHER_BYTES:
+    return False
+  if rows == 1:
+    return capacity <= _packed.MAX_GATHER_FRACTION_ONE_ROW * n_blocks
+  if rows > 2 and block_bytes < _packed.MIN_BATCHED_BLOCK_BYTES:
+    return False
+  return rows * capacity <= _packed.MAX_GATHER_FRACTION * n_blocks
+
+
+def test_cpu_defaults_decide_as_the_measured_constants():
+  grid = itertools.product(
+      [1, 2, 3, 4, 8, 16, 64, 65, 128],  # rows
+      [None, 1, 5, 13, 26, 64, 102, 128, 153, 154, 200, 256],  # capacity of 256 blocks
+      [4096 * 4, 16 * 4096 * 4, 32 * 8192 * 4],  # block bytes
+      [True, False],
+  )
+  for rows, cap, bb, native in grid:
+    policy = _policy.CPU_NATIVE if native else _policy.CPU_XLA
+    assert _policy.gather_pays(policy, rows, cap, 256, bb) == _old_skip_pays(rows, cap, 256, bb, native), (
+        rows, cap, bb, native)
+
+
+def test_policy_validates_and_is_frozen():
+  with pytest.raises(ValueError, match="platform"):
+    _policy.Policy("gpu", "xla", max_fraction_one_row=0.1, max_gathered_layers=0.1)
+  with pytest.raises(ValueError, match="kernel"):
+    _policy.Policy("cpu", "cuda", max_fraction_one_row=0.1, max_gathered_layers=0.1)
+  with pytest.raises(AttributeError):
+    _policy.CPU_XLA.max_gathered_layers = 1.0  # pylint: disable=assignment-from-no-return
+  assert "unmeasured" in _policy.TPU_PALLAS.source and "unmeasured" in _policy.CUDA_PALLAS.source
+
+
+def test_kernels_per_platform(monkeypatch):
+  f32 = jnp.float32
+  assert _policy.gather_kernel("tpu", 16, 256, f32, f32) == "mosaic"
+  assert _policy.gather_kernel("tpu", 4, 256, f32, f32) == "xla"
+  assert _policy.gather_kernel("cuda", 1, 256, f32, f32) == "triton"
+  assert _policy.gather_kernel("cpu", 16, 256, jnp.bfloat16, f32) == ("native" if _native.available() else "xla")
+  assert _policy.gather_kernel("cpu", 16, 256, jnp.float16, f32) == "xla"
+  monkeypatch.setenv("LRCC_JAX_PALLAS", "0")
+  assert _policy.gather_kernel("tpu", 16, 256, f32, f32) == "xla"
+  assert _policy.gather_kernel("cuda", 16, 256, f32, f32) == "xla"
+
+
+def test_auto_predicates_are_the_policy_decision():
+  w = jnp.ones((64, 64)) / 8
+  p = L.pack(w, jnp.zeros(64), L.fit_svd(w, 2), block_size=4)
+  for rows, cap in itertools.product([1, 2, 8, 64], [1, 4, 8, 16]):
+    for platform in ("cpu", "cuda", "tpu"):
+      plan = _policy.plan_layer(platform, "auto", rows, cap, p.weight.shape, p.weight.dtype, jnp.float32)
+      assert _packed.auto_gathers(p, rows, cap, platform=platform) == plan.gather
+      policy = _policy.policy_for(platform, plan.kernel, p.weight.dtype)
+      assert plan.gather == _policy.gather_pays(policy, rows, cap, 16, _packed.block_bytes(p))
