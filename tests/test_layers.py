@@ -7,35 +7,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lrcc_jax as L
-from helpers import reference_mask, relu_dense, selection_margin
-
-
-def _layer(seed, n_in, n_out, rank):
-  rng = np.random.default_rng(seed)
-  w = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
-  b = (0.1 * rng.standard_normal(n_out)).astype(np.float32)
-  w, b = jnp.asarray(w), jnp.asarray(b)
-  return w, b, L.fit_svd(w, rank)
-
-
-@st.composite
-def layer_cases(draw):
-  n_in = draw(st.integers(1, 24))
-  block_size = draw(st.sampled_from([1, 2, 3, 4]))
-  n_blocks = draw(st.integers(1, 12))
-  n_out = n_blocks * block_size
-  rank = draw(st.integers(1, min(n_in, n_out)))
-  capacity = draw(st.one_of(st.none(), st.integers(1, n_blocks)))
-  threshold = draw(st.floats(-0.5, 0.5))
-  batch = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
-  seed = draw(st.integers(0, 2**31 - 1))
-  return n_in, n_out, rank, block_size, capacity, threshold, batch, seed
+from helpers import layer_cases, make_layer, reference_mask, relu_dense, selection_margin
 
 
 @given(layer_cases())
 def test_conditional_dense_equals_masked_reference(case):
   n_in, n_out, rank, block_size, capacity, threshold, batch, seed = case
-  w, b, est = _layer(seed, n_in, n_out, rank)
+  w, b, est = make_layer(seed, n_in, n_out, rank)
   x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(batch + (n_in,)), jnp.float32)
   z_hat = np.asarray(L.estimate(x, est, b))
   assume(selection_margin(z_hat, threshold, capacity, block_size) > 1e-4)
@@ -50,7 +28,7 @@ def test_conditional_dense_equals_masked_reference(case):
 
 
 def test_masked_dense_matches_numpy():
-  w, b, _ = _layer(0, 7, 5, 2)
+  w, b, _ = make_layer(0, 7, 5, 2)
   x = np.random.default_rng(1).standard_normal((3, 7)).astype(np.float32)
   mask = np.array([[1, 0, 1, 1, 0]] * 3, bool)
   np.testing.assert_allclose(
@@ -60,14 +38,14 @@ def test_masked_dense_matches_numpy():
 
 
 def test_full_rank_estimator_reproduces_dense_relu_layer():
-  w, b, est = _layer(2, 12, 10, 10)
+  w, b, est = make_layer(2, 12, 10, 10)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((6, 12)), jnp.float32)
   dense = jax.nn.relu(x @ w + b[None])
   np.testing.assert_allclose(np.asarray(L.conditional_dense(x, w, b, est)), np.asarray(dense), rtol=1e-4, atol=1e-5)
 
 
 def test_capacity_keeps_the_highest_scoring_blocks():
-  w, b, est = _layer(4, 8, 12, 8)
+  w, b, est = make_layer(4, 8, 12, 8)
   x = jnp.asarray(np.random.default_rng(5).standard_normal((12, 8)), jnp.float32)
   z_hat = np.asarray(L.estimate(x, est, b))
   y = np.asarray(L.conditional_dense(x, w, b, est, threshold=-np.inf, capacity=2, block_size=3))
@@ -90,13 +68,13 @@ def test_capacity_keeps_the_highest_scoring_blocks():
     ],
 )
 def test_bad_block_and_capacity_name_values(kwargs, pattern):
-  w, b, est = _layer(0, 6, 12, 2)
+  w, b, est = make_layer(0, 6, 12, 2)
   with pytest.raises(ValueError, match=pattern):
     L.conditional_dense(jnp.zeros((2, 6)), w, b, est, **kwargs)
 
 
 def test_shape_errors_name_shapes():
-  w, b, est = _layer(0, 6, 12, 2)
+  w, b, est = make_layer(0, 6, 12, 2)
   with pytest.raises(ValueError, match=r"x has shape \(2, 5\).*n_in=6"):
     L.conditional_dense(jnp.zeros((2, 5)), w, b, est)
   with pytest.raises(ValueError, match=r"bias has shape \(11,\).*\(12,\)"):
@@ -108,7 +86,7 @@ def test_shape_errors_name_shapes():
 
 
 def test_jit_and_vmap_equal_eager():
-  w, b, est = _layer(6, 10, 8, 3)
+  w, b, est = make_layer(6, 10, 8, 3)
   x = jnp.asarray(np.random.default_rng(7).standard_normal((5, 10)), jnp.float32)
   f = lambda x: L.conditional_dense(x, w, b, est, threshold=-0.1, capacity=3, block_size=2)
   eager = f(x)
@@ -117,7 +95,7 @@ def test_jit_and_vmap_equal_eager():
 
 
 def test_gradients_equal_masked_reference_and_skip_estimator():
-  w, b, est = _layer(8, 9, 6, 2)
+  w, b, est = make_layer(8, 9, 6, 2)
   x = jnp.asarray(np.random.default_rng(9).standard_normal((4, 9)), jnp.float32)
   mask = L.unit_mask(L.estimate(x, est, b), -0.05, 4, 1)
 
@@ -137,7 +115,7 @@ def test_gradients_equal_masked_reference_and_skip_estimator():
 
 
 def test_nan_input_propagates_instead_of_a_confident_zero():
-  w, b, est = _layer(10, 4, 6, 2)
+  w, b, est = make_layer(10, 4, 6, 2)
   x = jnp.array([[1.0, jnp.nan, 0.0, 0.5], [1.0, 0.0, 0.0, 0.5]])
   y = np.asarray(L.conditional_dense(x, w, b, est, capacity=2))
   assert np.isnan(y[0]).any()
@@ -145,7 +123,7 @@ def test_nan_input_propagates_instead_of_a_confident_zero():
 
 
 def test_no_recompilation_on_repeated_calls():
-  w, b, est = _layer(11, 10, 8, 3)
+  w, b, est = make_layer(11, 10, 8, 3)
 
   @jax.jit
   @chex.assert_max_traces(n=1)

@@ -5,12 +5,12 @@ import pytest
 import lrcc_jax as L
 from lrcc_jax import _mask
 from lrcc_jax._pallas import block_sparse_dense_masked, block_sparse_dense_prefetch
-from test_layers import _layer
+from helpers import make_layer
 
 
 @pytest.mark.parametrize("rows", [1, 8])
 def test_masked_kernel_matches_masked_dense(rows):
-  w, b, est = _layer(0, 128, 64, 8)
+  w, b, est = make_layer(0, 128, 64, 8)
   p = L.pack(w, b, est, block_size=8)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, 128)), jnp.float32)
   scores = _mask.block_scores(L.estimate(x, est, b), 8)  # (rows, 8)
@@ -22,7 +22,7 @@ def test_masked_kernel_matches_masked_dense(rows):
 
 
 def test_prefetch_kernel_matches_packed_dense_at_batch_1():
-  w, b, est = _layer(2, 128, 64, 8)
+  w, b, est = make_layer(2, 128, 64, 8)
   p = L.pack(w, b, est, block_size=8)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128)), jnp.float32)
   scores = _mask.block_scores(L.estimate(x, est, b), 8)
@@ -34,7 +34,7 @@ def test_prefetch_kernel_matches_packed_dense_at_batch_1():
 
 
 def test_kernel_shape_errors():
-  w, b, est = _layer(0, 16, 16, 2)
+  w, b, est = make_layer(0, 16, 16, 2)
   p = L.pack(w, b, est, block_size=4)
   with pytest.raises(ValueError, match=r"block_mask has shape \(3,\)"):
     block_sparse_dense_masked(jnp.ones((1, 16)), p.weight, p.bias, jnp.ones((3,), bool), interpret=True)

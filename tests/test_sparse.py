@@ -9,14 +9,14 @@ import lrcc_jax as L
 from lrcc_jax._sparse import NATIVE_MIN_RUN, SparseRows, densify, sparse_packed_dense
 from lrcc_jax import packed_mlp
 from lrcc_jax.nn import ConditionalMLP
-from test_layers import _layer
+from helpers import make_layer
 
 
 @pytest.mark.parametrize("block_size", [1, 2])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_sparse_layer_equals_packed_dense_on_dense_and_sparse_inputs(block_size, rows):
-  w1, b1, e1 = _layer(0, 12, 16, 4)
-  w2, b2, e2 = _layer(1, 16, 20, 5)
+  w1, b1, e1 = make_layer(0, 12, 16, 4)
+  w2, b2, e2 = make_layer(1, 16, 20, 5)
   p1, p2 = L.pack(w1, b1, e1, block_size=block_size), L.pack(w2, b2, e2, block_size=block_size)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 12)), jnp.float32)
   c1, c2 = 8 // block_size, 6 // block_size
@@ -33,7 +33,7 @@ def test_sparse_layer_equals_packed_dense_on_dense_and_sparse_inputs(block_size,
 def test_tile_reads_across_block_sizes_equal_conditional_dense(block_sizes):
   # Each layer's output block size is the next layer's input tile width.
   widths = (16, 32, 24, 16)
-  layers = [_layer(i, a, b, 5) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+  layers = [make_layer(i, a, b, 5) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
   x = jnp.asarray(np.random.default_rng(7).standard_normal((3, 16)), jnp.float32)
   h, ref = x, x
   for (w, b, e), bs in zip(layers, block_sizes):
@@ -45,8 +45,8 @@ def test_tile_reads_across_block_sizes_equal_conditional_dense(block_sizes):
 
 
 def test_sparse_rows_block_size_is_static_under_jit():
-  w, b, e = _layer(0, 8, 16, 3)
-  p1, p2 = L.pack(w, b, e, block_size=4), L.pack(*_layer(1, 16, 8, 3), block_size=2)
+  w, b, e = make_layer(0, 8, 16, 3)
+  p1, p2 = L.pack(w, b, e, block_size=4), L.pack(*make_layer(1, 16, 8, 3), block_size=2)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8)), jnp.float32)
 
   @jax.jit
@@ -78,7 +78,7 @@ def test_sparse_chain_of_mlp_equals_layerwise_conditional_dense():
 
 
 def test_sparse_errors():
-  w, b, e = _layer(0, 6, 8, 2)
+  w, b, e = make_layer(0, 6, 8, 2)
   p = L.pack(w, b, e)
   with pytest.raises(ValueError, match="needs a capacity"):
     sparse_packed_dense(jnp.zeros((1, 6)), p, capacity=None)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 import lrcc_jax as L
-from test_layers import _layer
+from helpers import make_layer
 
 
 def _data(seed=0, n_in=20, n_out=30, rank=4, rows=64):
-  w, b, est = _layer(seed, n_in, n_out, rank)
+  w, b, est = make_layer(seed, n_in, n_out, rank)
   x = jnp.asarray(np.random.default_rng(seed + 10).standard_normal((rows, n_in)), jnp.float32)
   z = np.asarray(x @ w + b[None])
   z_hat = np.asarray(L.estimate(x, est, b))
