@@ -232,3 +232,41 @@ def scaled_examples(fraction, minimum=5):
   from hypothesis import settings
 
   return max(minimum, int(settings.default.max_examples * fraction))
+
+
+@st.composite
+def int_chains(draw, n_layers=2, binding=True):
+  """`n_layers` chained `IntLayer`s (each layer's n_in is the previous one's n_out); the
+  first layer's `x` is the chain's input. Every layer has a capacity (sparse chains need
+  one), binding by default."""
+  layers = [draw(int_layers(binding=binding))]
+  while len(layers) < n_layers:
+    layers.append(draw(int_layers(n_in=layers[-1].w.shape[1], rows=layers[0].x.shape[0], binding=binding)))
+  for layer in layers:
+    if layer.capacity is None:
+      layer.capacity = layer.w.shape[1] // layer.block_size
+  return layers
+
+
+def np_chain(x, layers):
+  """Reference activations of chained layers: each layer's mask from its own input."""
+  acts = []
+  for layer in layers:
+    x = layer.reference(x)
+    acts.append(x)
+  return acts
+
+
+def np_chain_grads(x, layers, masks, cotangent):
+  """Gradients of `sum(cotangent * last activation)` through float layers given as
+  (w, b) pairs with constant masks: [dx, (dW, db) per layer]."""
+  inputs = [np.asarray(x, np.float64)]
+  for (w, b), m in zip(layers, masks):
+    inputs.append(np_masked_dense(inputs[-1], w, b, m))
+  grads = []
+  g = np.asarray(cotangent, np.float64)
+  for i in reversed(range(len(layers))):
+    w, b = layers[i]
+    g, dw, db = np_masked_dense_grads(inputs[i], w, b, masks[i], g)
+    grads.append((dw, db))
+  return g, grads[::-1], inputs[1:]

@@ -3,11 +3,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lrcc_jax as L
-from helpers import layer_cases, make_layer, reference_mask, relu_dense, selection_margin
+from helpers import (
+    int_layer_like, int_layers, layer_cases, make_layer, np_estimate, np_masked_dense_grads,
+    np_unit_mask, reference_mask, relu_dense, scaled_examples, selection_margin,
+)
 
 
 @given(layer_cases())
@@ -164,3 +167,37 @@ def test_block_selection_compiles_for_short_rows_and_matches_top_k(rows, n):
   want = np.zeros((rows, n), bool)
   np.put_along_axis(want, np.argsort(-np.asarray(scores), axis=-1, kind="stable")[:, :3], True, axis=-1)
   np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=scaled_examples(0.5))
+@given(int_layers())
+def test_conditional_dense_equals_numpy_reference_at_the_edges(layer):
+  """Guards `conditional_dense` (the mask mode) at the selection edges of `int_layers`:
+  threshold hits, capacity-boundary ties over several rows and blocks, NaN/±inf units."""
+  got = L.conditional_dense(
+      jnp.asarray(layer.x), jnp.asarray(layer.w), jnp.asarray(layer.b), layer.est,
+      threshold=layer.threshold, capacity=layer.capacity, block_size=layer.block_size,
+  )
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+
+
+def test_conditional_dense_at_bisection_size():
+  """Guards `conditional_dense` where the selection is the bisection (128 x 256 blocks)."""
+  layer = int_layer_like(np.random.default_rng(1), 3, 512, 2, 128, 1.0, 37, 2)
+  got = L.conditional_dense(
+      jnp.asarray(layer.x), jnp.asarray(layer.w), jnp.asarray(layer.b), layer.est,
+      threshold=1.0, capacity=37, block_size=2,
+  )
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+
+
+def test_conditional_dense_gradients_equal_numpy_reference():
+  """Guards the mask mode's gradients against the independent reference (nonzero bias)."""
+  w, b, est = make_layer(15, 9, 16, 3)
+  x = jnp.asarray(np.random.default_rng(16).standard_normal((5, 9)), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(17).standard_normal((5, 16)), jnp.float32)
+  mask = np_unit_mask(np_estimate(x, est.u, est.v, b), -0.05, 3, 2)
+  f = lambda x, w, b: jnp.sum(cot * L.conditional_dense(x, w, b, est, threshold=-0.05, capacity=3, block_size=2))
+  got = jax.grad(f, argnums=(0, 1, 2))(x, w, b)
+  for g, r in zip(got, np_masked_dense_grads(x, w, b, mask, cot)):
+    np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import lrcc_jax as L
 from lrcc_jax import _mask
 from lrcc_jax._pallas import block_sparse_dense_masked, block_sparse_dense_prefetch
-from helpers import make_layer
+from helpers import int_layer_like, make_layer, np_block_mask, np_estimate, np_masked_dense
 
 
 @pytest.mark.parametrize("rows", [1, 8])
@@ -40,3 +40,23 @@ def test_kernel_shape_errors():
     block_sparse_dense_masked(jnp.ones((1, 16)), p.weight, p.bias, jnp.ones((3,), bool), interpret=True)
   with pytest.raises(ValueError, match=r"x has shape \(1, 15\)"):
     block_sparse_dense_prefetch(jnp.ones((1, 15)), p.weight, p.bias, jnp.arange(2), interpret=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pallas_kernels_equal_numpy_reference_at_the_edges(seed):
+  """Guards both Pallas kernels (interpret mode) on an integer layer at batch 1 whose
+  estimates hit the threshold and tie at the capacity boundary: the masked kernel with the
+  reference's block mask, the prefetch kernel with `top_blocks`' indices, which must be the
+  reference's ranking (ties to the lower index)."""
+  layer = int_layer_like(np.random.default_rng(seed), 3, 32, 2, 1, 0.0, 3, 4)
+  p = layer.packed()
+  x = jnp.asarray(layer.x)
+  block_mask = np_block_mask(np_estimate(layer.x, layer.u, layer.v, layer.b), 0.0, 3, 4)[0]
+  got = block_sparse_dense_masked(x, p.weight, p.bias, jnp.asarray(block_mask), interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+  scores = _mask.block_scores(L.estimate(x, layer.est, jnp.asarray(layer.b)), 4)
+  idx = np.asarray(_mask.top_blocks(scores, 3)[0])
+  top = np_block_mask(np_estimate(layer.x, layer.u, layer.v, layer.b), -np.inf, 3, 4)[0]
+  np.testing.assert_array_equal(idx, np.flatnonzero(top))
+  got = block_sparse_dense_prefetch(x, p.weight, p.bias, jnp.asarray(idx), interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np_masked_dense(layer.x, layer.w, layer.b, np.repeat(top, 4)[None]))
