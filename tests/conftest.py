@@ -34,6 +34,10 @@ hypothesis.settings.register_profile(
     "dev", max_examples=500, deadline=None, derandomize=False, print_blob=True,
     report_multiple_bugs=False,
 )
+# "mutation": what tests/mutation/run_mutation.py runs against every mutant (fast, fixed).
+hypothesis.settings.register_profile(
+    "mutation", max_examples=15, deadline=None, derandomize=True, print_blob=False, database=None,
+)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -17,8 +17,11 @@ from helpers import int_layers, np_block_mask, np_estimate, np_unit_mask, scaled
 from lrcc_jax import _mask
 
 # Few distinct values, so every row has ties, values equal to the thresholds below, NaN
-# and infinities in single entries, and both signed zeros.
-POOL = [-np.inf, -2.0, -1.0, -0.0, 0.0, 1.0, 1.0, 2.0, np.inf, np.nan]
+# and infinities in single entries, both signed zeros, and neighbours one float32 ulp
+# apart (the bisection's integer keys must order them too).
+_ULP_UP = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+_ULP_DOWN = float(np.nextafter(np.float32(-1.0), np.float32(-2.0)))
+POOL = [-np.inf, -2.0, _ULP_DOWN, -1.0, -0.0, 0.0, 1.0, 1.0, _ULP_UP, 2.0, np.inf, np.nan]
 
 
 @st.composite
