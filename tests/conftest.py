@@ -36,7 +36,8 @@ hypothesis.settings.register_profile(
 )
 # "mutation": what tests/mutation/run_mutation.py runs against every mutant (fast, fixed).
 hypothesis.settings.register_profile(
-    "mutation", max_examples=15, deadline=None, derandomize=True, print_blob=False, database=None,
+    "mutation", max_examples=10, deadline=None, derandomize=True, print_blob=False, database=None,
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],  # no shrinking: any failure kills
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
