@@ -112,3 +112,11 @@ def test_unit_mask_equals_numpy_reference_on_integer_layers(layer):
   )
   got = L.unit_mask(z_hat, layer.threshold, layer.capacity, layer.block_size)
   np.testing.assert_array_equal(np.asarray(got), np_unit_mask(z_hat, layer.threshold, layer.capacity, layer.block_size))
+
+
+def test_unit_mask_defaults_are_threshold_zero_no_capacity_single_units():
+  """Guards `unit_mask`'s defaults (the paper's rule: compute the units estimated > 0)."""
+  z_hat = jnp.array([[0.5, -0.5, 0.0, 2.0], [np.nan, 0.25, -1.0, 0.0]], jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(L.unit_mask(z_hat)), [[True, False, False, True], [True, True, False, False]]
+  )

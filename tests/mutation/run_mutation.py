@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -239,6 +240,8 @@ def main():
   ap.add_argument("--out", default="/tmp/lrcc_mutation.json")
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--only", nargs="*", default=None, help="module:index pairs")
+  ap.add_argument("--interleave", action="store_true", help="order the mutants round robin over the modules")
+  ap.add_argument("--resume", action="store_true", help="skip mutants already in the --out.N files")
   ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
 
@@ -247,15 +250,31 @@ def main():
     for index, (line, what, mutated) in enumerate(mutants(ROOT / "lrcc_jax" / module)):
       if args.only is None or f"{module}:{index}" in args.only:
         jobs.append((module, index, line, what, mutated))
+  all_jobs = list(jobs)
+  if args.interleave:  # round robin over the modules: a bounded budget samples every module
+    by_module = [[j for j in jobs if j[0] == m] for m in args.modules]
+    jobs = [j for group in itertools.zip_longest(*by_module) for j in group if j is not None]
+  if args.resume:
+    done = set()
+    for k in range(args.jobs):
+      f = pathlib.Path(args.out + f".{k}")
+      if f.exists():
+        done |= {(r["module"], r["index"]) for r in map(json.loads, f.read_text().splitlines()) if r}
+    jobs = [j for j in jobs if (j[0], j[1]) not in done]
   if args.list:
     for module, index, line, what, _ in jobs:
       print(f"{module}:{index}\tline {line}\t{what}")
     print(f"{len(jobs)} mutants")
     return
-  if args.worker is not None:  # internal: one worker process
-    _worker([j for k, j in enumerate(jobs) if k % args.jobs == args.worker], args.timeout, args.out + f".{args.worker}")
+  plan = pathlib.Path(args.out + ".plan")
+  if args.worker is not None:  # internal: one worker process, on the parent's plan
+    keys = json.loads(plan.read_text())
+    by_key = {f"{j[0]}:{j[1]}": j for j in all_jobs}
+    mine = [by_key[k] for n, k in enumerate(keys) if n % args.jobs == args.worker]
+    _worker(mine, args.timeout, args.out + f".{args.worker}")
     return
-  for k in range(args.jobs):
+  plan.write_text(json.dumps([f"{j[0]}:{j[1]}" for j in jobs]))
+  for k in range(args.jobs if not args.resume else 0):
     pathlib.Path(args.out + f".{k}").unlink(missing_ok=True)
   procs = [
       subprocess.Popen([sys.executable, __file__, "--worker", str(k), *sys.argv[1:]],
