@@ -134,3 +134,9 @@ def test_subspace_refit_is_near_optimal():
   err_best = float(jnp.linalg.norm(moved - best.u @ best.v))
   err_fast = float(jnp.linalg.norm(moved - fast.u @ fast.v))
   assert err_best <= err_fast <= 1.01 * err_best
+
+
+def test_estimator_rank_is_the_number_of_factor_columns():
+  """Guards `LowRankEstimator.rank` (r of u (n_in, r)), with n_in, r, n_out all distinct."""
+  est = L.fit_svd(jnp.asarray(_rand(5, 7, 5)), 3)
+  assert est.rank == 3 and est.u.shape == (7, 3) and est.v.shape == (3, 5)

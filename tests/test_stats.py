@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lrcc_jax as L
-from helpers import make_layer
+from helpers import int_layer_like, make_layer, np_estimate
 
 
 def _data(seed=0, n_in=20, n_out=30, rank=4, rows=64):
@@ -64,3 +64,22 @@ def test_calibrate_wrong_width():
   x, w, b, est, _, _ = _data()
   with pytest.raises(ValueError, match=r"x has shape \(64, 19\).*n_in=20"):
     L.calibrate_threshold(x[:, :19], w, b, est)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 1.0])
+def test_estimator_stats_at_exact_zeros_and_threshold_ties(threshold):
+  """Guards the strict comparisons of the statistics on integer data, where many exact
+  outputs are exactly 0 (not active) and many estimates equal the threshold (not computed),
+  and a NaN estimate (computed)."""
+  layer = int_layer_like(np.random.default_rng(5), 4, 24, 2, 16, threshold, None, 1)
+  layer.v[0, 3] = np.inf  # 0 · inf = NaN where a row's (x u)[0] is 0
+  z = layer.x.astype(np.float64) @ layer.w + layer.b
+  z_hat = np_estimate(layer.x, layer.u, layer.v, layer.b)
+  active, computed = z > 0, ~(z_hat <= threshold)
+  assert (z == 0).any() and (z_hat == threshold).any() and np.isnan(z_hat).any()
+  stats = L.estimator_stats(jnp.asarray(layer.x), jnp.asarray(layer.w), jnp.asarray(layer.b), layer.est, threshold)
+  hit = (active & computed).sum()
+  np.testing.assert_allclose(float(stats["recall"]), hit / active.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["precision"]), hit / computed.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["computed_fraction"]), computed.mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["density"]), active.mean(), rtol=1e-6)
