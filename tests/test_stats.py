@@ -83,3 +83,40 @@ def test_estimator_stats_at_exact_zeros_and_threshold_ties(threshold):
   np.testing.assert_allclose(float(stats["precision"]), hit / computed.sum(), rtol=1e-6)
   np.testing.assert_allclose(float(stats["computed_fraction"]), computed.mean(), rtol=1e-6)
   np.testing.assert_allclose(float(stats["density"]), active.mean(), rtol=1e-6)
+
+
+def test_recall_and_precision_with_a_single_active_or_computed_unit():
+  """Guards the empty-set guards' boundaries: with exactly one active unit that is not
+  computed the recall is 0 (not the empty-set 1), and likewise the precision with exactly
+  one computed unit that is not active."""
+  est = L.LowRankEstimator(jnp.eye(2), jnp.eye(2))
+  x = jnp.array([[1.0, 0.0]])
+  w = jnp.array([[-1.0, 0.0], [0.0, 0.0]])
+  # z = (-1, 0) + b, z_hat = (1, 0) + b: unit 0 computed not active, unit 1 neither.
+  s = L.estimator_stats(x, w, jnp.zeros(2), est)
+  assert float(s["precision"]) == 0.0 and float(s["recall"]) == 1.0
+  # z = (1, 0), z_hat = (1, 0) under threshold 2: unit 0 active not computed, unit 1 neither.
+  s = L.estimator_stats(x, -w, jnp.zeros(2), est, threshold=2.0)
+  assert float(s["recall"]) == 0.0 and float(s["precision"]) == 1.0
+
+
+def test_calibrate_threshold_equals_numpy_reference_with_exact_zeros():
+  """Guards `calibrate_threshold`'s active set (z > 0 strictly: exact zeros are inactive)
+  and its order statistic on integer data full of exact zeros and ties."""
+  layer = int_layer_like(np.random.default_rng(6), 4, 24, 2, 16, 0.0, None, 1)
+  z = layer.x.astype(np.float64) @ layer.w + layer.b
+  z_hat = np_estimate(layer.x, layer.u, layer.v, layer.b)
+  assert (z == 0).any()
+  for recall in (0.5, 0.9, 1.0):
+    vals = np.sort(z_hat[z > 0])[::-1]
+    m = int(np.ceil(recall * len(vals)))
+    want = np.nextafter(np.float32(vals[m - 1]), np.float32(-np.inf))
+    got = L.calibrate_threshold(jnp.asarray(layer.x), jnp.asarray(layer.w), jnp.asarray(layer.b), layer.est, recall=recall)
+    assert float(got) == float(want), recall
+
+
+def test_calibrate_recall_is_keyword_only():
+  """Guards the signature: `recall` cannot be passed positionally (it reads like a threshold)."""
+  x, w, b, est, _, _ = _data()
+  with pytest.raises(TypeError):
+    L.calibrate_threshold(x, w, b, est, 0.9)
