@@ -120,3 +120,11 @@ def test_calibrate_recall_is_keyword_only():
   x, w, b, est, _, _ = _data()
   with pytest.raises(TypeError):
     L.calibrate_threshold(x, w, b, est, 0.9)
+
+
+def test_calibrate_threshold_without_active_units_is_plus_inf():
+  """Guards the documented empty case: with no active unit every threshold has recall 1,
+  and the largest one is +inf (not -inf, which would compute everything)."""
+  w = jnp.zeros((3, 4))
+  t = L.calibrate_threshold(jnp.ones((2, 3)), w, -jnp.ones((4,)), L.fit_svd(w, 1))
+  assert float(t) == np.inf
