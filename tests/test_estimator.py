@@ -174,3 +174,10 @@ def test_data_aware_edge_inputs():
   assert np.all(np.isfinite(np.asarray(zero.u))) and np.all(np.isfinite(np.asarray(zero.v)))
   svd = L.fit_svd(w, 2)
   np.testing.assert_allclose(np.asarray(zero.u @ zero.v), np.asarray(svd.u @ svd.v), rtol=1e-3, atol=1e-4)
+
+
+def test_subspace_refit_keeps_the_rank():
+  """Guards that the refit returns factors of the incoming rank (not n_out)."""
+  w = jnp.asarray(_rand(40, 12, 9))
+  est = subspace_refit(w, L.fit_svd(w, 3))
+  assert est.rank == 3 and est.u.shape == (12, 3) and est.v.shape == (3, 9)

@@ -107,7 +107,7 @@ def test_calibrate_threshold_equals_numpy_reference_with_exact_zeros():
   z = layer.x.astype(np.float64) @ layer.w + layer.b
   z_hat = np_estimate(layer.x, layer.u, layer.v, layer.b)
   assert (z == 0).any()
-  for recall in (0.5, 0.9, 1.0):
+  for recall in (0.01, 0.5, 0.9, 1.0):  # 0.01: the first (largest) estimate, m = 1
     vals = np.sort(z_hat[z > 0])[::-1]
     m = int(np.ceil(recall * len(vals)))
     want = np.nextafter(np.float32(vals[m - 1]), np.float32(-np.inf))
@@ -128,3 +128,11 @@ def test_calibrate_threshold_without_active_units_is_plus_inf():
   w = jnp.zeros((3, 4))
   t = L.calibrate_threshold(jnp.ones((2, 3)), w, -jnp.ones((4,)), L.fit_svd(w, 1))
   assert float(t) == np.inf
+
+
+def test_calibrate_threshold_with_a_single_active_unit():
+  """Guards the one-active-unit boundary: the threshold sits just below its estimate."""
+  est = L.LowRankEstimator(jnp.eye(2), jnp.eye(2))
+  w = jnp.array([[1.0, 0.0], [0.0, -1.0]])
+  t = L.calibrate_threshold(jnp.array([[0.75, 1.0]]), w, jnp.zeros(2), est, recall=0.5)
+  assert float(t) == float(np.nextafter(np.float32(0.75), np.float32(-np.inf)))
