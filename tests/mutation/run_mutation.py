@@ -57,6 +57,7 @@ TARGETS = {
         "tests/test_mask.py", "tests/test_layers.py",
     ],
     "_layers.py": [
+        "tests/test_mask.py::test_unit_mask_defaults_are_threshold_zero_no_capacity_single_units",
         "tests/test_layers.py::test_conditional_dense_equals_numpy_reference_at_the_edges",
         "tests/test_layers.py",
     ],
