@@ -134,3 +134,50 @@ def test_subspace_refit_is_near_optimal():
   err_best = float(jnp.linalg.norm(moved - best.u @ best.v))
   err_fast = float(jnp.linalg.norm(moved - fast.u @ fast.v))
   assert err_best <= err_fast <= 1.01 * err_best
+
+
+def test_estimator_rank_is_the_number_of_factor_columns():
+  """Guards `LowRankEstimator.rank` (r of u (n_in, r)), with n_in, r, n_out all distinct."""
+  est = L.fit_svd(jnp.asarray(_rand(5, 7, 5)), 3)
+  assert est.rank == 3 and est.u.shape == (7, 3) and est.v.shape == (3, 5)
+
+
+def _np_data_aware(w, rank, x, ridge):
+  """The documented rule of `fit_data_aware`, in float64 numpy: whiten, truncate, unwhiten."""
+  w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
+  cov = x.T @ x / x.shape[0]
+  lam = ridge * np.trace(cov) / w.shape[0]
+  evals, evecs = np.linalg.eigh(cov + lam * np.eye(w.shape[0]))
+  p, s, qt = np.linalg.svd((evecs * np.sqrt(evals)) @ evecs.T @ w, full_matrices=False)
+  return (evecs / np.sqrt(evals)) @ evecs.T @ (p[:, :rank] * s[:rank]) @ qt[:rank]
+
+
+@pytest.mark.parametrize("ridge", [1e-4, 0.5])
+def test_data_aware_equals_numpy_reference_of_the_documented_rule(ridge):
+  """Guards the whitening formula (C = XᵀX/N + λI, λ = ridge·tr/n_in, U = C^{-1/2} P_r S_r)
+  against an independent float64 computation, with a ridge large enough to matter."""
+  w, x = _rand(30, 12, 9), _rand(31, 40, 12)
+  est = L.fit_data_aware(jnp.asarray(w), 4, jnp.asarray(x), ridge=ridge)
+  np.testing.assert_allclose(np.asarray(est.u @ est.v), _np_data_aware(w, 4, x, ridge), rtol=2e-3, atol=2e-4)
+
+
+def test_data_aware_edge_inputs():
+  """Guards the input checks' boundaries (exactly `rank` rows is enough; ridge must be
+  > 0, 0 included in the rejection) and all-zero inputs (only the ridge keeps C invertible:
+  the factors stay finite and reduce to the kernel's SVD)."""
+  w = jnp.asarray(_rand(32, 6, 5))
+  est = L.fit_data_aware(w, 3, jnp.asarray(_rand(33, 3, 6)))
+  assert est.u.shape == (6, 3)
+  with pytest.raises(ValueError, match=r"ridge=0.0 must be positive"):
+    L.fit_data_aware(w, 2, jnp.ones((4, 6)), ridge=0.0)
+  zero = L.fit_data_aware(w, 2, jnp.zeros((4, 6)))
+  assert np.all(np.isfinite(np.asarray(zero.u))) and np.all(np.isfinite(np.asarray(zero.v)))
+  svd = L.fit_svd(w, 2)
+  np.testing.assert_allclose(np.asarray(zero.u @ zero.v), np.asarray(svd.u @ svd.v), rtol=1e-3, atol=1e-4)
+
+
+def test_subspace_refit_keeps_the_rank():
+  """Guards that the refit returns factors of the incoming rank (not n_out)."""
+  w = jnp.asarray(_rand(40, 12, 9))
+  est = subspace_refit(w, L.fit_svd(w, 3))
+  assert est.rank == 3 and est.u.shape == (12, 3) and est.v.shape == (3, 9)

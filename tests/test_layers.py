@@ -3,39 +3,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lrcc_jax as L
-from helpers import reference_mask, relu_dense, selection_margin
-
-
-def _layer(seed, n_in, n_out, rank):
-  rng = np.random.default_rng(seed)
-  w = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
-  b = (0.1 * rng.standard_normal(n_out)).astype(np.float32)
-  w, b = jnp.asarray(w), jnp.asarray(b)
-  return w, b, L.fit_svd(w, rank)
-
-
-@st.composite
-def layer_cases(draw):
-  n_in = draw(st.integers(1, 24))
-  block_size = draw(st.sampled_from([1, 2, 3, 4]))
-  n_blocks = draw(st.integers(1, 12))
-  n_out = n_blocks * block_size
-  rank = draw(st.integers(1, min(n_in, n_out)))
-  capacity = draw(st.one_of(st.none(), st.integers(1, n_blocks)))
-  threshold = draw(st.floats(-0.5, 0.5))
-  batch = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
-  seed = draw(st.integers(0, 2**31 - 1))
-  return n_in, n_out, rank, block_size, capacity, threshold, batch, seed
+from helpers import (
+    int_layer_like, int_layers, layer_cases, make_layer, np_estimate, np_masked_dense_grads,
+    np_unit_mask, reference_mask, relu_dense, scaled_examples, selection_margin,
+)
 
 
 @given(layer_cases())
 def test_conditional_dense_equals_masked_reference(case):
   n_in, n_out, rank, block_size, capacity, threshold, batch, seed = case
-  w, b, est = _layer(seed, n_in, n_out, rank)
+  w, b, est = make_layer(seed, n_in, n_out, rank)
   x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(batch + (n_in,)), jnp.float32)
   z_hat = np.asarray(L.estimate(x, est, b))
   assume(selection_margin(z_hat, threshold, capacity, block_size) > 1e-4)
@@ -50,7 +31,7 @@ def test_conditional_dense_equals_masked_reference(case):
 
 
 def test_masked_dense_matches_numpy():
-  w, b, _ = _layer(0, 7, 5, 2)
+  w, b, _ = make_layer(0, 7, 5, 2)
   x = np.random.default_rng(1).standard_normal((3, 7)).astype(np.float32)
   mask = np.array([[1, 0, 1, 1, 0]] * 3, bool)
   np.testing.assert_allclose(
@@ -60,14 +41,14 @@ def test_masked_dense_matches_numpy():
 
 
 def test_full_rank_estimator_reproduces_dense_relu_layer():
-  w, b, est = _layer(2, 12, 10, 10)
+  w, b, est = make_layer(2, 12, 10, 10)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((6, 12)), jnp.float32)
   dense = jax.nn.relu(x @ w + b[None])
   np.testing.assert_allclose(np.asarray(L.conditional_dense(x, w, b, est)), np.asarray(dense), rtol=1e-4, atol=1e-5)
 
 
 def test_capacity_keeps_the_highest_scoring_blocks():
-  w, b, est = _layer(4, 8, 12, 8)
+  w, b, est = make_layer(4, 8, 12, 8)
   x = jnp.asarray(np.random.default_rng(5).standard_normal((12, 8)), jnp.float32)
   z_hat = np.asarray(L.estimate(x, est, b))
   y = np.asarray(L.conditional_dense(x, w, b, est, threshold=-np.inf, capacity=2, block_size=3))
@@ -90,13 +71,13 @@ def test_capacity_keeps_the_highest_scoring_blocks():
     ],
 )
 def test_bad_block_and_capacity_name_values(kwargs, pattern):
-  w, b, est = _layer(0, 6, 12, 2)
+  w, b, est = make_layer(0, 6, 12, 2)
   with pytest.raises(ValueError, match=pattern):
     L.conditional_dense(jnp.zeros((2, 6)), w, b, est, **kwargs)
 
 
 def test_shape_errors_name_shapes():
-  w, b, est = _layer(0, 6, 12, 2)
+  w, b, est = make_layer(0, 6, 12, 2)
   with pytest.raises(ValueError, match=r"x has shape \(2, 5\).*n_in=6"):
     L.conditional_dense(jnp.zeros((2, 5)), w, b, est)
   with pytest.raises(ValueError, match=r"bias has shape \(11,\).*\(12,\)"):
@@ -108,7 +89,7 @@ def test_shape_errors_name_shapes():
 
 
 def test_jit_and_vmap_equal_eager():
-  w, b, est = _layer(6, 10, 8, 3)
+  w, b, est = make_layer(6, 10, 8, 3)
   x = jnp.asarray(np.random.default_rng(7).standard_normal((5, 10)), jnp.float32)
   f = lambda x: L.conditional_dense(x, w, b, est, threshold=-0.1, capacity=3, block_size=2)
   eager = f(x)
@@ -117,7 +98,7 @@ def test_jit_and_vmap_equal_eager():
 
 
 def test_gradients_equal_masked_reference_and_skip_estimator():
-  w, b, est = _layer(8, 9, 6, 2)
+  w, b, est = make_layer(8, 9, 6, 2)
   x = jnp.asarray(np.random.default_rng(9).standard_normal((4, 9)), jnp.float32)
   mask = L.unit_mask(L.estimate(x, est, b), -0.05, 4, 1)
 
@@ -137,7 +118,7 @@ def test_gradients_equal_masked_reference_and_skip_estimator():
 
 
 def test_nan_input_propagates_instead_of_a_confident_zero():
-  w, b, est = _layer(10, 4, 6, 2)
+  w, b, est = make_layer(10, 4, 6, 2)
   x = jnp.array([[1.0, jnp.nan, 0.0, 0.5], [1.0, 0.0, 0.0, 0.5]])
   y = np.asarray(L.conditional_dense(x, w, b, est, capacity=2))
   assert np.isnan(y[0]).any()
@@ -145,7 +126,7 @@ def test_nan_input_propagates_instead_of_a_confident_zero():
 
 
 def test_no_recompilation_on_repeated_calls():
-  w, b, est = _layer(11, 10, 8, 3)
+  w, b, est = make_layer(11, 10, 8, 3)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -186,3 +167,37 @@ def test_block_selection_compiles_for_short_rows_and_matches_top_k(rows, n):
   want = np.zeros((rows, n), bool)
   np.put_along_axis(want, np.argsort(-np.asarray(scores), axis=-1, kind="stable")[:, :3], True, axis=-1)
   np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=scaled_examples(0.5))
+@given(int_layers())
+def test_conditional_dense_equals_numpy_reference_at_the_edges(layer):
+  """Guards `conditional_dense` (the mask mode) at the selection edges of `int_layers`:
+  threshold hits, capacity-boundary ties over several rows and blocks, NaN/±inf units."""
+  got = L.conditional_dense(
+      jnp.asarray(layer.x), jnp.asarray(layer.w), jnp.asarray(layer.b), layer.est,
+      threshold=layer.threshold, capacity=layer.capacity, block_size=layer.block_size,
+  )
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+
+
+def test_conditional_dense_at_bisection_size():
+  """Guards `conditional_dense` where the selection is the bisection (128 x 256 blocks)."""
+  layer = int_layer_like(np.random.default_rng(1), 3, 512, 2, 128, 1.0, 37, 2)
+  got = L.conditional_dense(
+      jnp.asarray(layer.x), jnp.asarray(layer.w), jnp.asarray(layer.b), layer.est,
+      threshold=1.0, capacity=37, block_size=2,
+  )
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+
+
+def test_conditional_dense_gradients_equal_numpy_reference():
+  """Guards the mask mode's gradients against the independent reference (nonzero bias)."""
+  w, b, est = make_layer(15, 9, 16, 3)
+  x = jnp.asarray(np.random.default_rng(16).standard_normal((5, 9)), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(17).standard_normal((5, 16)), jnp.float32)
+  mask = np_unit_mask(np_estimate(x, est.u, est.v, b), -0.05, 3, 2)
+  f = lambda x, w, b: jnp.sum(cot * L.conditional_dense(x, w, b, est, threshold=-0.05, capacity=3, block_size=2))
+  got = jax.grad(f, argnums=(0, 1, 2))(x, w, b)
+  for g, r in zip(got, np_masked_dense_grads(x, w, b, mask, cot)):
+    np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,9 @@ from flax import nnx
 
 import lrcc_jax as L
 from lrcc_jax import packed_mlp
+from helpers import np_chain_grads, np_estimate, np_masked_dense, np_unit_mask
+from lrcc_jax import _native
+from lrcc_jax._packed import auto_gathers
 from lrcc_jax.nn import ConditionalDense, ConditionalMLP, EstimatorFactor
 
 
@@ -163,3 +166,61 @@ def test_assigning_a_threshold_sets_the_variable():
   var = layer.threshold
   layer.threshold = -0.25
   assert layer.threshold is var and float(layer.threshold[...]) == -0.25
+
+
+def _biased_model(**kw):
+  """A `ConditionalMLP` whose hidden layers have nonzero random biases (init gives zeros)."""
+  m = ConditionalMLP(20, [32, 16], 5, ranks=[6, 4], thresholds=[-0.05, 0.0], rngs=nnx.Rngs(7), **kw)
+  rng = np.random.default_rng(8)
+  for layer in m.layers:
+    layer.bias[...] = jnp.asarray(0.3 * rng.standard_normal(layer.bias[...].shape), jnp.float32)
+  m.head.bias[...] = jnp.asarray(rng.standard_normal(5), jnp.float32)
+  return m
+
+
+def _reference_masks(m, x):
+  """Each hidden layer's mask from the numpy reference, layer by layer (float64)."""
+  masks, h = [], np.asarray(x, np.float64)
+  for layer in m.layers:
+    est = layer.estimator
+    threshold = float(layer.threshold[...])
+    mask = np_unit_mask(np_estimate(h, est.u, est.v, layer.bias[...]), threshold, layer.capacity, layer.block_size)
+    masks.append(mask)
+    h = np_masked_dense(h, layer.kernel[...], layer.bias[...], mask)
+  return masks, h
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("mode", ["skip", "mask"])
+def test_modes_equal_numpy_reference_with_biases_where_auto_gathers(mode, rows):
+  """Guards the modules' skip and mask modes against the reference with nonzero biases,
+  at batch sizes where skip's "auto" really gathers (not the dense fallback)."""
+  m = _biased_model(capacities=[2, 2], block_sizes=[2, 1])
+  x = _x(rows)
+  if mode == "skip" and _native.active():
+    assert all(auto_gathers(layer.pack(), rows, layer.capacity) for layer in m.layers)
+  masks, h = _reference_masks(m, x)
+  want = h @ np.asarray(m.head.kernel[...], np.float64) + np.asarray(m.head.bias[...], np.float64)
+  np.testing.assert_allclose(np.asarray(m(x, mode=mode)), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("mode", ["skip", "mask"])
+def test_mode_gradients_equal_numpy_reference(mode, rows):
+  """Guards gradients through the modules' skip and mask modes: every hidden kernel and
+  nonzero bias and the head get the masked reference's gradients (computed units only)."""
+  m = _biased_model(capacities=[2, 2], block_sizes=[2, 1])
+  x = _x(rows)
+  cot = jnp.asarray(np.random.default_rng(9).standard_normal((rows, 5)), jnp.float32)
+  grads = nnx.grad(lambda m: jnp.sum(cot * m(x, mode=mode)))(m)
+  masks, h = _reference_masks(m, x)
+  head_w = np.asarray(m.head.kernel[...], np.float64)
+  layers = [(l.kernel[...], l.bias[...]) for l in m.layers]
+  rx, ref, _ = np_chain_grads(x, layers, masks, np.asarray(cot, np.float64) @ head_w.T)
+  tol = dict(rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(grads.head.kernel[...]), h.T @ np.asarray(cot, np.float64), **tol)
+  for i, (rw, rb) in enumerate(ref):
+    g = grads.layers[i]
+    np.testing.assert_allclose(np.asarray(g.kernel[...]), rw, **tol)
+    np.testing.assert_allclose(np.asarray(g.bias[...]), rb, **tol)
+    assert np.any(rw) and np.any(rb)

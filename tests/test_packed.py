@@ -3,18 +3,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lrcc_jax as L
-from helpers import reference_mask, selection_margin
-from test_layers import _layer, layer_cases
+from helpers import (
+    int_layer_like, int_layers, layer_cases, make_layer, np_estimate, np_masked_dense_grads,
+    np_unit_mask, reference_mask, scaled_examples, selection_margin,
+)
+from lrcc_jax import _native
 
 
 @given(layer_cases(), st.sampled_from(["auto", "gather", "dense"]))
 def test_packed_dense_equals_masked_reference(case, strategy):
   n_in, n_out, rank, block_size, capacity, threshold, batch, seed = case
-  w, b, est = _layer(seed, n_in, n_out, rank)
+  w, b, est = make_layer(seed, n_in, n_out, rank)
   x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(batch + (n_in,)), jnp.float32)
   z_hat = np.asarray(L.estimate(x, est, b))
   assume(selection_margin(z_hat, threshold, capacity, block_size) > 1e-4)
@@ -28,7 +31,7 @@ def test_packed_dense_equals_masked_reference(case, strategy):
 
 
 def test_pack_layout_is_unit_major_blocks():
-  w, b, est = _layer(0, 5, 12, 3)
+  w, b, est = make_layer(0, 5, 12, 3)
   p = L.pack(w, b, est, block_size=4)
   chex.assert_shape(p.weight, (3, 4, 5))
   chex.assert_shape(p.bias, (3, 4))
@@ -41,7 +44,7 @@ def test_pack_layout_is_unit_major_blocks():
 
 
 def test_packed_errors_name_values():
-  w, b, est = _layer(0, 6, 12, 2)
+  w, b, est = make_layer(0, 6, 12, 2)
   p = L.pack(w, b, est, block_size=3)
   with pytest.raises(ValueError, match=r"x has shape \(7,\).*n_in=6"):
     L.packed_dense(jnp.zeros((7,)), p)
@@ -53,7 +56,7 @@ def test_packed_errors_name_values():
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_gather_path_gradients_equal_masked_reference(rows):
-  w, b, est = _layer(1, 8, 12, 3)
+  w, b, est = make_layer(1, 8, 12, 3)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 8)), jnp.float32)
   mask = L.unit_mask(L.estimate(x, est, b), 0.0, 2, 2)
 
@@ -72,7 +75,7 @@ def test_gather_path_gradients_equal_masked_reference(rows):
 
 
 def test_jit_vmap_and_leading_dims_agree():
-  w, b, est = _layer(3, 10, 16, 4)
+  w, b, est = make_layer(3, 10, 16, 4)
   p = L.pack(w, b, est, block_size=2)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 10)), jnp.float32)
   f = lambda x: L.packed_dense(x, p, threshold=-0.1, capacity=3, strategy="gather")
@@ -109,7 +112,7 @@ def _primitive_names(jaxpr):
 @pytest.mark.parametrize("strategy", ["gather", "dense", "auto"])
 @pytest.mark.parametrize("rows", [1, 4])
 def test_skipping_paths_are_cond_free(strategy, rows):
-  w, b, est = _layer(5, 16, 32, 4)
+  w, b, est = make_layer(5, 16, 32, 4)
   p = L.pack(w, b, est, block_size=4)
   x = jnp.ones((rows, 16))
   fns = {
@@ -133,7 +136,7 @@ def test_skipping_paths_are_cond_free(strategy, rows):
 
 
 def test_no_recompilation_on_repeated_calls():
-  w, b, est = _layer(6, 12, 24, 4)
+  w, b, est = make_layer(6, 12, 24, 4)
   p = L.pack(w, b, est, block_size=2)
 
   @jax.jit
@@ -147,7 +150,7 @@ def test_no_recompilation_on_repeated_calls():
 
 
 def test_bf16_storage_error_is_bounded():
-  w, b, est = _layer(7, 64, 32, 8)
+  w, b, est = make_layer(7, 64, 32, 8)
   x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 64)), jnp.float32)
   exact = L.packed_dense(x, L.pack(w, b, est), capacity=8, strategy="gather")
   half = L.packed_dense(x, L.pack(w, b, est, dtype=jnp.bfloat16), capacity=8, strategy="gather")
@@ -157,7 +160,7 @@ def test_bf16_storage_error_is_bounded():
 
 
 def test_pack_accepts_numpy_and_the_jitted_gather_works():
-  w, b, est = _layer(9, 8, 16, 3)
+  w, b, est = make_layer(9, 8, 16, 3)
   p = L.pack(np.asarray(w), np.asarray(b), L.LowRankEstimator(np.asarray(est.u), np.asarray(est.v)))
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(p))
   x = jnp.ones((8,))
@@ -169,7 +172,7 @@ def test_pack_accepts_numpy_and_the_jitted_gather_works():
 def test_unit_major_product_equals_the_flax_layout_product(rows):
   from lrcc_jax._packed import unit_major_product
 
-  w, _, _ = _layer(10, 12, 16, 3)
+  w, _, _ = make_layer(10, 12, 16, 3)
   x = jnp.asarray(np.random.default_rng(11).standard_normal((rows, 12)), jnp.float32)
   got = jax.jit(unit_major_product)(x, w.T)
   np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-6)
@@ -203,3 +206,93 @@ def test_auto_strategy_rules_with_the_native_kernel():
   assert skip_pays(64, 13, 256, native=True)  # 5% per row, up to 64 rows
   assert not skip_pays(128, 13, 256, native=True) and not skip_pays(32, 26, 256, native=True)
   assert not skip_pays(1, None, 256, native=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Edge properties: every path against the independent numpy reference, exactly.
+
+PATHS = ["gather-native", "gather-xla", "dense", "auto"]
+
+
+def _run_path(path, x, packed, **kw):
+  """`packed_dense` on one path; "-xla" reports the native kernel inactive (as on GPU/TPU or
+  without a compiler), so the XLA gathers, grouped for larger selections, run instead."""
+  strategy = path.split("-")[0]
+  with pytest.MonkeyPatch.context() as mp:
+    if path.endswith("-xla"):
+      mp.setattr(_native, "active", lambda: False)
+    elif path.endswith("-native") and not _native.active():
+      pytest.skip(f"native kernel unavailable: {_native.status()['reason']}")
+    return L.packed_dense(x, packed, strategy=strategy, **kw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=scaled_examples(0.5))
+@given(int_layers())
+def test_every_packed_path_equals_numpy_reference_at_the_edges(path, layer):
+  """Guards the selection of every `packed_dense` path at its edges (see `int_layers`):
+  estimates equal to the threshold, ties at a binding capacity with blocks > 1 over several
+  rows, NaN/±inf in single units. Integer data: the values must match exactly."""
+  got = _run_path(path, jnp.asarray(layer.x), layer.packed(), threshold=layer.threshold, capacity=layer.capacity)
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_packed_path_at_bisection_size(path):
+  """Guards the bisection selection inside the paths (128 rows x 256 blocks of 2 units,
+  capacity 37, integer estimates: ties across the boundary in every row), and the XLA
+  gathers' multi-group code (128 rows x 37 blocks)."""
+  layer = int_layer_like(np.random.default_rng(0), 3, 512, 2, 128, 0.0, 37, 2)
+  packed = layer.packed()
+  got = _run_path(path, jnp.asarray(layer.x), packed, threshold=0.0, capacity=37)
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+
+
+def test_xla_gathers_split_into_several_groups_at_these_sizes():
+  """Guards that the "-xla" cases above reach the grouped gathers (more than one group)."""
+  from lrcc_jax._packed import group_bounds
+
+  assert len(group_bounds(37, 128 * 2)) > 1
+  assert len(group_bounds(6, 5 * 4)) > 1  # int_layers' largest: 5 rows x 6 of 7 blocks of 4
+
+
+def _loss_grads(fn, x, packed, cot):
+  return jax.grad(lambda x, p: jnp.sum(fn(x, p) * cot), argnums=(0, 1))(x, packed)
+
+
+@pytest.mark.parametrize("path", ["gather-native", "gather-xla", "dense"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_packed_path_gradients_equal_masked_reference(path, rows):
+  """Guards gradients through each path (the dense fallback's `unit_major_product`
+  included): they reach x, the weights and the nonzero bias through computed units only,
+  as the masked reference's, and never the estimator."""
+  w, b, est = make_layer(12, 9, 16, 3)
+  packed = L.pack(w, b, est, block_size=2)
+  x = jnp.asarray(np.random.default_rng(13).standard_normal((rows, 9)), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(14).standard_normal((rows, 16)), jnp.float32)
+  mask = np_unit_mask(np_estimate(x, est.u, est.v, b), -0.05, 3, 2)
+  assert 0 < mask.sum() < mask.size
+  fn = lambda x, p: _run_path(path, x, p, threshold=-0.05, capacity=3)
+  gx, gp = _loss_grads(fn, x, packed, cot)
+  rx, rw, rb = np_masked_dense_grads(x, w, b, mask, cot)
+  np.testing.assert_allclose(np.asarray(gx), rx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gp.weight).reshape(16, 9).T, rw, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gp.bias).reshape(16), rb, rtol=1e-5, atol=1e-5)
+  assert np.any(rw) and not np.any(np.asarray(gp.u)) and not np.any(np.asarray(gp.v))
+
+
+def test_pack_stores_the_requested_dtype_and_products_read_it():
+  """Guards `pack(dtype=...)`: the weights are stored in bf16 (half the bytes) and every
+  path computes with the rounded weights, not silently with the f32 originals."""
+  n_in, n_out = 4, 8
+  w = np.full((n_in, n_out), 1.0 + 2.0**-10, np.float32)  # rounds to 1.0 in bf16
+  b = np.zeros(n_out, np.float32) + 0.5
+  est = L.LowRankEstimator(jnp.ones((n_in, 1)), jnp.ones((1, n_out)))
+  packed = L.pack(jnp.asarray(w), jnp.asarray(b), est, block_size=2, dtype=jnp.bfloat16)
+  assert packed.weight.dtype == jnp.bfloat16
+  x = jnp.ones((2, n_in), jnp.float32)
+  for strategy in ("gather", "dense"):
+    got = np.asarray(L.packed_dense(x, packed, capacity=2, strategy=strategy))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got[:, :4], np.full((2, 4), 4.5, np.float32))  # 4 · 1.0 + 0.5
+    np.testing.assert_array_equal(got[:, 4:], 0.0)

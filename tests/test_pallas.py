@@ -5,12 +5,12 @@ import pytest
 import lrcc_jax as L
 from lrcc_jax import _mask
 from lrcc_jax._pallas import block_sparse_dense_masked, block_sparse_dense_prefetch
-from test_layers import _layer
+from helpers import int_layer_like, make_layer, np_block_mask, np_estimate, np_masked_dense
 
 
 @pytest.mark.parametrize("rows", [1, 8])
 def test_masked_kernel_matches_masked_dense(rows):
-  w, b, est = _layer(0, 128, 64, 8)
+  w, b, est = make_layer(0, 128, 64, 8)
   p = L.pack(w, b, est, block_size=8)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, 128)), jnp.float32)
   scores = _mask.block_scores(L.estimate(x, est, b), 8)  # (rows, 8)
@@ -22,7 +22,7 @@ def test_masked_kernel_matches_masked_dense(rows):
 
 
 def test_prefetch_kernel_matches_packed_dense_at_batch_1():
-  w, b, est = _layer(2, 128, 64, 8)
+  w, b, est = make_layer(2, 128, 64, 8)
   p = L.pack(w, b, est, block_size=8)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128)), jnp.float32)
   scores = _mask.block_scores(L.estimate(x, est, b), 8)
@@ -34,7 +34,7 @@ def test_prefetch_kernel_matches_packed_dense_at_batch_1():
 
 
 def test_kernel_shape_errors():
-  w, b, est = _layer(0, 16, 16, 2)
+  w, b, est = make_layer(0, 16, 16, 2)
   p = L.pack(w, b, est, block_size=4)
   with pytest.raises(ValueError, match=r"block_mask has shape \(3,\)"):
     block_sparse_dense_masked(jnp.ones((1, 16)), p.weight, p.bias, jnp.ones((3,), bool), interpret=True)
@@ -77,7 +77,7 @@ def _masked_reference(x, w, b, est, block_size, capacity, threshold):
 def test_tpu_gather_kernel_matches_masked_dense(block_size, n_in, n_blocks, rows, seed):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(_pallas, "TPU_TILE_BYTES", block_size * 128 * 4)  # force several n_in tiles
-    w, b, est = _layer(seed, n_in, n_blocks * block_size, 4)
+    w, b, est = make_layer(seed, n_in, n_blocks * block_size, 4)
     p = L.pack(w, b, est, block_size=block_size)
     x = jnp.asarray(np.random.default_rng(seed).standard_normal((rows, n_in)), jnp.float32)
     capacity = max(1, n_blocks // 2)
@@ -97,7 +97,7 @@ def test_tpu_gather_kernel_matches_masked_dense(block_size, n_in, n_blocks, rows
 def test_gpu_gather_kernel_matches_masked_dense(block_size, n_in, n_blocks, rows, seed):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(_pallas, "GPU_TILE_ELEMENTS", 16 * block_size)  # force several n_in tiles
-    w, b, est = _layer(seed, n_in, n_blocks * block_size, 2)
+    w, b, est = make_layer(seed, n_in, n_blocks * block_size, 2)
     p = L.pack(w, b, est, block_size=block_size)
     x = jnp.asarray(np.random.default_rng(seed).standard_normal((rows, n_in)), jnp.float32)
     capacity = max(1, n_blocks // 2)
@@ -134,3 +134,23 @@ def test_kernel_fit_rules():
   assert _pallas.gpu_tile(3, 4096) is None and _pallas.gpu_tile(1, 24) is None
   with pytest.raises(ValueError, match="LRCC_JAX_PALLAS=0"):
     _pallas.gathered_matvec_tpu(jnp.ones((2, 4, 128)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 128)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pallas_kernels_equal_numpy_reference_at_the_edges(seed):
+  """Guards both Pallas kernels (interpret mode) on an integer layer at batch 1 whose
+  estimates hit the threshold and tie at the capacity boundary: the masked kernel with the
+  reference's block mask, the prefetch kernel with `top_blocks`' indices, which must be the
+  reference's ranking (ties to the lower index)."""
+  layer = int_layer_like(np.random.default_rng(seed), 3, 32, 2, 1, 0.0, 3, 4)
+  p = layer.packed()
+  x = jnp.asarray(layer.x)
+  block_mask = np_block_mask(np_estimate(layer.x, layer.u, layer.v, layer.b), 0.0, 3, 4)[0]
+  got = block_sparse_dense_masked(x, p.weight, p.bias, jnp.asarray(block_mask), interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), layer.reference())
+  scores = _mask.block_scores(L.estimate(x, layer.est, jnp.asarray(layer.b)), 4)
+  idx = np.asarray(_mask.top_blocks(scores, 3)[0])
+  top = np_block_mask(np_estimate(layer.x, layer.u, layer.v, layer.b), -np.inf, 3, 4)[0]
+  np.testing.assert_array_equal(idx, np.flatnonzero(top))
+  got = block_sparse_dense_prefetch(x, p.weight, p.bias, jnp.asarray(idx), interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np_masked_dense(layer.x, layer.w, layer.b, np.repeat(top, 4)[None]))

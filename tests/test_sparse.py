@@ -1,22 +1,28 @@
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
 
 import lrcc_jax as L
 from lrcc_jax._sparse import NATIVE_MIN_RUN, SparseRows, densify, sparse_packed_dense
 from lrcc_jax import packed_mlp
 from lrcc_jax.nn import ConditionalMLP
-from test_layers import _layer
+from helpers import (
+    int_chains, make_layer, np_chain, np_chain_grads, np_estimate, np_unit_mask, scaled_examples,
+)
+from lrcc_jax import _native
 
 
 @pytest.mark.parametrize("block_size", [1, 2])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_sparse_layer_equals_packed_dense_on_dense_and_sparse_inputs(block_size, rows):
-  w1, b1, e1 = _layer(0, 12, 16, 4)
-  w2, b2, e2 = _layer(1, 16, 20, 5)
+  w1, b1, e1 = make_layer(0, 12, 16, 4)
+  w2, b2, e2 = make_layer(1, 16, 20, 5)
   p1, p2 = L.pack(w1, b1, e1, block_size=block_size), L.pack(w2, b2, e2, block_size=block_size)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 12)), jnp.float32)
   c1, c2 = 8 // block_size, 6 // block_size
@@ -33,7 +39,7 @@ def test_sparse_layer_equals_packed_dense_on_dense_and_sparse_inputs(block_size,
 def test_tile_reads_across_block_sizes_equal_conditional_dense(block_sizes):
   # Each layer's output block size is the next layer's input tile width.
   widths = (16, 32, 24, 16)
-  layers = [_layer(i, a, b, 5) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+  layers = [make_layer(i, a, b, 5) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
   x = jnp.asarray(np.random.default_rng(7).standard_normal((3, 16)), jnp.float32)
   h, ref = x, x
   for (w, b, e), bs in zip(layers, block_sizes):
@@ -45,8 +51,8 @@ def test_tile_reads_across_block_sizes_equal_conditional_dense(block_sizes):
 
 
 def test_sparse_rows_block_size_is_static_under_jit():
-  w, b, e = _layer(0, 8, 16, 3)
-  p1, p2 = L.pack(w, b, e, block_size=4), L.pack(*_layer(1, 16, 8, 3), block_size=2)
+  w, b, e = make_layer(0, 8, 16, 3)
+  p1, p2 = L.pack(w, b, e, block_size=4), L.pack(*make_layer(1, 16, 8, 3), block_size=2)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8)), jnp.float32)
 
   @jax.jit
@@ -78,7 +84,7 @@ def test_sparse_chain_of_mlp_equals_layerwise_conditional_dense():
 
 
 def test_sparse_errors():
-  w, b, e = _layer(0, 6, 8, 2)
+  w, b, e = make_layer(0, 6, 8, 2)
   p = L.pack(w, b, e)
   with pytest.raises(ValueError, match="needs a capacity"):
     sparse_packed_dense(jnp.zeros((1, 6)), p, capacity=None)
@@ -111,3 +117,65 @@ def test_auto_chain_decision_is_shared_by_packed_mlp_and_the_sweep(block_size, m
   x = jnp.ones((1, 20), jnp.float32)
   _mlp.packed_mlp(x, packed, thresholds=m.thresholds, capacities=caps)
   assert bool(calls) == expect
+
+
+# ---------------------------------------------------------------------------------------
+# Edge properties and gradients of the sparse chain against the numpy reference.
+
+
+@contextlib.contextmanager
+def _with_native(native):
+  """The native kernels as built ("native") or reported inactive ("xla")."""
+  if native == "native" and not _native.active():
+    pytest.skip(f"native kernel unavailable: {_native.status()['reason']}")
+  with pytest.MonkeyPatch.context() as mp:
+    if native == "xla":
+      mp.setattr(_native, "active", lambda: False)
+    yield
+
+
+@pytest.mark.parametrize("native", ["native", "xla"])
+@settings(max_examples=scaled_examples(0.5))
+@given(int_chains())
+def test_sparse_chain_equals_numpy_reference_at_the_edges(native, chain):
+  """Guards `sparse_packed_dense` on dense then sparse inputs (tile products with runs of
+  the upstream block size, native kernel or XLA) at the selection edges of `int_layers`:
+  exact threshold hits, capacity-boundary ties, NaN/±inf single units."""
+  l1, l2 = chain
+  with _with_native(native):
+    h1 = sparse_packed_dense(jnp.asarray(l1.x), l1.packed(), threshold=l1.threshold, capacity=l1.capacity)
+    h2 = sparse_packed_dense(h1, l2.packed(), threshold=l2.threshold, capacity=l2.capacity)
+  r1, r2 = np_chain(l1.x, chain)
+  np.testing.assert_array_equal(np.asarray(densify(h1, l1.w.shape[1])), r1)
+  np.testing.assert_array_equal(np.asarray(densify(h2, l2.w.shape[1])), r2)
+
+
+@pytest.mark.parametrize("native", ["native", "xla"])
+@pytest.mark.parametrize("block_sizes", [(1, 1), (2, 4)])
+def test_sparse_chain_gradients_equal_numpy_reference(native, block_sizes):
+  """Guards gradients through the sparse chain (gathers, tile products, their native JVP):
+  they reach x, both layers' weights and nonzero biases through computed units only."""
+  (w1, b1, e1), (w2, b2, e2) = make_layer(20, 10, 16, 3), make_layer(21, 16, 16, 4)
+  bs1, bs2 = block_sizes
+  p1, p2 = L.pack(w1, b1, e1, block_size=bs1), L.pack(w2, b2, e2, block_size=bs2)
+  c1, c2 = 8 // bs1, 6 // bs2
+  x = jnp.asarray(np.random.default_rng(22).standard_normal((3, 10)), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(23).standard_normal((3, 16)), jnp.float32)
+
+  def loss(x, p1, p2):
+    h = sparse_packed_dense(x, p1, threshold=-0.05, capacity=c1)
+    return jnp.sum(cot * densify(sparse_packed_dense(h, p2, threshold=0.0, capacity=c2), 16))
+
+  with _with_native(native):
+    gx, g1, g2 = jax.grad(loss, argnums=(0, 1, 2))(x, p1, p2)
+  m1 = np_unit_mask(np_estimate(x, e1.u, e1.v, b1), -0.05, c1, bs1)
+  h1 = np.where(m1, np.maximum(np.asarray(x, np.float64) @ np.asarray(w1, np.float64) + np.asarray(b1), 0), 0)
+  m2 = np_unit_mask(np_estimate(h1, e2.u, e2.v, b2), 0.0, c2, bs2)
+  rx, ((rw1, rb1), (rw2, rb2)), _ = np_chain_grads(x, [(w1, b1), (w2, b2)], [m1, m2], cot)
+  tol = dict(rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx), rx, **tol)
+  for g, rw, rb in ((g1, rw1, rb1), (g2, rw2, rb2)):
+    n_blocks, bs, n_in = g.weight.shape
+    np.testing.assert_allclose(np.asarray(g.weight).reshape(n_blocks * bs, n_in).T, rw, **tol)
+    np.testing.assert_allclose(np.asarray(g.bias).reshape(-1), rb, **tol)
+    assert np.any(rw) and not np.any(np.asarray(g.u)) and not np.any(np.asarray(g.v))

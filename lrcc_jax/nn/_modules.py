@@ -58,6 +58,25 @@ class PackedWeight(nnx.Variable):
   """The kernel in the unit-major (n_blocks, block_size, n_in) layout that skip mode reads."""
 
 
+@jax.custom_jvp
+def _read_packed(packed_weight: Array, kernel: Array) -> Array:
+  """`packed_weight`, whose tangent also carries the kernel's: the pack of `dkernel`.
+
+  The forward pass reads the unit-major copy as it is (the kernel is unused, so no
+  transpose is computed); under differentiation the copy stands for `pack(kernel)`, which
+  it equals whenever it is current, so gradients reach the `nnx.Param` kernel.
+  """
+  del kernel
+  return packed_weight
+
+
+@_read_packed.defjvp
+def _read_packed_jvp(primals, tangents):
+  packed_weight, _ = primals
+  d_packed, d_kernel = tangents
+  return packed_weight, d_packed + jnp.reshape(d_kernel.T, packed_weight.shape)
+
+
 def _check_mode(mode: str) -> None:
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} must be one of {MODES}.")
@@ -211,8 +230,12 @@ class ConditionalDense(nnx.Module):
     return self.threshold[...]
 
   def packed(self) -> PackedDense:
-    """The layer's current inference form, read from the packed copy (no transpose)."""
-    weight = self.packed_weight[...]
+    """The layer's current inference form, read from the packed copy (no transpose).
+
+    Differentiating through it gives the kernel the gradient it would get through a pack
+    of the kernel (`_read_packed`), so skip mode trains like mask mode.
+    """
+    weight = _read_packed(self.packed_weight[...], self.kernel[...])
     bias = jnp.reshape(self.bias[...], weight.shape[:2])
     return PackedDense(weight, bias, self.u[...], self.v[...])
 
