@@ -74,7 +74,7 @@ class LMConfig:
   d_ff: int = 512
   context: int = 128
   batch_size: int = 16
-  steps: int = 1500
+  steps: int = 2000
   learning_rate: float = 2e-3
   warmup: int = 100
   seed: int = 0
