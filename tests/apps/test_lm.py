@@ -12,7 +12,7 @@ from lrcc_jax.apps import lm
 
 TINY = lm.LMConfig(
     d_model=32, n_layers=2, n_heads=2, d_ff=64, context=16, batch_size=4, steps=4,
-    warmup=2, log_every=2, checkpoint_every=2, ranks=(4,), eval_windows=8,
+    warmup=2, log_every=2, checkpoint_every=2, ranks=(4,), recalls=(0.9,), eval_windows=8,
     calib_windows=8, latency_repeats=1,
 )
 
@@ -39,8 +39,9 @@ def test_json_fields(first_run):
   assert saved["training"]["steps"] == TINY.steps and saved["training"]["resumed_from"] is None
   assert saved["data"]["train_files"] == 3 and saved["data"]["test_files"] == 1
   rows = saved["conditional"]
-  assert {(r["method"], r["rank"], str(r["threshold"])) for r in rows} == {
-      (m, r, t) for m in ("svd", "data_aware") for r in TINY.ranks for t in ("0.0", "calibrated")}
+  assert {(r["method"], r["rank"], str(r["threshold"]), r["recall"]) for r in rows} == {
+      (m, r, t, c) for m in ("svd", "data_aware") for r in TINY.ranks
+      for t, c in (("0.0", None), ("calibrated", 0.9))}
   for r in rows:
     assert len(r["layers"]) == TINY.n_layers
     for layer in r["layers"]:
@@ -50,6 +51,7 @@ def test_json_fields(first_run):
   assert 0 < saved["dense_bits_per_byte"] < 8.5
   lat = saved["decode_latency"]
   assert lat["dense_ms"] > 0 and lat["skip_gather_ms"] > 0 and lat["speedup_auto"] > 0
+  assert len(lat["auto_gathers"]) == len(lat["capacities"]) == TINY.n_layers
   assert lat["max_abs_logit_diff_gather_vs_dense"] < 1e3
   assert "overhead" in lat["note"]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -91,5 +93,5 @@ def test_rerun_resumes(first_run, text_root):
   assert again["training"]["resumed_from"] == TINY.steps
   assert again["dense_bits_per_byte"] == pytest.approx(result["dense_bits_per_byte"], abs=1e-6)
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
-  with pytest.raises(ValueError, match="other settings"):
+  with pytest.raises(ValueError, match="steps"):
     lm.run(lm.LMConfig(**{**TINY.__dict__, "steps": 5}), workdir, progress=False, text_root=text_root)
