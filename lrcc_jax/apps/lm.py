@@ -445,6 +445,14 @@ def plot(rows: list[dict], dense_bpb: float, path: pathlib.Path) -> None:
     for r in rs:
       ax.annotate(f"r={r['rank']}", (r["flop_model_speedup"], r["bits_per_byte"]), fontsize=6,
                   xytext=(3, 3), textcoords="offset points")
+  top = dense_bpb + 0.3  # the interesting range; worse settings are drawn on the edge
+  off = [r for r in rows if r["bits_per_byte"] > top]
+  if off:
+    names = ", ".join(f"{r['method']} r={r['rank']} {_threshold_name(r)}: {r['bits_per_byte']:.2f}"
+                      for r in off)
+    ax.plot([r["flop_model_speedup"] for r in off], [top] * len(off), "^", color="gray",
+            label=f"off the chart: {names}" if len(off) <= 3 else f"off the chart: {len(off)}")
+  ax.set_ylim(dense_bpb - 0.02, top + 0.01)
   ax.axhline(dense_bpb, color="k", lw=1, label="dense")
   ax.axhline(dense_bpb + 0.02, color="k", lw=0.8, ls=":", label="dense + 0.02")
   ax.axvline(3.0, color="gray", lw=0.8, ls=":")
