@@ -578,6 +578,25 @@ def _run_tune(args: argparse.Namespace) -> int:
   return tune.run_command(args)
 
 
+# --- lm (lrcc_jax.apps.lm does the work) ---------------------------------------------------
+
+
+def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and config.json; rerunning resumes")
+  parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: LMConfig's)")
+  parser.add_argument("--out", default=None, help="directory of lm.json and lm.png (default: the workdir; the committed figures: --out experiments/results)")
+  add_progress_argument(parser)
+  _add_dispatch_argument(parser)
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+  from lrcc_jax.apps import lm  # pylint: disable=g-import-not-at-top
+
+  _latency_mode(args)
+  args.progress = show_progress(args)
+  return lm.run_command(args)
+
+
 # --- entry point ----------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -587,6 +606,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("latency of dense jit vs compute-skipping inference; writes JSON and a PNG per suite", _add_bench_arguments, _run_bench),
     "sweep": Command("train both protocols, sweep estimator ranks and thresholds, write JSON and plots", _add_sweep_arguments, _run_sweep),
     "tune": Command("measure dense vs gather on this device; write the policy the auto strategy uses", _add_tune_arguments, _run_tune),
+    "lm": Command("train a byte-level LM with conditional ReLU² FFNs on the stdlib; bits/byte, FLOP model and decode latency", _add_lm_arguments, _run_lm),
 }
 """Subcommands by name. To add one: ``COMMANDS["bench"] = Command(help, add_args, run)``."""
 
