@@ -33,7 +33,7 @@ def as_static_int(value: Any, name: str) -> int:
     return operator.index(value)
   except TypeError:
     raise ValueError(
-        f"{name} must be a static Python int (it fixes array shapes), got {describe(value)}."
+      f"{name} must be a static Python int (it fixes array shapes), got {describe(value)}."
     ) from None
 
 
@@ -60,8 +60,8 @@ def per_layer(value: Any, n: int, name: str) -> list:
   if isinstance(value, Sequence) and not isinstance(value, str):
     if len(value) != n:
       raise ValueError(
-          f"{name} has {len(value)} entries but the model has {n} hidden layers: give one"
-          f" value for every layer, or exactly {n}."
+        f"{name} has {len(value)} entries but the model has {n} hidden layers: give one"
+        f" value for every layer, or exactly {n}."
       )
     return list(value)
   return [value] * n
@@ -80,7 +80,7 @@ def check_kernel(kernel: Any, bias: Any | None = None) -> tuple[int, int]:
   """Checks a Flax-layout kernel (n_in, n_out) and an optional bias (n_out,)."""
   if getattr(kernel, "ndim", None) != 2:
     raise ValueError(
-        f"kernel must be 2-D (n_in, n_out), got shape {getattr(kernel, 'shape', None)}."
+      f"kernel must be 2-D (n_in, n_out), got shape {getattr(kernel, 'shape', None)}."
     )
   n_in, n_out = kernel.shape
   if bias is not None:
@@ -92,9 +92,7 @@ def check_features(x: Any, n_in: int, what: str = "kernel") -> None:
   """Checks that the last dimension of `x` is `n_in`."""
   shape = tuple(getattr(x, "shape", ()))
   if not shape or shape[-1] != n_in:
-    raise ValueError(
-        f"x has shape {shape}: its last dimension must be n_in={n_in} of the {what}."
-    )
+    raise ValueError(f"x has shape {shape}: its last dimension must be n_in={n_in} of the {what}.")
 
 
 def check_estimator(est: Any, n_in: int | None = None, n_out: int | None = None) -> int:
@@ -102,8 +100,8 @@ def check_estimator(est: Any, n_in: int | None = None, n_out: int | None = None)
   u, v = est.u, est.v
   if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
     raise ValueError(
-        f"estimator factors must be u (n_in, r) and v (r, n_out), got u {tuple(u.shape)}"
-        f" and v {tuple(v.shape)}."
+      f"estimator factors must be u (n_in, r) and v (r, n_out), got u {tuple(u.shape)}"
+      f" and v {tuple(v.shape)}."
     )
   if n_in is not None and u.shape[0] != n_in:
     raise ValueError(f"estimator u has shape {tuple(u.shape)} but the layer has n_in={n_in}.")
@@ -117,8 +115,8 @@ def check_rank(rank: Any, n_in: int, n_out: int) -> int:
   rank = as_static_int(rank, "rank")
   if not 1 <= rank <= min(n_in, n_out):
     raise ValueError(
-        f"rank={rank} is out of range for a ({n_in}, {n_out}) kernel: it must lie in"
-        f" [1, {min(n_in, n_out)}]."
+      f"rank={rank} is out of range for a ({n_in}, {n_out}) kernel: it must lie in"
+      f" [1, {min(n_in, n_out)}]."
     )
   return rank
 
@@ -127,9 +125,7 @@ def check_block_size(block_size: Any, n_out: int) -> int:
   """Checks that `block_size` divides n_out; returns the number of blocks."""
   block_size = as_static_int(block_size, "block_size")
   if block_size < 1 or n_out % block_size:
-    raise ValueError(
-        f"block_size={block_size} must be a positive divisor of n_out={n_out}."
-    )
+    raise ValueError(f"block_size={block_size} must be a positive divisor of n_out={n_out}.")
   return n_out // block_size
 
 
@@ -140,8 +136,8 @@ def check_capacity(capacity: Any, n_blocks: int, block_size: int = 1) -> int | N
   capacity = as_static_int(capacity, "capacity")
   if not 1 <= capacity <= n_blocks:
     raise ValueError(
-        f"capacity={capacity} is outside [1, {n_blocks}]: n_out / block_size ="
-        f" {n_blocks * block_size} / {block_size} = {n_blocks} blocks."
+      f"capacity={capacity} is outside [1, {n_blocks}]: n_out / block_size ="
+      f" {n_blocks * block_size} / {block_size} = {n_blocks} blocks."
     )
   return capacity
 

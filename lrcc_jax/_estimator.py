@@ -39,8 +39,13 @@ def add_bias(z: Array, bias: Array | None) -> Array:
 
 
 def fit_svd(
-    kernel: Array, rank: int, *, method: FitMethod = "exact", oversample: int = 10,
-    power_iters: int = 2, seed: int = 0,
+  kernel: Array,
+  rank: int,
+  *,
+  method: FitMethod = "exact",
+  oversample: int = 10,
+  power_iters: int = 2,
+  seed: int = 0,
 ) -> LowRankEstimator:
   r"""Truncated SVD of a kernel: the best rank-r approximation in Frobenius norm.
 
@@ -96,7 +101,6 @@ def fit_svd(
   return LowRankEstimator(u=p[:, :rank] * s[None, :rank], v=qt[:rank])
 
 
-
 def _check_method(method: str) -> None:
   if method not in ("exact", "randomized"):
     raise ValueError(f"method={method!r} must be 'exact' or 'randomized'.")
@@ -136,8 +140,12 @@ def cholesky_orth(a: Array) -> Array:
 
 
 def randomized_factors(
-    matmul: Callable[[Array], Array], rmatmul: Callable[[Array], Array], omega: Array, rank: int,
-    iters: int, orth: Callable[[Array], Array] = householder_orth,
+  matmul: Callable[[Array], Array],
+  rmatmul: Callable[[Array], Array],
+  omega: Array,
+  rank: int,
+  iters: int,
+  orth: Callable[[Array], Array] = householder_orth,
 ) -> tuple[Array, Array]:
   r"""Rank-r factors `(U, V)` of an operator `A` from a sketch `Ω`, by subspace iteration.
 
@@ -168,19 +176,32 @@ def _sketch(seed: Array, n: int, k: int, dtype) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _randomized_svd(kernel: Array, seed: Array, rank: int, oversample: int, iters: int) -> LowRankEstimator:
+def _randomized_svd(
+  kernel: Array, seed: Array, rank: int, oversample: int, iters: int
+) -> LowRankEstimator:
   n_in, n_out = kernel.shape
   k = min(rank + oversample, n_in, n_out)
   u, v = randomized_factors(
-      lambda b: kernel @ b, lambda b: (b.T @ kernel).T, _sketch(seed, n_out, k, kernel.dtype), rank, iters,
-      cholesky_orth,
+    lambda b: kernel @ b,
+    lambda b: (b.T @ kernel).T,
+    _sketch(seed, n_out, k, kernel.dtype),
+    rank,
+    iters,
+    cholesky_orth,
   )
   return LowRankEstimator(u=u, v=v)
 
 
 def fit_data_aware(
-    kernel: Array, rank: int, inputs: Array, *, ridge: float = 1e-4, method: FitMethod = "exact",
-    oversample: int = 10, power_iters: int = 2, seed: int = 0,
+  kernel: Array,
+  rank: int,
+  inputs: Array,
+  *,
+  ridge: float = 1e-4,
+  method: FitMethod = "exact",
+  oversample: int = 10,
+  power_iters: int = 2,
+  seed: int = 0,
 ) -> LowRankEstimator:
   r"""Rank-r factors that are best on the inputs the layer actually sees.
 
@@ -223,16 +244,21 @@ def fit_data_aware(
   x = jnp.reshape(inputs, (-1, n_in)).astype(kernel.dtype)
   if x.shape[0] < rank:
     raise ValueError(
-        f"fit_data_aware needs at least rank={rank} calibration rows, got {x.shape[0]}"
-        f" (inputs shape {tuple(inputs.shape)})."
+      f"fit_data_aware needs at least rank={rank} calibration rows, got {x.shape[0]}"
+      f" (inputs shape {tuple(inputs.shape)})."
     )
   ridge = _checks.check_positive(ridge, "ridge")
   _check_method(method)
   if method == "randomized":
     oversample, power_iters = _check_sketch(oversample, power_iters)
     return _randomized_data_aware(
-        kernel, x, jnp.asarray(ridge, kernel.dtype), jnp.asarray(seed, jnp.uint32), rank, oversample,
-        power_iters,
+      kernel,
+      x,
+      jnp.asarray(ridge, kernel.dtype),
+      jnp.asarray(seed, jnp.uint32),
+      rank,
+      oversample,
+      power_iters,
     )
   cov = x.T @ x / x.shape[0]
   lam = ridge * jnp.trace(cov) / n_in + jnp.finfo(cov.dtype).tiny
@@ -246,7 +272,7 @@ def fit_data_aware(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _randomized_data_aware(
-    kernel: Array, x: Array, ridge: Array, seed: Array, rank: int, oversample: int, iters: int
+  kernel: Array, x: Array, ridge: Array, seed: Array, rank: int, oversample: int, iters: int
 ) -> LowRankEstimator:
   n_in, n_out = kernel.shape
   cov = x.T @ x / x.shape[0]
@@ -254,8 +280,12 @@ def _randomized_data_aware(
   chol = jnp.linalg.cholesky(cov + lam * jnp.eye(n_in, dtype=cov.dtype))  # C = L Lᵀ
   k = min(rank + oversample, n_in, n_out)
   u_white, v = randomized_factors(
-      lambda b: chol.T @ (kernel @ b), lambda b: ((chol @ b).T @ kernel).T,
-      _sketch(seed, n_out, k, kernel.dtype), rank, iters, cholesky_orth,
+    lambda b: chol.T @ (kernel @ b),
+    lambda b: ((chol @ b).T @ kernel).T,
+    _sketch(seed, n_out, k, kernel.dtype),
+    rank,
+    iters,
+    cholesky_orth,
   )
   u = jax.scipy.linalg.solve_triangular(chol.T, u_white, lower=False)  # L^{-T} Q P S
   return LowRankEstimator(u=u, v=v)
@@ -281,7 +311,7 @@ def estimate(x: Array, est: LowRankEstimator, bias: Array | None = None) -> Arra
 
 
 def sign_mask(
-    x: Array, est: LowRankEstimator, bias: Array | None = None, threshold: float | Array = 0.0
+  x: Array, est: LowRankEstimator, bias: Array | None = None, threshold: float | Array = 0.0
 ) -> Array:
   r"""Units predicted active: `estimate(x) > threshold`.
 
@@ -305,8 +335,11 @@ def sign_mask(
 
 
 def subspace_refit(
-    kernel: Array, est: LowRankEstimator, *, oversample: int = 8,
-    iters: int = 1,
+  kernel: Array,
+  est: LowRankEstimator,
+  *,
+  oversample: int = 8,
+  iters: int = 1,
 ) -> LowRankEstimator:
   r"""Rank-r factors of `kernel` by subspace iteration warm-started from `est`.
 

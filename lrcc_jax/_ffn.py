@@ -53,18 +53,18 @@ def _check_ffn(x, w_in, b_in, w_out, b_out, w_up, b_up) -> tuple[int, int, int]:
     _checks.check_features(x, d, "FFN's w_in")
   if getattr(w_out, "ndim", None) != 2 or w_out.shape[0] != d_ff:
     raise ValueError(
-        f"w_out has shape {tuple(getattr(w_out, 'shape', ()))} but w_in {tuple(w_in.shape)}"
-        f" needs ({d_ff}, d_out): one row per hidden unit."
+      f"w_out has shape {tuple(getattr(w_out, 'shape', ()))} but w_in {tuple(w_in.shape)}"
+      f" needs ({d_ff}, d_out): one row per hidden unit."
     )
   d_out = _checks.check_kernel(w_out, b_out)[1]
   if (w_up is None) != (b_up is None):
     raise ValueError(
-        f"a gated FFN needs both w_up and b_up, got w_up={_shape(w_up)} and b_up={_shape(b_up)}."
+      f"a gated FFN needs both w_up and b_up, got w_up={_shape(w_up)} and b_up={_shape(b_up)}."
     )
   if w_up is not None and (tuple(w_up.shape) != (d, d_ff) or tuple(b_up.shape) != (d_ff,)):
     raise ValueError(
-        f"w_up {tuple(w_up.shape)} and b_up {tuple(b_up.shape)} must match w_in: ({d}, {d_ff})"
-        f" and ({d_ff},)."
+      f"w_up {tuple(w_up.shape)} and b_up {tuple(b_up.shape)} must match w_in: ({d}, {d_ff})"
+      f" and ({d_ff},)."
     )
   return d, d_ff, d_out
 
@@ -82,19 +82,19 @@ def activate(z: Array, up: Array | None, activation: str) -> Array:
 
 
 def conditional_ffn(
-    x: Array,
-    w_in: Array,
-    b_in: Array,
-    w_out: Array,
-    b_out: Array,
-    est: LowRankEstimator,
-    *,
-    threshold: float | Array = 0.0,
-    capacity: int | None = None,
-    block_size: int = 1,
-    activation: Activation = "relu",
-    w_up: Array | None = None,
-    b_up: Array | None = None,
+  x: Array,
+  w_in: Array,
+  b_in: Array,
+  w_out: Array,
+  b_out: Array,
+  est: LowRankEstimator,
+  *,
+  threshold: float | Array = 0.0,
+  capacity: int | None = None,
+  block_size: int = 1,
+  activation: Activation = "relu",
+  w_up: Array | None = None,
+  b_up: Array | None = None,
 ) -> Array:
   r"""A transformer FFN that keeps only the hidden units the estimator predicts active.
 
@@ -198,16 +198,16 @@ class PackedFFN(NamedTuple):
 
 
 def pack_ffn(
-    w_in: Array,
-    b_in: Array,
-    w_out: Array,
-    b_out: Array,
-    est: LowRankEstimator,
-    *,
-    block_size: int = 1,
-    w_up: Array | None = None,
-    b_up: Array | None = None,
-    dtype: jnp.dtype | None = None,
+  w_in: Array,
+  b_in: Array,
+  w_out: Array,
+  b_out: Array,
+  est: LowRankEstimator,
+  *,
+  block_size: int = 1,
+  w_up: Array | None = None,
+  b_up: Array | None = None,
+  dtype: jnp.dtype | None = None,
 ) -> PackedFFN:
   r"""Packs an FFN for `packed_ffn`: unit-major input (and gate) weights, once.
 
@@ -238,6 +238,7 @@ def pack_ffn(
   w = jnp.reshape(w_in.T, (n_blocks, block_size, d))
   b = jnp.reshape(b_in, (n_blocks, block_size))
   if w_up is not None:
+    assert b_up is not None  # checked with w_up above
     w = jnp.concatenate([w, jnp.reshape(w_up.T, (n_blocks, block_size, d))], axis=1)
     b = jnp.concatenate([b, jnp.reshape(b_up, (n_blocks, block_size))], axis=1)
   w_o = jnp.reshape(w_out, (n_blocks, block_size, d_out))
@@ -254,7 +255,7 @@ def ffn_block_bytes(packed: PackedFFN) -> int:
 
 
 def ffn_gathers(
-    packed: PackedFFN, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32
+  packed: PackedFFN, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32
 ) -> bool:
   """Whether `packed_ffn`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
 
@@ -264,7 +265,7 @@ def ffn_gathers(
   """
   native = _native.usable(packed.w_in.dtype, dtype)
   return skip_pays(
-      rows, capacity, packed.n_blocks, block_bytes=ffn_block_bytes(packed), native=native
+    rows, capacity, packed.n_blocks, block_bytes=ffn_block_bytes(packed), native=native
   )
 
 
@@ -282,21 +283,21 @@ def _gathered_rows_product(h: Array, w_out: Array, idx: Array) -> Array:
   w_dtype = h.dtype
   if rows == 1:
     parts = [
-        jnp.einsum("kb,kbd->d", h[0, a:b], w_out[idx[0, a:b]].astype(w_dtype))
-        for a, b in group_bounds(k, bs)
+      jnp.einsum("kb,kbd->d", h[0, a:b], w_out[idx[0, a:b]].astype(w_dtype))
+      for a, b in group_bounds(k, bs)
     ]
     return sum(parts[1:], parts[0])[None]
   return jnp.einsum("rkb,rkbd->rd", h, w_out[idx].astype(w_dtype))
 
 
 def packed_ffn(
-    x: Array,
-    packed: PackedFFN,
-    *,
-    threshold: float | Array = 0.0,
-    capacity: int | None = None,
-    activation: Activation = "relu",
-    strategy: Strategy = "auto",
+  x: Array,
+  packed: PackedFFN,
+  *,
+  threshold: float | Array = 0.0,
+  capacity: int | None = None,
+  activation: Activation = "relu",
+  strategy: Strategy = "auto",
 ) -> Array:
   r"""Conditional FFN that computes only the selected hidden blocks, in every projection.
 
@@ -345,7 +346,7 @@ def packed_ffn(
     z_hat = jax.lax.stop_gradient((xr @ packed.u) @ packed.v + gate_bias)
   scores = _mask.block_scores(z_hat, bs)
   gather = capacity is not None and (
-      strategy == "gather" or (strategy == "auto" and ffn_gathers(packed, rows, capacity, dtype))
+    strategy == "gather" or (strategy == "auto" and ffn_gathers(packed, rows, capacity, dtype))
   )
   b_out = jnp.reshape(packed.b_out, (1, d_out)).astype(dtype)
 
@@ -361,6 +362,7 @@ def packed_ffn(
     y = h @ jnp.reshape(packed.w_out, (d_ff, d_out)).astype(dtype) + b_out
     return jnp.reshape(y, lead + (d_out,))
 
+  assert capacity is not None  # the dense path above covers no capacity
   with jax.named_scope("select"):
     idx = _mask.top_blocks(scores, capacity)  # (rows, k) ascending
     keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)

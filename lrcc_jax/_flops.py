@@ -47,13 +47,13 @@ def theoretical_speedup(layers: Sequence[LayerCost]) -> float:
 
 
 def network_costs(
-    widths: Sequence[int],
-    ranks: Sequence[int | None],
-    computed_fractions: Sequence[float],
-    input_fractions: Sequence[float] | None = None,
-    *,
-    num_classes: int | None = None,
-    head_input_fraction: float | None = None,
+  widths: Sequence[int],
+  ranks: Sequence[int | None],
+  computed_fractions: Sequence[float],
+  input_fractions: Sequence[float] | None = None,
+  *,
+  num_classes: int | None = None,
+  head_input_fraction: float | None = None,
 ) -> list[LayerCost]:
   r"""The FLOP model of a conditional MLP: one `LayerCost` per hidden layer, then the head.
 
@@ -82,13 +82,13 @@ def network_costs(
     input_fractions = [1.0, *computed[:-1]]
   if n < 1 or not len(ranks) == len(computed) == len(input_fractions) == n:
     raise ValueError(
-        f"network_costs needs one rank, computed fraction and input fraction per hidden"
-        f" layer ({n} from widths={tuple(widths)}), got {len(ranks)}, {len(computed)} and"
-        f" {len(input_fractions)}."
+      f"network_costs needs one rank, computed fraction and input fraction per hidden"
+      f" layer ({n} from widths={tuple(widths)}), got {len(ranks)}, {len(computed)} and"
+      f" {len(input_fractions)}."
     )
   costs = [
-      LayerCost(int(a), int(b), None if r is None else int(r), c, float(c_in))
-      for a, b, r, c, c_in in zip(widths, widths[1:], ranks, computed, input_fractions)
+    LayerCost(int(a), int(b), None if r is None else int(r), c, float(c_in))
+    for a, b, r, c, c_in in zip(widths, widths[1:], ranks, computed, input_fractions)
   ]
   if num_classes is not None:
     head_in = computed[-1] if head_input_fraction is None else float(head_input_fraction)

@@ -35,10 +35,10 @@ def masked_dense(x: Array, kernel: Array, bias: Array, mask: Array) -> Array:
 
 
 def unit_mask(
-    z_hat: Array,
-    threshold: float | Array = 0.0,
-    capacity: int | None = None,
-    block_size: int = 1,
+  z_hat: Array,
+  threshold: float | Array = 0.0,
+  capacity: int | None = None,
+  block_size: int = 1,
 ) -> Array:
   r"""The mask `M` of the contract, from estimates `ẑ` (..., n_out).
 
@@ -58,14 +58,14 @@ def unit_mask(
 
 
 def conditional_dense(
-    x: Array,
-    kernel: Array,
-    bias: Array,
-    est: LowRankEstimator,
-    *,
-    threshold: float | Array = 0.0,
-    capacity: int | None = None,
-    block_size: int = 1,
+  x: Array,
+  kernel: Array,
+  bias: Array,
+  est: LowRankEstimator,
+  *,
+  threshold: float | Array = 0.0,
+  capacity: int | None = None,
+  block_size: int = 1,
 ) -> Array:
   r"""A ReLU layer that keeps only the units the low-rank estimator predicts active.
 

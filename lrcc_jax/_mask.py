@@ -78,9 +78,7 @@ BISECT_MIN_WIDTH = 256
 BISECT_MIN_SCORES = 32768
 
 
-def block_selection(
-    scores: Array, threshold: float | Array, capacity: int | None
-) -> Array:
+def block_selection(scores: Array, threshold: float | Array, capacity: int | None) -> Array:
   """bool (..., n_blocks): the selected blocks of each row."""
   selected = above(scores, threshold)
   if capacity is None or capacity == scores.shape[-1]:

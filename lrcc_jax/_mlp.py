@@ -18,7 +18,7 @@ from lrcc_jax import _policy
 from lrcc_jax._estimator import add_bias
 from lrcc_jax._packed import PackedDense, packed_dense
 from lrcc_jax._policy import Policies
-from lrcc_jax._sparse import NATIVE_MIN_RUN, densify, sparse_linear, sparse_packed_dense
+from lrcc_jax._sparse import NATIVE_MIN_RUN, SparseRows, densify, sparse_linear, sparse_packed_dense
 
 Array = jax.Array
 
@@ -32,13 +32,13 @@ class PackedMLP(NamedTuple):
 
 
 def sparse_chain_pays(
-    rows: int,
-    packed: PackedMLP,
-    capacities: Sequence[int | None],
-    dtype: jnp.dtype = jnp.float32,
-    *,
-    platform: str | None = None,
-    policy: Policies = None,
+  rows: int,
+  packed: PackedMLP,
+  capacities: Sequence[int | None],
+  dtype: jnp.dtype = jnp.float32,
+  *,
+  platform: str | None = None,
+  policy: Policies = None,
 ) -> bool:
   """Whether `packed_mlp`'s "auto" keeps activations sparse for `rows` rows of `dtype`.
 
@@ -52,14 +52,14 @@ def sparse_chain_pays(
 
 
 def packed_mlp(
-    x: Array,
-    packed: PackedMLP,
-    *,
-    thresholds: Sequence[float],
-    capacities: Sequence[int | None],
-    return_activations: bool = False,
-    strategy: Literal["auto", "sparse", "layerwise"] = "auto",
-    policy: Policies = None,
+  x: Array,
+  packed: PackedMLP,
+  *,
+  thresholds: Sequence[float | Array],
+  capacities: Sequence[int | None],
+  return_activations: bool = False,
+  strategy: Literal["auto", "sparse", "layerwise"] = "auto",
+  policy: Policies = None,
 ) -> Array | tuple[Array, list[Array]]:
   """Skip-mode inference of a packed `ConditionalMLP`.
 
@@ -86,8 +86,8 @@ def packed_mlp(
   """
   if not len(thresholds) == len(capacities) == len(packed.layers):
     raise ValueError(
-        f"{len(packed.layers)} layers need as many thresholds and capacities, got"
-        f" {len(thresholds)} and {len(capacities)}."
+      f"{len(packed.layers)} layers need as many thresholds and capacities, got"
+      f" {len(thresholds)} and {len(capacities)}."
     )
   if strategy not in ("auto", "sparse", "layerwise"):
     raise ValueError(f"strategy={strategy!r} must be 'auto', 'sparse' or 'layerwise'.")
@@ -98,34 +98,40 @@ def packed_mlp(
   if strategy == "auto":
     layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
     return _policy.dispatch(
-        lambda platform: _policy.plan_chain(platform, rows, layers, capacities, x.dtype, NATIVE_MIN_RUN, policy),
-        lambda sparse, x, packed, thresholds: _run_mlp(
-            x, packed, thresholds, capacities, return_activations, sparse, policy
-        ),
-        (x, packed, list(thresholds)),
+      lambda platform: _policy.plan_chain(
+        platform, rows, layers, capacities, x.dtype, NATIVE_MIN_RUN, policy
+      ),
+      lambda sparse, x, packed, thresholds: _run_mlp(
+        x, packed, thresholds, capacities, return_activations, sparse, policy
+      ),
+      (x, packed, list(thresholds)),
     )
-  return _run_mlp(x, packed, thresholds, capacities, return_activations, strategy == "sparse", policy)
+  return _run_mlp(
+    x, packed, thresholds, capacities, return_activations, strategy == "sparse", policy
+  )
 
 
 def _run_mlp(
-    x: Array,
-    packed: PackedMLP,
-    thresholds: Sequence[float],
-    capacities: Sequence[int | None],
-    return_activations: bool,
-    sparse: bool,
-    policy: Policies,
+  x: Array,
+  packed: PackedMLP,
+  thresholds: Sequence[float | Array],
+  capacities: Sequence[int | None],
+  return_activations: bool,
+  sparse: bool,
+  policy: Policies,
 ) -> Array | tuple[Array, list[Array]]:
   """`packed_mlp` with its strategy decided: sparse chain or layer by layer."""
   acts = []
   if sparse:
     lead = x.shape[:-1]
-    h = jnp.reshape(x, (-1, x.shape[-1]))
+    sp: Array | SparseRows = jnp.reshape(x, (-1, x.shape[-1]))
     for layer, t, c in zip(packed.layers, thresholds, capacities):
-      h = sparse_packed_dense(h, layer, threshold=t, capacity=c, policy=policy)
+      assert c is not None  # the sparse chain needs a capacity on every layer
+      sp = sparse_packed_dense(sp, layer, threshold=t, capacity=c, policy=policy)
       if return_activations:
-        acts.append(jnp.reshape(densify(h, layer.n_out), lead + (layer.n_out,)))
-    logits = jnp.reshape(sparse_linear(h, packed.head_kernel, packed.head_bias), lead + (-1,))
+        acts.append(jnp.reshape(densify(sp, layer.n_out), lead + (layer.n_out,)))
+    assert isinstance(sp, SparseRows)
+    logits = jnp.reshape(sparse_linear(sp, packed.head_kernel, packed.head_bias), lead + (-1,))
     return (logits, acts) if return_activations else logits
 
   h = x

@@ -30,7 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def _cpu_tag() -> str:
 def _build(cache: pathlib.Path, compiler: str) -> pathlib.Path:
   source = _SOURCE.read_bytes()
   key = hashlib.sha256(
-      source + jax.__version__.encode() + " ".join(_FLAGS).encode() + _cpu_tag().encode()
+    source + jax.__version__.encode() + " ".join(_FLAGS).encode() + _cpu_tag().encode()
   ).hexdigest()[:16]
   lib = cache / f"tile_product-{key}.so"
   if lib.exists():
@@ -92,11 +92,15 @@ def available() -> bool:
   if compiler is None:
     _status.update(available=False, reason="no C++ compiler (g++ or $CXX) on PATH")
     return False
-  cache = pathlib.Path(os.environ.get("LRCC_JAX_CACHE", pathlib.Path.home() / ".cache" / "lrcc_jax"))
+  cache = pathlib.Path(
+    os.environ.get("LRCC_JAX_CACHE", pathlib.Path.home() / ".cache" / "lrcc_jax")
+  )
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build(cache, compiler)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LrccTileProduct), platform="cpu")
-    jax.ffi.register_ffi_target(TARGET_BF16, jax.ffi.pycapsule(lib.LrccTileProductBf16), platform="cpu")
+    jax.ffi.register_ffi_target(
+      TARGET_BF16, jax.ffi.pycapsule(lib.LrccTileProductBf16), platform="cpu"
+    )
   except Exception as err:  # pylint: disable=broad-except  # optional: any failure means XLA
     _status.update(available=False, reason=f"build failed: {type(err).__name__}: {err}")
     return False
@@ -125,9 +129,9 @@ def usable(weight_dtype: jnp.dtype, *dtypes: jnp.dtype) -> bool:
   and nowhere else, whatever `jax.default_backend()` is.
   """
   return (
-      jnp.dtype(weight_dtype) in _TARGETS
-      and all(jnp.dtype(d) == jnp.float32 for d in dtypes)
-      and available()
+    jnp.dtype(weight_dtype) in _TARGETS
+    and all(jnp.dtype(d) == jnp.float32 for d in dtypes)
+    and available()
   )
 
 
@@ -149,8 +153,8 @@ def _product(b_in: int, xla_product: Callable) -> Callable:
       in_axes = (0, *(0 if b else None for b in in_batched[1:]))
       return jax.vmap(fallback, in_axes=in_axes)(weight, out_blocks, starts, values), True
     args = [
-        a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-        for a, b in zip((out_blocks, starts, values), in_batched[1:])
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip((out_blocks, starts, values), in_batched[1:])
     ]
     rows = args[0].shape[1]
     flat = [jnp.reshape(a, (axis_size * rows,) + a.shape[2:]) for a in args]
@@ -166,14 +170,16 @@ def _product(b_in: int, xla_product: Callable) -> Callable:
     weight, out_blocks, starts, values = primals
     dw, _, _, dv = tangents
     z = product(*primals)
-    _, dz = jax.jvp(lambda w, v: xla_product(w, out_blocks, starts, v, b_in=b_in), (weight, values), (dw, dv))
+    _, dz = jax.jvp(
+      lambda w, v: xla_product(w, out_blocks, starts, v, b_in=b_in), (weight, values), (dw, dv)
+    )
     return z, dz
 
   return product
 
 
 def tile_product(
-    weight: Array, out_blocks: Array, starts: Array, values: Array, b_in: int, xla_product: Callable
+  weight: Array, out_blocks: Array, starts: Array, values: Array, b_in: int, xla_product: Callable
 ) -> Array:
   """(rows, k, b_out) products of the native kernel.
 
@@ -181,5 +187,5 @@ def tile_product(
   XLA; it supplies the JVP and the batched-weight fallback.
   """
   return _product(b_in, xla_product)(
-      weight, out_blocks.astype(jnp.int32), starts.astype(jnp.int32), values
+    weight, out_blocks.astype(jnp.int32), starts.astype(jnp.int32), values
   )

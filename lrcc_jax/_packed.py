@@ -64,8 +64,11 @@ def group_bounds(k: int, rows_per_item: int = 1) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def gathered_matvec(weight: Array, idx: Array, x: Array, *, kernel: str | None = None, policy: Policies = None) -> Array:
-  """`z[r, j] = weight[idx[r, j]] @ x[r]`: (n_blocks, bs, n_in), (rows, k), (rows, n_in) -> (rows, k, bs).
+def gathered_matvec(
+  weight: Array, idx: Array, x: Array, *, kernel: str | None = None, policy: Policies = None
+) -> Array:
+  """`z[r, j] = weight[idx[r, j]] @ x[r]`: (n_blocks, bs, n_in), (rows, k), (rows, n_in) -> (rows,
+  k, bs).
 
   The kernel depends on the platform the program is lowered for (`_policy.gather_kernel`,
   staged per platform by `_policy.dispatch` unless `kernel` names one):
@@ -74,24 +77,31 @@ def gathered_matvec(weight: Array, idx: Array, x: Array, *, kernel: str | None =
     streams each selected block once, on every core (26 of 256 blocks of 16 × 4096:
     65-180 µs against 270-940 µs for the XLA form, scratch measurement);
   - "triton" (CUDA): `_pallas.gathered_matvec_gpu`; "mosaic" (TPU):
-    `_pallas.gathered_matvec_tpu`; both Pallas kernels load only the selected blocks; `LRCC_JAX_PALLAS=0` or a policy
+    `_pallas.gathered_matvec_tpu`; both Pallas kernels load only the selected blocks;
+    `LRCC_JAX_PALLAS=0` or a policy
     with `kernel="xla"` turns them off;
   - "xla": `_xla_gathered_matvec`. All give the same values.
   """
   if kernel is None:
     _, block_size, n_in = weight.shape
     return _policy.dispatch(
-        lambda platform: _policy.gather_kernel(platform, block_size, n_in, weight.dtype, x.dtype, policy),
-        lambda k, weight, idx, x: gathered_matvec(weight, idx, x, kernel=k),
-        (weight, idx, x),
+      lambda platform: _policy.gather_kernel(
+        platform, block_size, n_in, weight.dtype, x.dtype, policy
+      ),
+      lambda k, weight, idx, x: gathered_matvec(weight, idx, x, kernel=k),
+      (weight, idx, x),
     )
   if kernel == "native":
     starts = jnp.zeros((x.shape[0], 1), jnp.int32)
     return _native.tile_product(weight, idx, starts, x, weight.shape[2], _dense_input_product)
   if kernel == "mosaic":
-    return _pallas.differentiable_matvec(_pallas.gathered_matvec_tpu, _xla_gathered_matvec)(weight, idx, x)
+    return _pallas.differentiable_matvec(_pallas.gathered_matvec_tpu, _xla_gathered_matvec)(
+      weight, idx, x
+    )
   if kernel == "triton":
-    return _pallas.differentiable_matvec(_pallas.gathered_matvec_gpu, _xla_gathered_matvec)(weight, idx, x)
+    return _pallas.differentiable_matvec(_pallas.gathered_matvec_gpu, _xla_gathered_matvec)(
+      weight, idx, x
+    )
   if kernel != "xla":
     raise ValueError(f"kernel={kernel!r} must be 'native', 'mosaic', 'triton' or 'xla'.")
   return _xla_gathered_matvec(weight, idx, x)
@@ -156,12 +166,12 @@ class PackedDense(NamedTuple):
 
 
 def pack(
-    kernel: Array,
-    bias: Array,
-    est: LowRankEstimator,
-    *,
-    block_size: int = 1,
-    dtype: jnp.dtype | None = None,
+  kernel: Array,
+  bias: Array,
+  est: LowRankEstimator,
+  *,
+  block_size: int = 1,
+  dtype: jnp.dtype | None = None,
 ) -> PackedDense:
   r"""Packs a layer for `packed_dense`: transposes the kernel to unit-major blocks.
 
@@ -194,7 +204,12 @@ def pack(
 
 
 def skip_pays(
-    rows: int, capacity: int | None, n_blocks: int, *, block_bytes: int = 0, native: bool | None = None
+  rows: int,
+  capacity: int | None,
+  n_blocks: int,
+  *,
+  block_bytes: int = 0,
+  native: bool | None = None,
 ) -> bool:
   """Static choice of the "auto" strategy: gather only where it measured faster than dense.
 
@@ -217,13 +232,13 @@ def skip_pays(
 
 
 def auto_gathers(
-    packed: PackedDense,
-    rows: int,
-    capacity: int | None,
-    dtype: jnp.dtype = jnp.float32,
-    *,
-    platform: str | None = None,
-    policy: Policies = None,
+  packed: PackedDense,
+  rows: int,
+  capacity: int | None,
+  dtype: jnp.dtype = jnp.float32,
+  *,
+  platform: str | None = None,
+  policy: Policies = None,
 ) -> bool:
   """Whether `packed_dense`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
 
@@ -232,19 +247,19 @@ def auto_gathers(
   """
   platform = _policy.current_platform() if platform is None else platform
   return _policy.plan_layer(
-      platform, "auto", rows, capacity, packed.weight.shape, packed.weight.dtype, dtype, policy
+    platform, "auto", rows, capacity, packed.weight.shape, packed.weight.dtype, dtype, policy
   ).gather
 
 
 def gather_selected(
-    xr: Array,
-    packed: PackedDense,
-    scores: Array,
-    threshold: float | Array,
-    capacity: int,
-    *,
-    kernel: str | None = None,
-    policy: Policies = None,
+  xr: Array,
+  packed: PackedDense,
+  scores: Array,
+  threshold: float | Array,
+  capacity: int,
+  *,
+  kernel: str | None = None,
+  policy: Policies = None,
 ) -> tuple[Array, Array]:
   """Each row's `capacity` best blocks and their activations, computing only those.
 
@@ -263,7 +278,9 @@ def gather_selected(
   """
   idx = _mask.top_blocks(scores, capacity)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  z = gathered_matvec(packed.weight, idx, xr, kernel=kernel, policy=policy) + packed.bias[idx].astype(xr.dtype)
+  z = gathered_matvec(packed.weight, idx, xr, kernel=kernel, policy=policy) + packed.bias[
+    idx
+  ].astype(xr.dtype)
   return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
 
 
@@ -287,13 +304,13 @@ def block_bytes(packed: PackedDense) -> int:
 
 
 def packed_dense(
-    x: Array,
-    packed: PackedDense,
-    *,
-    threshold: float | Array = 0.0,
-    capacity: int | None = None,
-    strategy: Strategy = "auto",
-    policy: Policies = None,
+  x: Array,
+  packed: PackedDense,
+  *,
+  threshold: float | Array = 0.0,
+  capacity: int | None = None,
+  strategy: Strategy = "auto",
+  policy: Policies = None,
 ) -> Array:
   r"""Conditional ReLU layer that computes only the selected blocks.
 
@@ -349,18 +366,25 @@ def packed_dense(
   scores = _mask.block_scores(z_hat, block_size)
 
   def plan_of(platform: str) -> _policy.Plan:
-    return _policy.plan_layer(platform, strategy, rows, capacity, packed.weight.shape, packed.weight.dtype, xr.dtype, policy)
+    return _policy.plan_layer(
+      platform, strategy, rows, capacity, packed.weight.shape, packed.weight.dtype, xr.dtype, policy
+    )
 
-  def run(plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense) -> Array:
+  def run(
+    plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense
+  ) -> Array:
     bias_flat = jnp.reshape(packed.bias, (1, n_out)).astype(xr.dtype)
     if not plan.gather:
       keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
       z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
       return jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
+    assert capacity is not None  # a plan without a capacity never gathers
     idx, vals = gather_selected(xr, packed, scores, threshold, capacity, kernel=plan.kernel)
     row_ids = jnp.arange(rows)[:, None]
-    y = jnp.zeros((rows, n_blocks, block_size), vals.dtype).at[row_ids, idx].set(
-        vals, unique_indices=True, indices_are_sorted=True
+    y = (
+      jnp.zeros((rows, n_blocks, block_size), vals.dtype)
+      .at[row_ids, idx]
+      .set(vals, unique_indices=True, indices_are_sorted=True)
     )
     return jnp.reshape(y, (rows, n_out))
 

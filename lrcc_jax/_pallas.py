@@ -43,7 +43,9 @@ def _masked_kernel(mask_ref, x_ref, w_ref, b_ref, o_ref):
   @pl.when(selected)
   def _compute():
     w = w_ref[0]  # (bs, n_in)
-    z = jax.lax.dot_general(x_ref[...], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    z = jax.lax.dot_general(
+      x_ref[...], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
     o_ref[...] = jnp.maximum(z + b_ref[...], 0.0).astype(o_ref.dtype)
 
   @pl.when(jnp.logical_not(selected))
@@ -53,7 +55,7 @@ def _masked_kernel(mask_ref, x_ref, w_ref, b_ref, o_ref):
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def block_sparse_dense_masked(
-    x: Array, weight: Array, bias: Array, block_mask: Array, *, interpret: bool = False
+  x: Array, weight: Array, bias: Array, block_mask: Array, *, interpret: bool = False
 ) -> Array:
   """`relu(x Wᵀ + b)` on the selected blocks, zero elsewhere (one mask for all rows).
 
@@ -75,30 +77,32 @@ def block_sparse_dense_masked(
     raise ValueError(f"block_mask has shape {block_mask.shape}, expected ({n_blocks},).")
   mask = block_mask.astype(jnp.int32).reshape(n_blocks, 1)
   return pl.pallas_call(
-      _masked_kernel,
-      grid=(n_blocks,),
-      in_specs=[
-          pl.BlockSpec((1, 1), lambda j: (j, 0)),
-          pl.BlockSpec((rows, n_in), lambda j: (0, 0)),
-          pl.BlockSpec((1, block_size, n_in), lambda j: (j, 0, 0)),
-          pl.BlockSpec((1, block_size), lambda j: (0, j)),
-      ],
-      out_specs=pl.BlockSpec((rows, block_size), lambda j: (0, j)),
-      out_shape=jax.ShapeDtypeStruct((rows, n_blocks * block_size), x.dtype),
-      interpret=interpret,
+    _masked_kernel,
+    grid=(n_blocks,),
+    in_specs=[
+      pl.BlockSpec((1, 1), lambda j: (j, 0)),
+      pl.BlockSpec((rows, n_in), lambda j: (0, 0)),
+      pl.BlockSpec((1, block_size, n_in), lambda j: (j, 0, 0)),
+      pl.BlockSpec((1, block_size), lambda j: (0, j)),
+    ],
+    out_specs=pl.BlockSpec((rows, block_size), lambda j: (0, j)),
+    out_shape=jax.ShapeDtypeStruct((rows, n_blocks * block_size), x.dtype),
+    interpret=interpret,
   )(mask, x, weight, bias.reshape(1, n_blocks * block_size))
 
 
 def _prefetch_kernel(idx_ref, x_ref, w_ref, b_ref, zeros_ref, o_ref):
   del idx_ref, zeros_ref  # the indices only steer the index maps; zeros only alias
   w = w_ref[0]
-  z = jax.lax.dot_general(x_ref[...], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  z = jax.lax.dot_general(
+    x_ref[...], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+  )
   o_ref[...] = jnp.maximum(z + b_ref[...], 0.0).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def block_sparse_dense_prefetch(
-    x: Array, weight: Array, bias: Array, block_idx: Array, *, interpret: bool = False
+  x: Array, weight: Array, bias: Array, block_idx: Array, *, interpret: bool = False
 ) -> Array:
   """`relu(x Wᵀ + b)` on the blocks `block_idx` only, via scalar prefetch (TPU style).
 
@@ -118,25 +122,28 @@ def block_sparse_dense_prefetch(
   n_blocks, block_size, w_in = weight.shape
   _checks.check_features(x, w_in, "packed layer")
   if block_idx.ndim != 1 or not 1 <= block_idx.shape[0] <= n_blocks:
-    raise ValueError(f"block_idx has shape {block_idx.shape}: expected (capacity,) with capacity in [1, {n_blocks}].")
+    raise ValueError(
+      f"block_idx has shape {block_idx.shape}: expected (capacity,) with capacity in [1,"
+      f" {n_blocks}]."
+    )
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(block_idx.shape[0],),
-      in_specs=[
-          pl.BlockSpec((rows, n_in), lambda i, idx: (0, 0)),
-          pl.BlockSpec((1, block_size, n_in), lambda i, idx: (idx[i], 0, 0)),
-          pl.BlockSpec((1, block_size), lambda i, idx: (0, idx[i])),
-          pl.BlockSpec(memory_space=pl.ANY),
-      ],
-      out_specs=pl.BlockSpec((rows, block_size), lambda i, idx: (0, idx[i])),
+    num_scalar_prefetch=1,
+    grid=(block_idx.shape[0],),
+    in_specs=[
+      pl.BlockSpec((rows, n_in), lambda i, idx: (0, 0)),
+      pl.BlockSpec((1, block_size, n_in), lambda i, idx: (idx[i], 0, 0)),
+      pl.BlockSpec((1, block_size), lambda i, idx: (0, idx[i])),
+      pl.BlockSpec(memory_space=pl.ANY),
+    ],
+    out_specs=pl.BlockSpec((rows, block_size), lambda i, idx: (0, idx[i])),
   )
   zeros = jnp.zeros((rows, n_blocks * block_size), x.dtype)
   return pl.pallas_call(
-      _prefetch_kernel,
-      grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct(zeros.shape, x.dtype),
-      input_output_aliases={4: 0},
-      interpret=interpret,
+    _prefetch_kernel,
+    grid_spec=grid_spec,
+    out_shape=jax.ShapeDtypeStruct(zeros.shape, x.dtype),
+    input_output_aliases={4: 0},
+    interpret=interpret,
   )(block_idx.astype(jnp.int32), x, weight, bias.reshape(1, n_blocks * block_size), zeros)
 
 
@@ -235,8 +242,8 @@ def gathered_matvec_tpu(weight: Array, idx: Array, x: Array, *, interpret: bool 
   tile = tpu_tile(block_size, n_in, weight.dtype)
   if tile is None:
     raise ValueError(
-        f"gathered_matvec_tpu needs block_size a multiple of {_sublanes(weight.dtype)} and n_in a"
-        f" multiple of 128, got ({block_size}, {n_in}); use the XLA gather (LRCC_JAX_PALLAS=0)."
+      f"gathered_matvec_tpu needs block_size a multiple of {_sublanes(weight.dtype)} and n_in a"
+      f" multiple of 128, got ({block_size}, {n_in}); use the XLA gather (LRCC_JAX_PALLAS=0)."
     )
   n_tiles = n_in // tile
 
@@ -249,8 +256,10 @@ def gathered_matvec_tpu(weight: Array, idx: Array, x: Array, *, interpret: bool 
       acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
 
     acc_ref[...] += jax.lax.dot_general(
-        x_ref[0].astype(jnp.float32), w_ref[0].astype(jnp.float32),
-        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+      x_ref[0].astype(jnp.float32),
+      w_ref[0].astype(jnp.float32),
+      (((1,), (1,)), ((), ())),
+      preferred_element_type=jnp.float32,
     )  # (1, tile) · (block_size, tile)ᵀ
 
     @pl.when(t == n_tiles - 1)
@@ -258,22 +267,24 @@ def gathered_matvec_tpu(weight: Array, idx: Array, x: Array, *, interpret: bool 
       o_ref[0] = acc_ref[...].astype(o_ref.dtype)
 
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(rows, k, n_tiles),
-      in_specs=[
-          pl.BlockSpec((1, 1, tile), lambda r, j, t, ids: (r, 0, t)),
-          pl.BlockSpec((1, block_size, tile), lambda r, j, t, ids: (ids[r * k + j], 0, t)),
-      ],
-      out_specs=pl.BlockSpec((1, 1, block_size), lambda r, j, t, ids: (r * k + j, 0, 0)),
-      scratch_shapes=[pltpu.VMEM((1, block_size), jnp.float32)],
+    num_scalar_prefetch=1,
+    grid=(rows, k, n_tiles),
+    in_specs=[
+      pl.BlockSpec((1, 1, tile), lambda r, j, t, ids: (r, 0, t)),
+      pl.BlockSpec((1, block_size, tile), lambda r, j, t, ids: (ids[r * k + j], 0, t)),
+    ],
+    out_specs=pl.BlockSpec((1, 1, block_size), lambda r, j, t, ids: (r * k + j, 0, 0)),
+    scratch_shapes=[pltpu.VMEM((1, block_size), jnp.float32)],
   )
   with jax.named_scope("lrcc_gathered_matvec_tpu"):
     out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((rows * k, 1, block_size), x.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((rows * k, 1, block_size), x.dtype),
+      compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "arbitrary")
+      ),
+      interpret=interpret,
     )(jnp.reshape(idx, (-1,)).astype(jnp.int32), jnp.reshape(x, (rows, 1, n_in)), weight)
   return jnp.reshape(out, (rows, k, block_size))
 
@@ -311,8 +322,8 @@ def gathered_matvec_gpu(weight: Array, idx: Array, x: Array, *, interpret: bool 
   tile = gpu_tile(block_size, n_in)
   if tile is None:
     raise ValueError(
-        f"gathered_matvec_gpu needs a power-of-two block_size and n_in divisible by {GPU_MIN_TILE},"
-        f" got ({block_size}, {n_in}); use the XLA gather (LRCC_JAX_PALLAS=0)."
+      f"gathered_matvec_gpu needs a power-of-two block_size and n_in divisible by {GPU_MIN_TILE},"
+      f" got ({block_size}, {n_in}); use the XLA gather (LRCC_JAX_PALLAS=0)."
     )
   n_tiles = n_in // tile
 
@@ -332,13 +343,13 @@ def gathered_matvec_gpu(weight: Array, idx: Array, x: Array, *, interpret: bool 
   anywhere = pl.BlockSpec(memory_space=pl.ANY)
   with jax.named_scope("lrcc_gathered_matvec_gpu"):
     return pl.pallas_call(
-        kernel,
-        grid=(rows, k),
-        in_specs=[anywhere] * 3,
-        out_specs=anywhere,
-        out_shape=jax.ShapeDtypeStruct((rows, k, block_size), x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret,
+      kernel,
+      grid=(rows, k),
+      in_specs=[anywhere] * 3,
+      out_specs=anywhere,
+      out_shape=jax.ShapeDtypeStruct((rows, k, block_size), x.dtype),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
     )(idx.astype(jnp.int32), x, weight)
 
 
@@ -363,9 +374,14 @@ def differentiable_matvec(kernel: Callable, fallback: Callable) -> Callable:
     if in_batched[0]:
       in_axes = (0, *(0 if b else None for b in in_batched[1:]))
       return jax.vmap(fallback, in_axes=in_axes)(weight, idx, x), True
-    idx, x = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip((idx, x), in_batched[1:]))
+    idx, x = (
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip((idx, x), in_batched[1:])
+    )
     rows = idx.shape[1]
-    z = call(weight, jnp.reshape(idx, (axis_size * rows, -1)), jnp.reshape(x, (axis_size * rows, -1)))
+    z = call(
+      weight, jnp.reshape(idx, (axis_size * rows, -1)), jnp.reshape(x, (axis_size * rows, -1))
+    )
     return jnp.reshape(z, (axis_size, rows) + z.shape[1:]), True
 
   @jax.custom_jvp

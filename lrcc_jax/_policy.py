@@ -95,13 +95,23 @@ class Policy:
 # once on every core; one row pays up to 60% of the blocks). Any weight dtype the kernel
 # runs (`_native.usable` decides which).
 CPU_NATIVE = Policy(
-    "cpu", "native", max_fraction_one_row=0.6, max_gathered_layers=0.6, small_fraction=0.06,
-    small_fraction_max_rows=64, source="measured on XLA:CPU, 2 cores",
+  "cpu",
+  "native",
+  max_fraction_one_row=0.6,
+  max_gathered_layers=0.6,
+  small_fraction=0.06,
+  small_fraction_max_rows=64,
+  source="measured on XLA:CPU, 2 cores",
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(
-    "cpu", "xla", max_fraction_one_row=0.4, max_gathered_layers=0.25, max_gather_bytes=32 * 2**20,
-    min_batched_block_bytes=64 * 2**10, source="measured on XLA:CPU, 2 cores",
+  "cpu",
+  "xla",
+  max_fraction_one_row=0.4,
+  max_gathered_layers=0.25,
+  max_gather_bytes=32 * 2**20,
+  min_batched_block_bytes=64 * 2**10,
+  source="measured on XLA:CPU, 2 cores",
 )
 # GPU/TPU: derived from byte counts, unmeasured. Batch-1 layers are bound by HBM bytes; the
 # Pallas kernels read each selected block once at full bandwidth, so they pay while the
@@ -109,28 +119,40 @@ CPU_XLA = Policy(
 # launch/step overhead (half a layer). XLA's gather materialises the gathered blocks (read +
 # write + read: 3x the bytes), hence a third of that.
 _UNMEASURED = "derived from byte counts, unmeasured"
-CUDA_PALLAS = Policy("cuda", "pallas", max_fraction_one_row=0.5, max_gathered_layers=0.5, source=_UNMEASURED)
-CUDA_XLA = Policy("cuda", "xla", max_fraction_one_row=0.15, max_gathered_layers=0.15, source=_UNMEASURED)
-TPU_PALLAS = Policy("tpu", "pallas", max_fraction_one_row=0.5, max_gathered_layers=0.5, source=_UNMEASURED)
-TPU_XLA = Policy("tpu", "xla", max_fraction_one_row=0.15, max_gathered_layers=0.15, source=_UNMEASURED)
+CUDA_PALLAS = Policy(
+  "cuda", "pallas", max_fraction_one_row=0.5, max_gathered_layers=0.5, source=_UNMEASURED
+)
+CUDA_XLA = Policy(
+  "cuda", "xla", max_fraction_one_row=0.15, max_gathered_layers=0.15, source=_UNMEASURED
+)
+TPU_PALLAS = Policy(
+  "tpu", "pallas", max_fraction_one_row=0.5, max_gathered_layers=0.5, source=_UNMEASURED
+)
+TPU_XLA = Policy(
+  "tpu", "xla", max_fraction_one_row=0.15, max_gathered_layers=0.15, source=_UNMEASURED
+)
 DEFAULTS = (CPU_NATIVE, CPU_XLA, CUDA_PALLAS, CUDA_XLA, TPU_PALLAS, TPU_XLA)
 
 Policies = Policy | Sequence[Policy] | None
 
 
-def gather_pays(policy: Policy, rows: int, capacity: int | None, n_blocks: int, block_bytes: int) -> bool:
+def gather_pays(
+  policy: Policy, rows: int, capacity: int | None, n_blocks: int, block_bytes: int
+) -> bool:
   """The decision: whether gathering `capacity` of `n_blocks` blocks per row beats dense."""
   if capacity is None:
     return False
   fraction = capacity / n_blocks
-  if policy.max_gather_bytes is not None and rows * capacity * block_bytes > policy.max_gather_bytes:
+  if (
+    policy.max_gather_bytes is not None and rows * capacity * block_bytes > policy.max_gather_bytes
+  ):
     return False
   if rows > policy.small_block_max_rows and block_bytes < policy.min_batched_block_bytes:
     return False
   if rows == 1:
     return fraction <= policy.max_fraction_one_row
   return rows * fraction <= policy.max_gathered_layers or (
-      fraction <= policy.small_fraction and rows <= policy.small_fraction_max_rows
+    fraction <= policy.small_fraction and rows <= policy.small_fraction_max_rows
   )
 
 
@@ -153,12 +175,18 @@ def _requested(platform: str, policies: tuple[Policy, ...]) -> Policy | None:
 
 
 def gather_kernel(
-    platform: str, block_size: int, n_in: int, weight_dtype: jnp.dtype, x_dtype: jnp.dtype, policy: Policies = None
+  platform: str,
+  block_size: int,
+  n_in: int,
+  weight_dtype: jnp.dtype,
+  x_dtype: jnp.dtype,
+  policy: Policies = None,
 ) -> str:
   """The kernel that gathers (rows, k) blocks of this layer on `platform`.
 
   "native" on CPU for f32 (`_native.usable`); the Pallas kernels "triton" on CUDA and
-  "mosaic" on TPU where the shapes fit (`_pallas.gpu_tile` / `_pallas.tpu_tile`) unless `LRCC_JAX_PALLAS=0` or the caller's
+  "mosaic" on TPU where the shapes fit (`_pallas.gpu_tile` / `_pallas.tpu_tile`) unless
+  `LRCC_JAX_PALLAS=0` or the caller's
   policy for the platform says `kernel="xla"`; "xla" otherwise.
   """
   asked = _requested(platform, _as_tuple(policy))
@@ -175,14 +203,18 @@ def gather_kernel(
   return "xla"
 
 
-def tile_kernel(platform: str, b_in: int, weight_dtype: jnp.dtype, values_dtype: jnp.dtype, min_run: int) -> str:
+def tile_kernel(
+  platform: str, b_in: int, weight_dtype: jnp.dtype, values_dtype: jnp.dtype, min_run: int
+) -> str:
   """The kernel of the sparse chain's tile product on `platform`: "native" or "xla"."""
   if platform == "cpu" and b_in >= min_run and _native.usable(weight_dtype, values_dtype):
     return "native"
   return "xla"
 
 
-def policy_for(platform: str, kernel: str, weight_dtype: jnp.dtype, policy: Policies = None) -> Policy:
+def policy_for(
+  platform: str, kernel: str, weight_dtype: jnp.dtype, policy: Policies = None
+) -> Policy:
   """The policy deciding for `kernel` on `platform`: the caller's, a tuned one, a default.
 
   `kernel` is a `gather_kernel` name ("triton" and "mosaic" are the "pallas" policies).
@@ -225,14 +257,14 @@ class Plan(NamedTuple):
 
 
 def plan_layer(
-    platform: str,
-    strategy: str,
-    rows: int,
-    capacity: int | None,
-    weight_shape: tuple[int, int, int],
-    weight_dtype: jnp.dtype,
-    x_dtype: jnp.dtype,
-    policy: Policies = None,
+  platform: str,
+  strategy: str,
+  rows: int,
+  capacity: int | None,
+  weight_shape: tuple[int, ...],
+  weight_dtype: jnp.dtype,
+  x_dtype: jnp.dtype,
+  policy: Policies = None,
 ) -> Plan:
   """`packed_dense`'s choice on `platform`: gather or dense, and with which kernel."""
   n_blocks, block_size, n_in = weight_shape
@@ -247,13 +279,13 @@ def plan_layer(
 
 
 def plan_chain(
-    platform: str,
-    rows: int,
-    layers: Sequence[tuple[tuple[int, int, int], jnp.dtype]],
-    capacities: Sequence[int | None],
-    dtype: jnp.dtype,
-    min_run: int,
-    policy: Policies = None,
+  platform: str,
+  rows: int,
+  layers: Sequence[tuple[tuple[int, ...], jnp.dtype]],
+  capacities: Sequence[int | None],
+  dtype: jnp.dtype,
+  min_run: int,
+  policy: Policies = None,
 ) -> bool:
   """`packed_mlp`'s "auto" on `platform`: keep activations sparse between layers?
 
@@ -283,10 +315,10 @@ def current_platform() -> str:
 
 
 def dispatch(
-    plan_of: Callable[[str], Any],
-    run: Callable[..., Any],
-    args: Sequence[Any],
-    key: Callable[[Any], Any] = lambda p: p,
+  plan_of: Callable[[str], Any],
+  run: Callable[..., Any],
+  args: Sequence[Any],
+  key: Callable[[Any], Any] = lambda p: p,
 ) -> Any:
   """`run(plan_of(platform), *args)` for the platform the program is lowered for.
 
@@ -341,13 +373,13 @@ def policy_path(kind: str | None = None) -> pathlib.Path:
 
 def policy_to_json(policies: Sequence[Policy], kind: str) -> str:
   return json.dumps(
-      {
-          "format": _FORMAT,
-          "device_kind": kind,
-          "jax": jax.__version__,
-          "policies": [dataclasses.asdict(p) for p in policies],
-      },
-      indent=1,
+    {
+      "format": _FORMAT,
+      "device_kind": kind,
+      "jax": jax.__version__,
+      "policies": [dataclasses.asdict(p) for p in policies],
+    },
+    indent=1,
   )
 
 
@@ -361,8 +393,8 @@ def load_policy_file(path: pathlib.Path, kind: str) -> tuple[Policy, ...]:
     raise ValueError(f"{path} is not an lrcc-jax policy file of format {_FORMAT}.")
   if data.get("device_kind") != kind or data.get("jax") != jax.__version__:
     raise ValueError(
-        f"{path} was tuned for {data.get('device_kind')!r} with jax {data.get('jax')}, not"
-        f" {kind!r} with jax {jax.__version__}."
+      f"{path} was tuned for {data.get('device_kind')!r} with jax {data.get('jax')}, not"
+      f" {kind!r} with jax {jax.__version__}."
     )
   try:
     return tuple(Policy(**p) for p in data["policies"])
@@ -392,7 +424,9 @@ def tuned_policies() -> tuple[Policy, ...]:
       found = load_policy_file(path, kind)
       _status.update(tuned=str(path), reason=f"tuned policy for {kind!r} from {path}")
     except ValueError as err:
-      warnings.warn(f"lrcc_jax: ignoring the tuned policy, using the shipped defaults: {err}", stacklevel=2)
+      warnings.warn(
+        f"lrcc_jax: ignoring the tuned policy, using the shipped defaults: {err}", stacklevel=2
+      )
       _status.update(tuned=None, reason=f"ignored {path}: {err}")
   _tuned_cache[key] = found
   return found
@@ -414,13 +448,13 @@ def policy_status() -> dict:
   plat = platform if platform in PLATFORMS else "cuda"
   kernels = ("native", "xla") if plat == "cpu" else ("pallas", "xla")
   return {
-      "platform": platform,
-      "device_kind": device_kind(),
-      "tuned": _status["tuned"],
-      "reason": _status["reason"],
-      "pallas": _pallas.enabled(),
-      "policies": {k: policy_for(plat, k, jnp.float32) for k in kernels},
-      "n_tuned": len(tuned),
+    "platform": platform,
+    "device_kind": device_kind(),
+    "tuned": _status["tuned"],
+    "reason": _status["reason"],
+    "pallas": _pallas.enabled(),
+    "policies": {k: policy_for(plat, k, jnp.float32) for k in kernels},
+    "n_tuned": len(tuned),
   }
 
 

@@ -16,7 +16,6 @@ from lrcc_jax._registry import ESTIMATORS, NEEDS_INPUTS, check_estimator_name, f
 from lrcc_jax._stats import calibrate_threshold, estimator_stats
 
 
-
 class _Layer(Protocol):
   kernel: Any
   bias: Any
@@ -27,6 +26,7 @@ class _Network(Protocol):
 
   layers: Sequence[_Layer]
   head: Any
+
 
 Array = jax.Array
 Method = Literal["svd", "data_aware", "trained"]
@@ -82,13 +82,13 @@ def _nonzero_fraction(h: Array) -> float:
 
 
 def select_ranks(
-    model: _Network,
-    x: Array,
-    *,
-    recall: float = 0.99,
-    candidates: Sequence[int] = DEFAULT_CANDIDATES,
-    method: Method = "svd",
-    fit_kwargs: Mapping | None = None,
+  model: _Network,
+  x: Array,
+  *,
+  recall: float = 0.99,
+  candidates: Sequence[int] = DEFAULT_CANDIDATES,
+  method: Method = "svd",
+  fit_kwargs: Mapping | None = None,
 ) -> RankSelection:
   r"""Per-layer estimator ranks that minimise the network's FLOP-model cost at a recall.
 
@@ -166,8 +166,8 @@ def select_ranks(
     valid = [r for r in candidates if 1 <= r <= limit]
     if not valid:
       raise ValueError(
-          f"hidden layer {i + 1} ({n_in}, {n_out}) with {n_rows} calibration rows: none of"
-          f" candidates={candidates} lies in [1, {limit}]."
+        f"hidden layer {i + 1} ({n_in}, {n_out}) with {n_rows} calibration rows: none of"
+        f" candidates={candidates} lies in [1, {limit}]."
       )
     rows, fits = {}, {}
     for r in valid:
@@ -191,14 +191,18 @@ def select_ranks(
   head = model.head.kernel[...]
   widths = [int(layers[0].kernel.shape[0])] + [int(l.kernel.shape[1]) for l in layers]
   costs = network_costs(
-      widths, ranks, computed, input_fractions, num_classes=int(head.shape[1]),
-      head_input_fraction=c_in,
+    widths,
+    ranks,
+    computed,
+    input_fractions,
+    num_classes=int(head.shape[1]),
+    head_input_fraction=c_in,
   )
   return RankSelection(
-      ranks=tuple(ranks),
-      thresholds=tuple(thresholds),
-      estimators=tuple(chosen_est),
-      table=tuple(table),
-      costs=tuple(costs),
-      speedup=theoretical_speedup(costs),
+    ranks=tuple(ranks),
+    thresholds=tuple(thresholds),
+    estimators=tuple(chosen_est),
+    table=tuple(table),
+    costs=tuple(costs),
+    speedup=theoretical_speedup(costs),
   )

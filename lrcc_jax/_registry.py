@@ -34,15 +34,15 @@ if TYPE_CHECKING:
 def _no_options(name: str, options: Mapping[str, Any]) -> None:
   if options:
     raise ValueError(
-        f"estimator {name!r} takes no options, got {sorted(options)}; only 'trained' does"
-        " (e.g. steps, learning_rate)."
+      f"estimator {name!r} takes no options, got {sorted(options)}; only 'trained' does"
+      " (e.g. steps, learning_rate)."
     )
 
 
 def _needs(name: str, inputs: Array | None) -> Array:
   if inputs is None:
     raise ValueError(
-        f"estimator {name!r} needs calibration inputs (the rows the layer sees); got None."
+      f"estimator {name!r} needs calibration inputs (the rows the layer sees); got None."
     )
   return inputs
 
@@ -74,11 +74,13 @@ def _trained(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **opt
   return fit_trained(kernel, bias, rank, inputs, recall=recall, seed=seed, **options)
 
 
-_FITS: Mapping[str, Callable[..., LowRankEstimator]] = types.MappingProxyType({
+_FITS: Mapping[str, Callable[..., LowRankEstimator]] = types.MappingProxyType(
+  {
     "svd": _svd,
     "data_aware": _data_aware,
     "trained": _trained,
-})
+  }
+)
 
 ESTIMATORS: tuple[str, ...] = tuple(_FITS)
 """The names `fit_estimator` accepts: ``"svd"``, ``"data_aware"``, ``"trained"``."""
@@ -96,15 +98,15 @@ def check_estimator_name(name: Any) -> str:
 
 
 def fit_estimator(
-    name: str,
-    kernel: Array,
-    rank: int,
-    inputs: Array | None = None,
-    *,
-    bias: Array | None = None,
-    recall: float = 0.99,
-    seed: int = 0,
-    **options: Any,
+  name: str,
+  kernel: Array,
+  rank: int,
+  inputs: Array | None = None,
+  *,
+  bias: Array | None = None,
+  recall: float = 0.99,
+  seed: int = 0,
+  **options: Any,
 ) -> LowRankEstimator:
   """Fits the estimator called `name` to one layer.
 

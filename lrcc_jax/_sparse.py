@@ -36,7 +36,7 @@ NATIVE_MIN_RUN = 2
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["indices", "values"], meta_fields=["block_size"]
+  jax.tree_util.register_dataclass, data_fields=["indices", "values"], meta_fields=["block_size"]
 )
 @dataclasses.dataclass(frozen=True)
 class SparseRows:
@@ -59,8 +59,10 @@ class SparseRows:
 def densify(sp: SparseRows, width: int) -> Array:
   """(rows, width) dense array of `sp`."""
   rows = sp.indices.shape[0]
-  return jnp.zeros((rows, width), sp.values.dtype).at[jnp.arange(rows)[:, None], sp.indices].set(
-      sp.values, unique_indices=True, indices_are_sorted=True
+  return (
+    jnp.zeros((rows, width), sp.values.dtype)
+    .at[jnp.arange(rows)[:, None], sp.indices]
+    .set(sp.values, unique_indices=True, indices_are_sorted=True)
   )
 
 
@@ -68,18 +70,20 @@ def _unit_indices(block_idx: Array, block_size: int) -> Array:
   """(rows, k) block indices -> (rows, k * block_size) unit indices, ascending."""
   if block_size == 1:
     return block_idx
-  offsets = jnp.arange(block_size, dtype=block_idx.dtype).reshape((1,) * block_idx.ndim + (block_size,))
+  offsets = jnp.arange(block_size, dtype=block_idx.dtype).reshape(
+    (1,) * block_idx.ndim + (block_size,)
+  )
   units = block_idx[..., None] * block_size + offsets
   return jnp.reshape(units, block_idx.shape[:-1] + (-1,))
 
 
 def sparse_packed_dense(
-    x: Array | SparseRows,
-    packed: PackedDense,
-    *,
-    threshold: float | Array = 0.0,
-    capacity: int,
-    policy: Policies = None,
+  x: Array | SparseRows,
+  packed: PackedDense,
+  *,
+  threshold: float | Array = 0.0,
+  capacity: int,
+  policy: Policies = None,
 ) -> SparseRows:
   r"""`packed_dense` that returns its output as `SparseRows` and accepts them as input.
 
@@ -108,9 +112,10 @@ def sparse_packed_dense(
   n_blocks, block_size, n_in = packed.weight.shape
   n_out = n_blocks * block_size
   _checks.check_bias(packed.bias, n_out, "packed layer", (n_blocks, block_size))
-  capacity = _checks.check_capacity(capacity, n_blocks, block_size)
-  if capacity is None:
+  checked = _checks.check_capacity(capacity, n_blocks, block_size)
+  if checked is None:
     raise ValueError("sparse_packed_dense needs a capacity: it fixes the output size.")
+  capacity = checked
   bias = jnp.reshape(packed.bias, (n_out,))
   if isinstance(x, SparseRows):
     _check_sparse_input(x, n_in)
@@ -127,29 +132,35 @@ def sparse_packed_dense(
   scores = _mask.block_scores(z_hat, block_size)
   if not isinstance(x, SparseRows):
     idx, vals = gather_selected(x, packed, scores, threshold, capacity, policy=policy)
-    return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)), block_size)
+    return SparseRows(
+      _unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)), block_size
+    )
   idx = _mask.top_blocks(scores, capacity)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
   z = _tile_product(packed.weight, idx, x).astype(dtype) + packed.bias[idx].astype(dtype)
   vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
-  return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (idx.shape[0], -1)), block_size)
+  return SparseRows(
+    _unit_indices(idx, block_size), jnp.reshape(vals, (idx.shape[0], -1)), block_size
+  )
 
 
 def _check_sparse_input(x: SparseRows, n_in: int) -> None:
   if x.indices.ndim != 2 or x.indices.shape != x.values.shape:
     raise ValueError(
-        f"SparseRows needs indices and values of one (rows, m) shape, got"
-        f" {tuple(x.indices.shape)} and {tuple(x.values.shape)}."
+      f"SparseRows needs indices and values of one (rows, m) shape, got"
+      f" {tuple(x.indices.shape)} and {tuple(x.values.shape)}."
     )
   b, m = x.block_size, x.indices.shape[1]
   if b < 1 or n_in % b or m % b:
     raise ValueError(
-        f"SparseRows.block_size={b} must divide both the layer's n_in={n_in} and the"
-        f" {m} active inputs per row."
+      f"SparseRows.block_size={b} must divide both the layer's n_in={n_in} and the"
+      f" {m} active inputs per row."
     )
 
 
-def native_tiles(b_in: int, weight_dtype: jnp.dtype, values_dtype: jnp.dtype, platform: str | None = None) -> bool:
+def native_tiles(
+  b_in: int, weight_dtype: jnp.dtype, values_dtype: jnp.dtype, platform: str | None = None
+) -> bool:
   """Whether `_tile_product` runs the native kernel for input runs of `b_in` on `platform`.
 
   `_policy.tile_kernel`; `platform` defaults to the current device's.
@@ -176,13 +187,17 @@ def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
     return _xla_tile_product(weight, out_blocks, starts, values, b_in=b_in)
 
   return _policy.dispatch(
-      lambda platform: _policy.tile_kernel(platform, b_in, weight.dtype, x.values.dtype, NATIVE_MIN_RUN),
-      run,
-      (weight, out_blocks, starts, x.values),
+    lambda platform: _policy.tile_kernel(
+      platform, b_in, weight.dtype, x.values.dtype, NATIVE_MIN_RUN
+    ),
+    run,
+    (weight, out_blocks, starts, x.values),
   )
 
 
-def _xla_tile_product(weight: Array, out_blocks: Array, starts: Array, values: Array, *, b_in: int) -> Array:
+def _xla_tile_product(
+  weight: Array, out_blocks: Array, starts: Array, values: Array, *, b_in: int
+) -> Array:
   """`_tile_product` in XLA ops: `starts` (rows, m / b_in) are the first units of the runs.
 
   With `b_in > 1` one gather of the (rows, k, m / b_in, b_out, b_in) tiles (692 KB for 26 ×

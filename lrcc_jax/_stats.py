@@ -12,7 +12,7 @@ Array = jax.Array
 
 
 def exact_and_estimate(
-    x: Array, kernel: Array, bias: Array | None, est: LowRankEstimator
+  x: Array, kernel: Array, bias: Array | None, est: LowRankEstimator
 ) -> tuple[Array, Array]:
   """The exact pre-activations `z = x W + b` and their estimate `ẑ = (x U) V + b`.
 
@@ -28,11 +28,11 @@ def exact_and_estimate(
 
 
 def estimator_stats(
-    x: Array,
-    kernel: Array,
-    bias: Array,
-    est: LowRankEstimator,
-    threshold: float | Array = 0.0,
+  x: Array,
+  kernel: Array,
+  bias: Array,
+  est: LowRankEstimator,
+  threshold: float | Array = 0.0,
 ) -> dict[str, Array]:
   r"""Quality of the sign estimate over all rows and units.
 
@@ -62,20 +62,20 @@ def estimator_stats(
   hit = jnp.sum(active & computed)
   f32 = jnp.float32
   return {
-      "recall": jnp.where(n_active > 0, hit / jnp.maximum(n_active, 1), 1.0).astype(f32),
-      "precision": jnp.where(n_computed > 0, hit / jnp.maximum(n_computed, 1), 1.0).astype(f32),
-      "computed_fraction": jnp.mean(computed.astype(f32)),
-      "density": jnp.mean(active.astype(f32)),
+    "recall": jnp.where(n_active > 0, hit / jnp.maximum(n_active, 1), 1.0).astype(f32),
+    "precision": jnp.where(n_computed > 0, hit / jnp.maximum(n_computed, 1), 1.0).astype(f32),
+    "computed_fraction": jnp.mean(computed.astype(f32)),
+    "density": jnp.mean(active.astype(f32)),
   }
 
 
 def calibrate_threshold(
-    x: Array,
-    kernel: Array,
-    bias: Array,
-    est: LowRankEstimator,
-    *,
-    recall: float = 0.99,
+  x: Array,
+  kernel: Array,
+  bias: Array,
+  est: LowRankEstimator,
+  *,
+  recall: float = 0.99,
 ) -> Array:
   r"""The largest threshold whose recall on `x` is at least `recall`.
 

@@ -36,7 +36,9 @@ switch_p = jax.extend.core.Primitive("lrcc_platform_switch")
 switch_p.multiple_results = True
 
 
-def platform_switch(branches: Sequence[Callable[..., Any]], platforms: Platforms, *args: Any) -> Any:
+def platform_switch(
+  branches: Sequence[Callable[..., Any]], platforms: Platforms, *args: Any
+) -> Any:
   """`branches[i](*args)` for the platform the program is lowered for.
 
   Args:
@@ -56,10 +58,14 @@ def platform_switch(branches: Sequence[Callable[..., Any]], platforms: Platforms
   specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in flat]
   jaxprs, out_tree = [], None
   for fn in branches:
-    closed, shape = jax.make_jaxpr(lambda *f, fn=fn: fn(*jax.tree.unflatten(tree, f)), return_shape=True)(*specs)
+    closed, shape = jax.make_jaxpr(
+      lambda *f, fn=fn: fn(*jax.tree.unflatten(tree, f)), return_shape=True
+    )(*specs)
     tree_i = jax.tree.structure(shape)
     if out_tree is not None and (tree_i != out_tree or closed.out_avals != jaxprs[0].out_avals):
-      raise TypeError(f"platform_switch branches disagree: {jaxprs[0].out_avals} vs {closed.out_avals}.")
+      raise TypeError(
+        f"platform_switch branches disagree: {jaxprs[0].out_avals} vs {closed.out_avals}."
+      )
     jaxprs.append(closed)
     out_tree = tree_i
   outs = switch_p.bind(*flat, branches=tuple(jaxprs), platforms=tuple(platforms))
@@ -85,7 +91,7 @@ def _lowering(ctx, *args, branches, platforms):
     else:
       rules.update({p: rule for p in ps})
   return _mlir_internal.lower_per_platform(
-      ctx, "lrcc_platform_switch", rules, default, jax.extend.core.no_effects, *args
+    ctx, "lrcc_platform_switch", rules, default, jax.extend.core.no_effects, *args
   )
 
 
@@ -115,7 +121,8 @@ def _batch(args, dims, *, branches, platforms):
   axes = list(dims)  # `None`: not batched (batching.not_mapped)
   specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
   batched = tuple(
-      jax.make_jaxpr(jax.vmap(jax.extend.core.jaxpr_as_fun(b), in_axes=axes))(*specs) for b in branches
+    jax.make_jaxpr(jax.vmap(jax.extend.core.jaxpr_as_fun(b), in_axes=axes))(*specs)
+    for b in branches
   )
   outs = switch_p.bind(*args, branches=batched, platforms=platforms)
   return outs, [0] * len(outs)

@@ -70,25 +70,25 @@ def sign_loss(z_hat: Array, z: Array, *, scale: Array, margin: Array) -> Array:
     Scalar loss.
   """
   err = jnp.where(
-      z < -margin,
-      jnp.maximum(z_hat + margin, 0.0),
-      jnp.where(z > margin, jnp.minimum(z_hat - margin, 0.0), z_hat - z),
+    z < -margin,
+    jnp.maximum(z_hat + margin, 0.0),
+    jnp.where(z > margin, jnp.minimum(z_hat - margin, 0.0), z_hat - z),
   )
   return jnp.mean(jnp.square(err / scale))
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "batch_size"))
 def _train(
-    kernel: Array,
-    bias: Array,
-    est: LowRankEstimator,
-    x: Array,
-    key: Array,
-    learning_rate: Array,
-    margin: Array,
-    *,
-    steps: int,
-    batch_size: int,
+  kernel: Array,
+  bias: Array,
+  est: LowRankEstimator,
+  x: Array,
+  key: Array,
+  learning_rate: Array,
+  margin: Array,
+  *,
+  steps: int,
+  batch_size: int,
 ) -> LowRankEstimator:
   """Adam on relative coordinates `u = rms(u0) p_u`, `v = rms(v0) p_v` over random batches."""
   import optax  # pylint: disable=g-import-not-at-top  # only this fit needs it
@@ -116,18 +116,18 @@ def _train(
 
 
 def fit_trained(
-    kernel: Array,
-    bias: Array,
-    rank: int,
-    inputs: Array,
-    *,
-    init: Init = "data_aware",
-    recall: float = 0.99,
-    steps: int = 300,
-    learning_rate: float = 1e-2,
-    batch_size: int = 256,
-    seed: int = 0,
-    margin: float | None = None,
+  kernel: Array,
+  bias: Array,
+  rank: int,
+  inputs: Array,
+  *,
+  init: Init = "data_aware",
+  recall: float = 0.99,
+  steps: int = 300,
+  learning_rate: float = 1e-2,
+  batch_size: int = 256,
+  seed: int = 0,
+  margin: float | None = None,
 ) -> LowRankEstimator:
   r"""Rank-r sign estimator trained to skip the most units at a recall target.
 
@@ -205,8 +205,8 @@ def fit_trained(
   x = jnp.reshape(inputs, (-1, n_in)).astype(kernel.dtype)
   if x.shape[0] < rank:
     raise ValueError(
-        f"fit_trained needs at least rank={rank} calibration rows, got {x.shape[0]}"
-        f" (inputs shape {tuple(inputs.shape)})."
+      f"fit_trained needs at least rank={rank} calibration rows, got {x.shape[0]}"
+      f" (inputs shape {tuple(inputs.shape)})."
     )
   steps = _checks.as_static_int(steps, "steps")
   batch_size = _checks.as_static_int(batch_size, "batch_size")
@@ -230,7 +230,14 @@ def fit_trained(
       m = float(margin) * jnp.std(add_bias(x @ kernel, bias))
     m = jnp.maximum(m, jnp.finfo(x.dtype).tiny).astype(x.dtype)
     est = _train(
-        kernel, bias, est, x, jax.random.key(seed), jnp.asarray(learning_rate, x.dtype), m,
-        steps=steps, batch_size=min(batch_size, x.shape[0]),
+      kernel,
+      bias,
+      est,
+      x,
+      jax.random.key(seed),
+      jnp.asarray(learning_rate, x.dtype),
+      m,
+      steps=steps,
+      batch_size=min(batch_size, x.shape[0]),
     )
   return _canonical(est)

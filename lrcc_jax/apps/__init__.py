@@ -8,9 +8,11 @@ matplotlib) come with the ``experiments`` extra: ``pip install "lrcc-jax[experim
 
 import importlib.util as _util
 
-_missing = [m for m in ("orbax.checkpoint", "tqdm", "mlxtend") if _util.find_spec(m.split(".")[0]) is None]
+_missing = [
+  m for m in ("orbax.checkpoint", "tqdm", "mlxtend") if _util.find_spec(m.split(".")[0]) is None
+]
 if _missing:
   raise ImportError(
-      f"lrcc_jax.apps needs {', '.join(_missing)}: install the applications' extra with"
-      ' pip install "lrcc-jax[experiments]" (the core, `import lrcc_jax`, does not need them).'
+    f"lrcc_jax.apps needs {', '.join(_missing)}: install the applications' extra with"
+    ' pip install "lrcc-jax[experiments]" (the core, `import lrcc_jax`, does not need them).'
   )

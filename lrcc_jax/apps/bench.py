@@ -14,20 +14,19 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lrcc_jax import _native
-from lrcc_jax._estimator import fit_svd
+from lrcc_jax._estimator import estimate, fit_svd
 from lrcc_jax._flops import LayerCost, network_costs, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
 from lrcc_jax._packed import auto_gathers, pack, packed_dense
-from lrcc_jax._estimator import estimate
 from lrcc_jax.apps.table import format_table as _format_table
 
 DEFAULT_OUT = "runs/bench"
@@ -35,12 +34,12 @@ DEFAULT_OUT = "runs/bench"
 ``experiments/results/`` by default: a casual run must not overwrite the reference figures)."""
 
 LEGEND: tuple[str, ...] = (
-    "cap: units computed per row (capacity, as a share of the layer); path: gather = the"
-    " skip kernel ran, dense+mask = it fell back to the dense product.",
-    "speedup: dense jit time / skip time, measured here; model: the FLOP model's speed-up"
-    " (multiply-adds, not a time); achieved: speedup / model.",
-    "varied x: measured speed-up at batch 1 on 16 different inputs in turn (the gathered"
-    " rows then come from memory, not cache); blank for batch > 1.",
+  "cap: units computed per row (capacity, as a share of the layer); path: gather = the"
+  " skip kernel ran, dense+mask = it fell back to the dense product.",
+  "speedup: dense jit time / skip time, measured here; model: the FLOP model's speed-up"
+  " (multiply-adds, not a time); achieved: speedup / model.",
+  "varied x: measured speed-up at batch 1 on 16 different inputs in turn (the gathered"
+  " rows then come from memory, not cache); blank for batch > 1.",
 )
 
 
@@ -48,15 +47,15 @@ def environment() -> dict:
   """Where the figures were measured."""
   dev = jax.devices()[0]
   return {
-      "device_kind": dev.device_kind,
-      "platform": dev.platform,
-      "jax_version": jax.__version__,
-      "cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "machine": platform.machine(),
-      "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
-      # whether the skip paths ran the native CPU kernel (`lrcc_jax._native`) or pure XLA
-      "native_cpu_kernel": _native.status() if dev.platform == "cpu" else None,
+    "device_kind": dev.device_kind,
+    "platform": dev.platform,
+    "jax_version": jax.__version__,
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "machine": platform.machine(),
+    "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
+    # whether the skip paths ran the native CPU kernel (`lrcc_jax._native`) or pure XLA
+    "native_cpu_kernel": _native.status() if dev.platform == "cpu" else None,
   }
 
 
@@ -93,11 +92,11 @@ def _random_layer(k_w: jax.Array, k_b: jax.Array, width: int, rank: int, block_s
 
 def capacity_blocks(fraction: float, width: int, block_size: int) -> int:
   """Blocks per row that compute `fraction` of a `width`-wide layer (at least one)."""
-  return max(1, int(round(fraction * width / block_size)))
+  return max(1, round(fraction * width / block_size))
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], jax.Array]], *, repeats: int = 9, calls: int | None = None
+  fns: Mapping[str, Callable[[], Any]], *, repeats: int = 9, calls: int | None = None
 ) -> dict[str, float]:
   """Median seconds per call of each thunk, with the thunks interleaved in every repeat.
 
@@ -127,14 +126,14 @@ def time_interleaved(
 
 
 def bench_layer(
-    width: int = 4096,
-    rank: int = 64,
-    batches: Sequence[int] = (1, 8, 64),
-    fractions: Sequence[float] = (0.05, 0.10, 0.25),
-    *,
-    block_size: int = 1,
-    repeats: int = 9,
-    seed: int = 0,
+  width: int = 4096,
+  rank: int = 64,
+  batches: Sequence[int] = (1, 8, 64),
+  fractions: Sequence[float] = (0.05, 0.10, 0.25),
+  *,
+  block_size: int = 1,
+  repeats: int = 9,
+  seed: int = 0,
 ) -> list[dict]:
   """One `width`×`width` f32 ReLU layer: dense jit vs `packed_dense` at fixed capacities.
 
@@ -155,7 +154,10 @@ def bench_layer(
       skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
       mask = unit_mask(estimate(x, est, bias), 0.0, cap, block_size)
       np.testing.assert_allclose(  # the timed path computes the contract's values
-          np.asarray(skip_fn(x)), np.asarray(masked_dense(x, kernel, bias, mask)), rtol=1e-4, atol=1e-4
+        np.asarray(skip_fn(x)),
+        np.asarray(masked_dense(x, kernel, bias, mask)),
+        rtol=1e-4,
+        atol=1e-4,
       )
       gathered = auto_gathers(packed, batch, cap)
       fns = {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}
@@ -163,23 +165,40 @@ def bench_layer(
         stream = itertools.cycle(list(jax.random.normal(k_v, (16, 1, width), jnp.float32)))
         fns["skip_varied"] = lambda: skip_fn(next(stream))
       t = time_interleaved(fns, repeats=repeats)
-      flop_ratio = theoretical_speedup([LayerCost(width, width, rank, computed)]) if gathered else 1.0
+      flop_ratio = (
+        theoretical_speedup([LayerCost(width, width, rank, computed)]) if gathered else 1.0
+      )
       measured = t["dense"] / t["skip"]
-      rows.append({
-          "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
-          "block_size": block_size, "capacity": cap, "computed_fraction": computed,
+      rows.append(
+        {
+          "width": width,
+          "rank": rank,
+          "batch": batch,
+          "capacity_fraction": frac,
+          "block_size": block_size,
+          "capacity": cap,
+          "computed_fraction": computed,
           "path": "gather" if gathered else "dense+mask",
-          "dense_ms": 1e3 * t["dense"], "skip_ms": 1e3 * t["skip"],
-          "measured_speedup": measured, "flop_model_speedup": flop_ratio,
+          "dense_ms": 1e3 * t["dense"],
+          "skip_ms": 1e3 * t["skip"],
+          "measured_speedup": measured,
+          "flop_model_speedup": flop_ratio,
           "fraction_of_model": measured / flop_ratio,
           "varied_input_speedup": t["dense"] / t["skip_varied"] if batch == 1 else None,
-      })
+        }
+      )
   return rows
 
 
 def bench_module(
-    width: int = 4096, rank: int = 64, fraction: float = 0.10, *, block_size: int = 16,
-    batch: int = 1, repeats: int = 9, seed: int = 0,
+  width: int = 4096,
+  rank: int = 64,
+  fraction: float = 0.10,
+  *,
+  block_size: int = 16,
+  batch: int = 1,
+  repeats: int = 9,
+  seed: int = 0,
 ) -> dict:
   """The NNX layer in skip mode against `packed_dense` on the same packed weights.
 
@@ -197,7 +216,9 @@ def bench_module(
   from lrcc_jax.nn import ConditionalDense  # pylint: disable=g-import-not-at-top
 
   cap = capacity_blocks(fraction, width, block_size)
-  layer = ConditionalDense(width, width, rank=rank, capacity=cap, block_size=block_size, rngs=nnx.Rngs(seed))
+  layer = ConditionalDense(
+    width, width, rank=rank, capacity=cap, block_size=block_size, rngs=nnx.Rngs(seed)
+  )
   layer.bias[...] = 0.01 * jax.random.normal(jax.random.key(seed + 1), (width,))
   layer.repack()
   linear = nnx.Linear(width, width, rngs=nnx.Rngs(seed))
@@ -217,15 +238,20 @@ def bench_module(
   core_fn = jax.jit(lambda x, t: packed_dense(x, packed, threshold=t, capacity=cap))
   dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
   for fn in (module_default, module_donated, module_tree):
-    np.testing.assert_allclose(np.asarray(fn(layer, x)), np.asarray(core_fn(x, 0.0)), rtol=1e-5, atol=1e-5)
-  t = time_interleaved({
+    np.testing.assert_allclose(
+      np.asarray(fn(layer, x)), np.asarray(core_fn(x, 0.0)), rtol=1e-5, atol=1e-5
+    )
+  t = time_interleaved(
+    {
       "dense": lambda: dense_fn(x),
       "packed_dense": lambda: core_fn(x, 0.0),
       "module_donated": lambda: module_donated(layer, x),
       "module_graph_false": lambda: module_tree(layer, x),
       "module_default": lambda: module_default(layer, x),
       "nnx_linear_default": lambda: linear_default(linear, x),
-  }, repeats=repeats)
+    },
+    repeats=repeats,
+  )
   n_traces = len(traces)
   for threshold in (-0.1, 0.05, 0.2):
     layer.threshold[...] = threshold
@@ -233,19 +259,30 @@ def bench_module(
       fn(layer, x).block_until_ready()
   ms = {f"{k}_ms": 1e3 * v for k, v in t.items()}
   return {
-      "width": width, "rank": rank, "batch": batch, "block_size": block_size, "capacity": cap,
-      "capacity_fraction": cap * block_size / width, **ms,
-      "module_donated_over_packed_dense": t["module_donated"] / t["packed_dense"],
-      "module_graph_false_over_packed_dense": t["module_graph_false"] / t["packed_dense"],
-      "module_default_over_packed_dense": t["module_default"] / t["packed_dense"],
-      "module_donated_speedup_over_dense": t["dense"] / t["module_donated"],
-      "retraces_over_three_threshold_changes": len(traces) - n_traces,
+    "width": width,
+    "rank": rank,
+    "batch": batch,
+    "block_size": block_size,
+    "capacity": cap,
+    "capacity_fraction": cap * block_size / width,
+    **ms,
+    "module_donated_over_packed_dense": t["module_donated"] / t["packed_dense"],
+    "module_graph_false_over_packed_dense": t["module_graph_false"] / t["packed_dense"],
+    "module_default_over_packed_dense": t["module_default"] / t["packed_dense"],
+    "module_donated_speedup_over_dense": t["dense"] / t["module_donated"],
+    "retraces_over_three_threshold_changes": len(traces) - n_traces,
   }
 
 
 def bench_storage(
-    width: int = 4096, rank: int = 64, fraction: float = 0.10, *, block_size: int = 16,
-    batches: Sequence[int] = (1, 8), repeats: int = 9, seed: int = 0,
+  width: int = 4096,
+  rank: int = 64,
+  fraction: float = 0.10,
+  *,
+  block_size: int = 16,
+  batches: Sequence[int] = (1, 8),
+  repeats: int = 9,
+  seed: int = 0,
 ) -> list[dict]:
   """bf16 against f32 weight storage in `packed_dense` ("auto"), with dense f32 jit.
 
@@ -263,58 +300,111 @@ def bench_storage(
     f32_fn = jax.jit(lambda x: packed_dense(x, p32, capacity=cap))
     bf16_fn = jax.jit(lambda x: packed_dense(x, p16, capacity=cap))
     t = time_interleaved(
-        {"dense": lambda: dense_fn(x), "f32": lambda: f32_fn(x), "bf16": lambda: bf16_fn(x)},
-        repeats=repeats,
+      {"dense": lambda: dense_fn(x), "f32": lambda: f32_fn(x), "bf16": lambda: bf16_fn(x)},
+      repeats=repeats,
     )
-    rows.append({
-        "width": width, "rank": rank, "batch": batch, "block_size": block_size, "capacity": cap,
+    rows.append(
+      {
+        "width": width,
+        "rank": rank,
+        "batch": batch,
+        "block_size": block_size,
+        "capacity": cap,
         "capacity_fraction": cap * block_size / width,
         "path_f32": "gather" if auto_gathers(p32, batch, cap) else "dense+mask",
         "path_bf16": "gather" if auto_gathers(p16, batch, cap, jnp.float32) else "dense+mask",
-        "dense_f32_ms": 1e3 * t["dense"], "skip_f32_ms": 1e3 * t["f32"], "skip_bf16_ms": 1e3 * t["bf16"],
+        "dense_f32_ms": 1e3 * t["dense"],
+        "skip_f32_ms": 1e3 * t["f32"],
+        "skip_bf16_ms": 1e3 * t["bf16"],
         "bf16_speedup_over_f32_storage": t["f32"] / t["bf16"],
         "bf16_speedup_over_dense": t["dense"] / t["bf16"],
-        "weight_bytes_f32": int(p32.weight.nbytes), "weight_bytes_bf16": int(p16.weight.nbytes),
-    })
+        "weight_bytes_f32": int(p32.weight.nbytes),
+        "weight_bytes_bf16": int(p16.weight.nbytes),
+      }
+    )
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
   """The ``--suite layer`` table, with a legend of its columns."""
-  header = ["batch", "cap", "path", "dense ms", "skip ms", "speedup", "model", "achieved", "varied x"]
-  lines = [[
-      str(r["batch"]), f"{r['capacity_fraction']:.0%}", r["path"], f"{r['dense_ms']:.3f}",
-      f"{r['skip_ms']:.3f}", f"{r['measured_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+  header = [
+    "batch",
+    "cap",
+    "path",
+    "dense ms",
+    "skip ms",
+    "speedup",
+    "model",
+    "achieved",
+    "varied x",
+  ]
+  lines = [
+    [
+      str(r["batch"]),
+      f"{r['capacity_fraction']:.0%}",
+      r["path"],
+      f"{r['dense_ms']:.3f}",
+      f"{r['skip_ms']:.3f}",
+      f"{r['measured_speedup']:.2f}x",
+      f"{r['flop_model_speedup']:.2f}x",
       f"{r['fraction_of_model']:.0%}",
       f"{r['varied_input_speedup']:.2f}x" if r.get("varied_input_speedup") else "",
-  ] for r in rows]
+    ]
+    for r in rows
+  ]
   return _format_table(header, lines, right=[True, True, False] + [True] * 6, legend=LEGEND)
 
 
 def format_mlp_table(rows: list[dict]) -> str:
   """The ``--suite mlp`` table, with a legend."""
   header = ["batch", "dense ms", "skip ms", "speedup (measured)", "model (FLOP)", "achieved"]
-  lines = [[
-      str(r["batch"]), f"{r['dense_ms']:.3f}", f"{r['skip_ms']:.3f}",
-      f"{r['measured_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
+  lines = [
+    [
+      str(r["batch"]),
+      f"{r['dense_ms']:.3f}",
+      f"{r['skip_ms']:.3f}",
+      f"{r['measured_speedup']:.2f}x",
+      f"{r['flop_model_speedup']:.2f}x",
       f"{r['fraction_of_model']:.0%}",
-  ] for r in rows]
+    ]
+    for r in rows
+  ]
   return _format_table(header, lines, right=[True] * 6, legend=LEGEND[1:2])
 
 
 def format_suite_table(rows: list[dict]) -> str:
   """The ``--suite full`` table, with a legend."""
-  header = ["width", "batch", "cap", "path", "dense ms", "mask ms", "skip ms", "skip speedup",
-            "mask speedup", "model"]
-  lines = [[
-      str(r["width"]), str(r["batch"]), f"{r['capacity_fraction']:.0%}", r["path"],
-      f"{r['dense_ms']:.3f}", f"{r['mask_ms']:.3f}", f"{r['skip_ms']:.3f}",
-      f"{r['skip_speedup']:.2f}x", f"{r['mask_speedup']:.2f}x", f"{r['flop_model_speedup']:.2f}x",
-  ] for r in rows]
+  header = [
+    "width",
+    "batch",
+    "cap",
+    "path",
+    "dense ms",
+    "mask ms",
+    "skip ms",
+    "skip speedup",
+    "mask speedup",
+    "model",
+  ]
+  lines = [
+    [
+      str(r["width"]),
+      str(r["batch"]),
+      f"{r['capacity_fraction']:.0%}",
+      r["path"],
+      f"{r['dense_ms']:.3f}",
+      f"{r['mask_ms']:.3f}",
+      f"{r['skip_ms']:.3f}",
+      f"{r['skip_speedup']:.2f}x",
+      f"{r['mask_speedup']:.2f}x",
+      f"{r['flop_model_speedup']:.2f}x",
+    ]
+    for r in rows
+  ]
   legend = (
-      LEGEND[0],
-      "skip / mask speedup: dense jit time / time of packed_dense (skip) or of the dense"
-      " product then the mask (mask), measured here; model: the FLOP model, not a time.",
+    LEGEND[0],
+    "skip / mask speedup: dense jit time / time of packed_dense (skip) or of the dense"
+    " product then the mask (mask), measured here; model: the FLOP model, not a time.",
   )
   return _format_table(header, lines, right=[True, True, True, False] + [True] * 6, legend=legend)
 
@@ -328,7 +418,14 @@ def write_results(name: str, payload: dict, out_dir: str | os.PathLike = DEFAULT
 
 
 def random_mlp(
-    width: int, depth: int, rank: int, capacity: int, *, block_size: int = 1, num_classes: int = 10, seed: int = 0
+  width: int,
+  depth: int,
+  rank: int,
+  capacity: int,
+  *,
+  block_size: int = 1,
+  num_classes: int = 10,
+  seed: int = 0,
 ):
   """A `depth`-layer `width`-wide ConditionalMLP with random weights, for latency only.
 
@@ -339,18 +436,23 @@ def random_mlp(
   from lrcc_jax.nn import ConditionalMLP
 
   return ConditionalMLP(
-      width, [width] * depth, num_classes, ranks=rank, capacities=capacity, block_sizes=block_size,
-      rngs=nnx.Rngs(seed),
+    width,
+    [width] * depth,
+    num_classes,
+    ranks=rank,
+    capacities=capacity,
+    block_sizes=block_size,
+    rngs=nnx.Rngs(seed),
   )
 
 
 def bench_mlp(
-    model,
-    batches: Sequence[int] = (1,),
-    *,
-    repeats: int = 9,
-    seed: int = 0,
-    x_pool: np.ndarray | None = None,
+  model,
+  batches: Sequence[int] = (1,),
+  *,
+  repeats: int = 9,
+  seed: int = 0,
+  x_pool: np.ndarray | None = None,
 ) -> list[dict]:
   """A whole `ConditionalMLP`: dense jit vs skip mode (`packed_mlp`, "auto" strategy).
 
@@ -380,29 +482,39 @@ def bench_mlp(
     else:
       x = jnp.asarray(rng.standard_normal((batch, n_in)), jnp.float32)
     skip_fn = jax.jit(lambda x: packed_mlp(x, packed, thresholds=thresholds, capacities=capacities))
-    _, acts = packed_mlp(x, packed, thresholds=thresholds, capacities=capacities, return_activations=True)
+    _, acts = packed_mlp(
+      x, packed, thresholds=thresholds, capacities=capacities, return_activations=True
+    )
     ref = model(x, mode="mask")
     np.testing.assert_allclose(np.asarray(skip_fn(x)), np.asarray(ref), rtol=1e-3, atol=1e-3)
-    t = time_interleaved({"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}, repeats=repeats)
+    t = time_interleaved(
+      {"dense": lambda: dense_fn(x), "skip": lambda: skip_fn(x)}, repeats=repeats
+    )
     fractions = [float(jnp.mean(a != 0)) for a in acts]
     computed = [  # a layer that falls back to the dense product computes all of it
-        min(1.0, c * l.block_size / l.kernel.shape[1])
-        if auto_gathers(pl, batch, c)
-        else 1.0
-        for c, l, pl in zip(capacities, model.layers, packed.layers)
+      min(1.0, c * l.block_size / l.kernel.shape[1]) if auto_gathers(pl, batch, c) else 1.0
+      for c, l, pl in zip(capacities, model.layers, packed.layers)
     ]
     widths = [n_in] + [int(k.shape[1]) for k, _ in kernels]
     flop = theoretical_speedup(
-        network_costs(widths, model.ranks, computed, num_classes=int(head[0].shape[1]))
+      network_costs(widths, model.ranks, computed, num_classes=int(head[0].shape[1]))
     )
     measured = t["dense"] / t["skip"]
-    rows.append({
-        "batch": batch, "widths": [n_in] + [k.shape[1] for k, _ in kernels],
-        "ranks": list(model.ranks), "capacities": capacities, "computed_fraction": computed,
-        "nonzero_fraction": fractions, "dense_ms": 1e3 * t["dense"], "skip_ms": 1e3 * t["skip"],
-        "measured_speedup": measured, "flop_model_speedup": flop,
+    rows.append(
+      {
+        "batch": batch,
+        "widths": [n_in] + [k.shape[1] for k, _ in kernels],
+        "ranks": list(model.ranks),
+        "capacities": capacities,
+        "computed_fraction": computed,
+        "nonzero_fraction": fractions,
+        "dense_ms": 1e3 * t["dense"],
+        "skip_ms": 1e3 * t["skip"],
+        "measured_speedup": measured,
+        "flop_model_speedup": flop,
         "fraction_of_model": measured / flop,
-    })
+      }
+    )
   return rows
 
 
@@ -415,22 +527,22 @@ def memory_report(width_in: int, width_out: int, rank: int, packed, skip_fn, x) 
   analysis = compiled.memory_analysis()
   temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else None
   return {
-      "dense_param_bytes": dense_bytes,
-      "packed_bytes": packed_bytes,
-      "packed_over_dense_plus_factors": packed_bytes / (dense_bytes + factor_bytes),
-      "skip_temp_bytes": temp,
+    "dense_param_bytes": dense_bytes,
+    "packed_bytes": packed_bytes,
+    "packed_over_dense_plus_factors": packed_bytes / (dense_bytes + factor_bytes),
+    "skip_temp_bytes": temp,
   }
 
 
 def bench_suite(
-    widths: Sequence[int] = (1024, 4096, 8192),
-    batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
-    fractions: Sequence[float] = (0.05, 0.10, 0.25, 0.50),
-    *,
-    rank: int = 64,
-    block_size: int = 1,
-    repeats: int = 7,
-    progress: bool = True,
+  widths: Sequence[int] = (1024, 4096, 8192),
+  batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+  fractions: Sequence[float] = (0.05, 0.10, 0.25, 0.50),
+  *,
+  rank: int = 64,
+  block_size: int = 1,
+  repeats: int = 7,
+  progress: bool = True,
 ) -> list[dict]:
   """Single layers: dense jit vs mask (dense product, then mask) vs skip (`packed_dense`).
 
@@ -455,21 +567,32 @@ def bench_suite(
         computed = cap * block_size / width
         skip_fn = jax.jit(lambda x, cap=cap: packed_dense(x, packed, capacity=cap))
         mask_fn = jax.jit(
-            lambda x, cap=cap: conditional_dense(x, kernel, bias, est, capacity=cap, block_size=block_size)
+          lambda x, cap=cap: conditional_dense(
+            x, kernel, bias, est, capacity=cap, block_size=block_size
+          )
         )
         t = time_interleaved(
-            {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
-            repeats=repeats,
+          {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
+          repeats=repeats,
         )
         gathered = auto_gathers(packed, batch, cap)
         model = theoretical_speedup([LayerCost(width, width, rank, computed)])
         row: dict[str, Any] = {
-            "width": width, "rank": rank, "batch": batch, "capacity_fraction": frac,
-            "block_size": block_size, "capacity": cap, "computed_fraction": computed,
-            "path": "gather" if gathered else "dense+mask",
-            "dense_ms": 1e3 * t["dense"], "mask_ms": 1e3 * t["mask"], "skip_ms": 1e3 * t["skip"],
-            "skip_speedup": t["dense"] / t["skip"], "mask_speedup": t["dense"] / t["mask"],
-            "flop_model_speedup": model, "fraction_of_model": t["dense"] / t["skip"] / model,
+          "width": width,
+          "rank": rank,
+          "batch": batch,
+          "capacity_fraction": frac,
+          "block_size": block_size,
+          "capacity": cap,
+          "computed_fraction": computed,
+          "path": "gather" if gathered else "dense+mask",
+          "dense_ms": 1e3 * t["dense"],
+          "mask_ms": 1e3 * t["mask"],
+          "skip_ms": 1e3 * t["skip"],
+          "skip_speedup": t["dense"] / t["skip"],
+          "mask_speedup": t["dense"] / t["mask"],
+          "flop_model_speedup": model,
+          "fraction_of_model": t["dense"] / t["skip"] / model,
         }
         if batch == 1:
           row["memory"] = memory_report(width, width, rank, packed, skip_fn, x)
@@ -493,9 +616,16 @@ def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
   for ax, width in zip(axes[0], widths):
     for frac in sorted({r["capacity_fraction"] for r in rows}):
       sel = [r for r in rows if r["width"] == width and r["capacity_fraction"] == frac]
-      ax.plot([r["batch"] for r in sel], [r["skip_speedup"] for r in sel], "o-", label=f"skip, {frac:.0%}")
+      ax.plot(
+        [r["batch"] for r in sel], [r["skip_speedup"] for r in sel], "o-", label=f"skip, {frac:.0%}"
+      )
     mask = [r for r in rows if r["width"] == width and r["capacity_fraction"] == 0.1]
-    ax.plot([r["batch"] for r in mask], [r["mask_speedup"] for r in mask], "k--", label="mask after dense, 10%")
+    ax.plot(
+      [r["batch"] for r in mask],
+      [r["mask_speedup"] for r in mask],
+      "k--",
+      label="mask after dense, 10%",
+    )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
@@ -522,9 +652,17 @@ def plot_speedups(rows: list[dict], path: str | os.PathLike, title: str) -> None
     sel = sorted((r for r in rows if r.get("capacity_fraction") == frac), key=lambda r: r["batch"])
     tag = "" if frac is None else f", {frac:.0%} computed"
     batches = [r["batch"] for r in sel]
-    ax.plot(batches, [r["measured_speedup"] for r in sel], "o-", color=f"C{i}", label=f"measured{tag}")
-    ax.plot(batches, [r["flop_model_speedup"] for r in sel], "--", color=f"C{i}", alpha=0.6,
-            label=f"FLOP model{tag}")
+    ax.plot(
+      batches, [r["measured_speedup"] for r in sel], "o-", color=f"C{i}", label=f"measured{tag}"
+    )
+    ax.plot(
+      batches,
+      [r["flop_model_speedup"] for r in sel],
+      "--",
+      color=f"C{i}",
+      alpha=0.6,
+      label=f"FLOP model{tag}",
+    )
   ax.axhline(1.0, color="gray", lw=0.8)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log", base=2)
@@ -559,14 +697,22 @@ def run_command(args) -> int:
   progress = getattr(args, "progress", not args.no_progress)
   if args.suite == "layer":
     rows = bench_layer(
-        rank=args.rank, batches=args.batches or (1, 8, 64), block_size=args.block_size, repeats=args.repeats
+      rank=args.rank,
+      batches=args.batches or (1, 8, 64),
+      block_size=args.block_size,
+      repeats=args.repeats,
     )
     print(format_table(rows))
     path = write_results("bench_layer", {"environment": env, "rows": rows}, out)
-    plot_speedups(rows, out / "bench_layer.png",
-                  f"4096x4096 layer, rank {args.rank}, blocks of {args.block_size}")
+    plot_speedups(
+      rows,
+      out / "bench_layer.png",
+      f"4096x4096 layer, rank {args.rank}, blocks of {args.block_size}",
+    )
   elif args.suite == "mlp":
-    model = random_mlp(4096, 4, args.rank, capacity_blocks(0.1, 4096, args.block_size), block_size=args.block_size)
+    model = random_mlp(
+      4096, 4, args.rank, capacity_blocks(0.1, 4096, args.block_size), block_size=args.block_size
+    )
     rows = bench_mlp(model, args.batches or (1, 4, 64), repeats=args.repeats)
     print(format_mlp_table(rows))
     path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
@@ -574,35 +720,74 @@ def run_command(args) -> int:
   elif args.suite == "ffn":
     path = run_ffn(out, repeats=args.repeats, rank=args.rank)
   elif args.suite == "storage":
-    rows = bench_storage(rank=args.rank, block_size=args.block_size, batches=args.batches or (1, 8), repeats=args.repeats)
+    rows = bench_storage(
+      rank=args.rank,
+      block_size=args.block_size,
+      batches=args.batches or (1, 8),
+      repeats=args.repeats,
+    )
     for r in rows:
-      print(f"batch {r['batch']:>3}: dense f32 {r['dense_f32_ms']:.3f} ms, skip f32 {r['skip_f32_ms']:.3f} ms"
-            f" ({r['path_f32']}), skip bf16 {r['skip_bf16_ms']:.3f} ms ({r['path_bf16']}):"
-            f" bf16 {r['bf16_speedup_over_f32_storage']:.2f}x f32 storage, {r['bf16_speedup_over_dense']:.2f}x dense")
+      print(
+        f"batch {r['batch']:>3}: dense f32 {r['dense_f32_ms']:.3f} ms, skip f32"
+        f" {r['skip_f32_ms']:.3f} ms"
+        f" ({r['path_f32']}), skip bf16 {r['skip_bf16_ms']:.3f} ms ({r['path_bf16']}):"
+        f" bf16 {r['bf16_speedup_over_f32_storage']:.2f}x f32 storage,"
+        f" {r['bf16_speedup_over_dense']:.2f}x dense"
+      )
     path = write_results("bench_storage", {"environment": env, "rows": rows}, out)
     plot_times(
-        {f"{name}, batch {r['batch']}": r[key] for r in rows
-         for name, key in (("dense f32", "dense_f32_ms"), ("skip, f32 weights", "skip_f32_ms"),
-                           ("skip, bf16 weights", "skip_bf16_ms"))},
-        out / "bench_storage.png", f"{rows[0]['width']}² layer, {rows[0]['capacity_fraction']:.0%} computed",
+      {
+        f"{name}, batch {r['batch']}": r[key]
+        for r in rows
+        for name, key in (
+          ("dense f32", "dense_f32_ms"),
+          ("skip, f32 weights", "skip_f32_ms"),
+          ("skip, bf16 weights", "skip_bf16_ms"),
+        )
+      },
+      out / "bench_storage.png",
+      f"{rows[0]['width']}² layer, {rows[0]['capacity_fraction']:.0%} computed",
     )
   elif args.suite == "module":
     row = bench_module(rank=args.rank, block_size=args.block_size, repeats=args.repeats)
-    for k in ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default"):
+    for k in (
+      "dense",
+      "packed_dense",
+      "module_donated",
+      "module_graph_false",
+      "module_default",
+      "nnx_linear_default",
+    ):
       print(f"{k:>20}: {row[k + '_ms']:9.3f} ms")
-    print(f"module (donated) / packed_dense: {row['module_donated_over_packed_dense']:.2f}x;"
-          f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x;"
-          f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}")
+    print(
+      f"module (donated) / packed_dense: {row['module_donated_over_packed_dense']:.2f}x;"
+      f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x;"
+      f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}"
+    )
     path = write_results("bench_module", {"environment": env, "rows": [row]}, out)
     plot_times(
-        {k.replace("_", " "): row[k + "_ms"] for k in
-         ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default")},
-        out / "bench_module.png", f"{row['width']}² ConditionalDense, skip mode, batch {row['batch']}",
+      {
+        k.replace("_", " "): row[k + "_ms"]
+        for k in (
+          "dense",
+          "packed_dense",
+          "module_donated",
+          "module_graph_false",
+          "module_default",
+          "nnx_linear_default",
+        )
+      },
+      out / "bench_module.png",
+      f"{row['width']}² ConditionalDense, skip mode, batch {row['batch']}",
     )
   else:
     rows = bench_suite(
-        widths=args.widths or (1024, 4096, 8192), batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
-        rank=args.rank, block_size=args.block_size, repeats=args.repeats, progress=progress,
+      widths=args.widths or (1024, 4096, 8192),
+      batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
+      rank=args.rank,
+      block_size=args.block_size,
+      repeats=args.repeats,
+      progress=progress,
     )
     print(format_suite_table(rows))
     path = write_results("bench_suite", {"environment": env, "rows": rows}, out)
@@ -628,10 +813,10 @@ def ffn_flop_speedup(d_model: int, d_ff: int, rank: int, computed: float, gated:
 def _random_ffn(key: jax.Array, d_model: int, d_ff: int, gated: bool) -> dict:
   ks = jax.random.split(key, 6)
   p = {
-      "w_in": jax.random.normal(ks[0], (d_model, d_ff), jnp.float32) / np.sqrt(d_model),
-      "b_in": 0.01 * jax.random.normal(ks[1], (d_ff,), jnp.float32),
-      "w_out": jax.random.normal(ks[2], (d_ff, d_model), jnp.float32) / np.sqrt(d_ff),
-      "b_out": 0.01 * jax.random.normal(ks[3], (d_model,), jnp.float32),
+    "w_in": jax.random.normal(ks[0], (d_model, d_ff), jnp.float32) / np.sqrt(d_model),
+    "b_in": 0.01 * jax.random.normal(ks[1], (d_ff,), jnp.float32),
+    "w_out": jax.random.normal(ks[2], (d_ff, d_model), jnp.float32) / np.sqrt(d_ff),
+    "b_out": 0.01 * jax.random.normal(ks[3], (d_model,), jnp.float32),
   }
   if gated:
     p["w_up"] = jax.random.normal(ks[4], (d_model, d_ff), jnp.float32) / np.sqrt(d_model)
@@ -650,15 +835,15 @@ def _dense_ffn(p: dict, activation: str) -> Callable:
 
 
 def bench_ffn(
-    d_model: int = 2048,
-    d_ff: int = 8192,
-    *,
-    rank: int = 64,
-    fraction: float = 0.10,
-    block_size: int = 16,
-    variants: Sequence[str] = ("relu", "relu2", "gated"),
-    repeats: int = 9,
-    seed: int = 0,
+  d_model: int = 2048,
+  d_ff: int = 8192,
+  *,
+  rank: int = 64,
+  fraction: float = 0.10,
+  block_size: int = 16,
+  variants: Sequence[str] = ("relu", "relu2", "gated"),
+  repeats: int = 9,
+  seed: int = 0,
 ) -> list[dict]:
   """Batch-1 FFN: dense jit vs `packed_ffn` computing `fraction` of the hidden units.
 
@@ -684,32 +869,48 @@ def bench_ffn(
     est = fit_svd(p["w_in"], rank, method="randomized")
     packed = jax.block_until_ready(pack_ffn(**p, est=est, block_size=block_size))
     dense_fn = _dense_ffn(p, activation)
-    skip_fn = jax.jit(lambda x, packed=packed, a=activation: packed_ffn(x, packed, capacity=cap, activation=a))
+    skip_fn = jax.jit(
+      lambda x, packed=packed, a=activation: packed_ffn(x, packed, capacity=cap, activation=a)
+    )
     xs = list(jax.random.normal(jax.random.fold_in(key, 2), (16, 1, d_model), jnp.float32))
     x = xs[0]
-    want = conditional_ffn(x, **p, est=est, capacity=cap, block_size=block_size, activation=activation)
+    want = conditional_ffn(
+      x, **p, est=est, capacity=cap, block_size=block_size, activation=cast(Any, activation)
+    )
     np.testing.assert_allclose(np.asarray(skip_fn(x)), np.asarray(want), rtol=1e-3, atol=1e-3)
     stream = itertools.cycle(xs)
     fns = {
-        "dense": lambda f=dense_fn, x=x: f(x),
-        "skip": lambda f=skip_fn, x=x: f(x),
-        "skip_varied": lambda f=skip_fn, s=stream: f(next(s)),
+      "dense": lambda f=dense_fn, x=x: f(x),
+      "skip": lambda f=skip_fn, x=x: f(x),
+      "skip_varied": lambda f=skip_fn, s=stream: f(next(s)),
     }
     if variant == "relu":
       layer = pack(p["w_in"], p["b_in"], est, block_size=block_size)
-      composed_fn = jax.jit(lambda x, layer=layer, p=p: sparse_linear(
-          sparse_packed_dense(x, layer, capacity=cap), p["w_out"], p["b_out"]))
+      composed_fn = jax.jit(
+        lambda x, layer=layer, p=p: sparse_linear(
+          sparse_packed_dense(x, layer, capacity=cap), p["w_out"], p["b_out"]
+        )
+      )
       np.testing.assert_allclose(np.asarray(composed_fn(x)), np.asarray(want), rtol=1e-3, atol=1e-3)
       fns["composed"] = lambda f=composed_fn, x=x: f(x)
     t = time_interleaved(fns, repeats=repeats)
-    flop = ffn_flop_speedup(d_model, d_ff, rank, computed, gated) if ffn_gathers(packed, 1, cap) else 1.0
+    flop = (
+      ffn_flop_speedup(d_model, d_ff, rank, computed, gated) if ffn_gathers(packed, 1, cap) else 1.0
+    )
     row = {
-        "variant": variant, "d_model": d_model, "d_ff": d_ff, "rank": rank, "block_size": block_size,
-        "capacity": cap, "n_blocks": n_blocks, "computed_fraction": computed,
-        "path": "gather" if ffn_gathers(packed, 1, cap) else "dense+mask",
-        **{f"{name}_ms": 1e3 * v for name, v in t.items()},
-        "skip_speedup": t["dense"] / t["skip"], "skip_varied_speedup": t["dense"] / t["skip_varied"],
-        "flop_model_speedup": flop,
+      "variant": variant,
+      "d_model": d_model,
+      "d_ff": d_ff,
+      "rank": rank,
+      "block_size": block_size,
+      "capacity": cap,
+      "n_blocks": n_blocks,
+      "computed_fraction": computed,
+      "path": "gather" if ffn_gathers(packed, 1, cap) else "dense+mask",
+      **{f"{name}_ms": 1e3 * v for name, v in t.items()},
+      "skip_speedup": t["dense"] / t["skip"],
+      "skip_varied_speedup": t["dense"] / t["skip_varied"],
+      "flop_model_speedup": flop,
     }
     if "composed" in t:
       row["composed_speedup"] = t["dense"] / t["composed"]
@@ -718,7 +919,13 @@ def bench_ffn(
 
 
 def bench_randomized_fit(
-    n_in: int = 2048, n_out: int = 8192, rank: int = 64, *, repeats: int = 3, exact: bool = True, seed: int = 0
+  n_in: int = 2048,
+  n_out: int = 8192,
+  rank: int = 64,
+  *,
+  repeats: int = 3,
+  exact: bool = True,
+  seed: int = 0,
 ) -> dict:
   """Rank-`rank` fit of an (n_in, n_out) matrix with singular values `1 / (1 + i)`.
 
@@ -730,15 +937,23 @@ def bench_randomized_fit(
   p_, _ = np.linalg.qr(rng.standard_normal((n_in, k)))
   q_, _ = np.linalg.qr(rng.standard_normal((n_out, k)))
   w = jnp.asarray((p_ / (1.0 + np.arange(k))) @ q_.T, jnp.float32)
-  err = lambda e: float(jnp.linalg.norm(w - e.u @ e.v))
+
+  def err(e):
+    return float(jnp.linalg.norm(w - e.u @ e.v))
+
   jax.block_until_ready(fit_svd(w, rank, method="randomized"))  # compile
   times = []
   for i in range(repeats):
     start = time.perf_counter()
     fast = jax.block_until_ready(fit_svd(w, rank, method="randomized", seed=i))
     times.append(time.perf_counter() - start)
-  out = {"shape": [n_in, n_out], "rank": rank, "spectrum": "1/(1+i)", "randomized_s": float(np.median(times)),
-         "randomized_error": err(fast)}
+  out = {
+    "shape": [n_in, n_out],
+    "rank": rank,
+    "spectrum": "1/(1+i)",
+    "randomized_s": float(np.median(times)),
+    "randomized_error": err(fast),
+  }
   if exact:
     start = time.perf_counter()
     ex = jax.block_until_ready(fit_svd(w, rank))
@@ -747,28 +962,53 @@ def bench_randomized_fit(
   return out
 
 
-def run_ffn(out_dir: str | os.PathLike = "experiments/results", *, repeats: int = 9, rank: int = 64,
-            fit: bool = True, exact_fit: bool = True, d_model: int = 2048, d_ff: int = 8192) -> Path:
+def run_ffn(
+  out_dir: str | os.PathLike = "experiments/results",
+  *,
+  repeats: int = 9,
+  rank: int = 64,
+  fit: bool = True,
+  exact_fit: bool = True,
+  d_model: int = 2048,
+  d_ff: int = 8192,
+) -> Path:
   """`bench_ffn` (+ `bench_randomized_fit`, same shape): prints a table, writes `bench_ffn.json`."""
   env = environment()
-  env["threads"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  env["threads"] = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  )
   load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other processes skew latencies
   rows = bench_ffn(d_model, d_ff, rank=rank, repeats=repeats)
   env["load_average_before_after"] = [load, os.getloadavg() if load is not None else None]
-  print(f"{'variant':>8} {'dense ms':>9} {'skip ms':>8} {'skip x':>7} {'varied x':>8} {'composed x':>10} {'model':>6}")
+  print(
+    f"{'variant':>8} {'dense ms':>9} {'skip ms':>8} {'skip x':>7} {'varied x':>8}"
+    f" {'composed x':>10} {'model':>6}"
+  )
   for r in rows:
     comp = f"{r['composed_speedup']:>9.2f}x" if "composed_speedup" in r else f"{'-':>10}"
-    print(f"{r['variant']:>8} {r['dense_ms']:>9.3f} {r['skip_ms']:>8.3f} {r['skip_speedup']:>6.2f}x"
-          f" {r['skip_varied_speedup']:>7.2f}x {comp} {r['flop_model_speedup']:>5.2f}x")
+    print(
+      f"{r['variant']:>8} {r['dense_ms']:>9.3f} {r['skip_ms']:>8.3f} {r['skip_speedup']:>6.2f}x"
+      f" {r['skip_varied_speedup']:>7.2f}x {comp} {r['flop_model_speedup']:>5.2f}x"
+    )
   payload = {"environment": env, "rows": rows}
   if fit:
     payload["randomized_fit"] = f = bench_randomized_fit(d_model, d_ff, rank, exact=exact_fit)
-    print(f"rank-{rank} fit of {f['shape'][0]}x{f['shape'][1]}: randomized {f['randomized_s']:.3f} s"
-          + (f", exact {f['exact_s']:.1f} s, error excess {100 * f['error_excess']:.3f}%" if exact_fit else ""))
+    print(
+      f"rank-{rank} fit of {f['shape'][0]}x{f['shape'][1]}: randomized {f['randomized_s']:.3f} s"
+      + (
+        f", exact {f['exact_s']:.1f} s, error excess {100 * f['error_excess']:.3f}%"
+        if exact_fit
+        else ""
+      )
+    )
   path = write_results("bench_ffn", payload, out_dir)
   plot_times(
-      {f"{r['variant']}, {side}": r[key] for r in rows
-       for side, key in (("dense", "dense_ms"), ("packed_ffn", "skip_ms"))},
-      Path(out_dir) / "bench_ffn.png", f"FFN d={d_model}, d_ff={d_ff}, batch 1, rank {rank}",
+    {
+      f"{r['variant']}, {side}": r[key]
+      for r in rows
+      for side, key in (("dense", "dense_ms"), ("packed_ffn", "skip_ms"))
+    },
+    Path(out_dir) / "bench_ffn.png",
+    f"FFN d={d_model}, d_ff={d_ff}, batch 1, rank {rank}",
   )
   return path

@@ -17,7 +17,8 @@ against that:
 `Checkpointer.restore_latest` walks the steps from the newest down and uses the first one
 that passes both. Damaged or incomplete steps are moved aside into ``<directory>_corrupt/``
 (never deleted, never loaded) and reported with one log line, except with
-``read_only=True`` (evaluation), which leaves every file where it is and only reports; orbax's own unfinished
+``read_only=True`` (evaluation), which leaves every file where it is and only reports; orbax's own
+unfinished
 ``*.orbax-checkpoint-tmp-*`` directories are not steps and are never considered.
 
 Multi-process runs (``jax.distributed.initialize``): every process calls `save` and
@@ -73,9 +74,7 @@ def _file_sha256(path: pathlib.Path) -> str:
 
 
 def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-  return sorted(
-      p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST
-  )
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(step_dir: pathlib.Path) -> None:
@@ -127,10 +126,12 @@ def to_host(tree: PyTree) -> PyTree:
 
 def from_host(tree: PyTree, like: PyTree) -> PyTree:
   """Inverse of `to_host`: re-wraps key data wherever `like` holds a typed PRNG key."""
+
   def leaf(x, ref):
     if _is_key(ref):
       return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
     return x
+
   return jax.tree.map(leaf, tree, like)
 
 
@@ -182,8 +183,8 @@ class Checkpointer:
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
     )
 
   def all_steps(self) -> list[int]:
@@ -200,12 +201,12 @@ class Checkpointer:
     host = to_host(tree)
     digest = tree_digest(host)
     _check_same_in_all_processes(
-        bytes.fromhex(digest), f"step {step}: the replicated state differs between processes"
+      bytes.fromhex(digest), f"step {step}: the replicated state differs between processes"
     )
     meta = {**meta, _DIGEST_KEY: digest}
     self._mgr.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)),
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)),
     )
     self._unsealed.append(step)
 
@@ -222,14 +223,14 @@ class Checkpointer:
   def _restore(self, step: int, abstract_host: PyTree) -> tuple[PyTree, dict]:
     verify_manifest(self.directory / str(step))
     restored = self._mgr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_host), meta=ocp.args.JsonRestore()
-        ),
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_host), meta=ocp.args.JsonRestore()
+      ),
     )
     tree, meta = restored["state"], dict(restored["meta"])
     tree = jax.tree.map(np.asarray, tree)
-    if jax.tree.structure(tree) != jax.tree.structure(abstract_host):
+    if jax.tree.structure(tree) != jax.tree.structure(abstract_host):  # type: ignore[operator]
       raise ValueError("the restored tree does not have the expected structure")
     for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract_host)):
       if got.shape != want.shape or got.dtype != want.dtype:
@@ -250,9 +251,7 @@ class Checkpointer:
     shutil.move(str(self.directory / str(step)), str(dest))
     return dest
 
-  def restore_latest(
-      self, like: PyTree, *, read_only: bool = False
-  ) -> tuple[PyTree, dict] | None:
+  def restore_latest(self, like: PyTree, *, read_only: bool = False) -> tuple[PyTree, dict] | None:
     """Restores the newest complete, undamaged step.
 
     Args:
@@ -270,8 +269,8 @@ class Checkpointer:
     """
     self._seal()
     abstract_host = jax.tree.map(
-        lambda x: np.zeros(x.shape, x.dtype),
-        jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, like),
+      lambda x: np.zeros(x.shape, x.dtype),
+      jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, like),
     )
     result = None
     self.restored_step, self.damaged_steps = None, []
@@ -288,7 +287,7 @@ class Checkpointer:
     # Also a barrier: no step is moved while another process may still be reading it.
     chosen = -1 if self.restored_step is None else self.restored_step
     _check_same_in_all_processes(
-        np.int64(chosen).tobytes(), "the processes found different usable checkpoint steps"
+      np.int64(chosen).tobytes(), "the processes found different usable checkpoint steps"
     )
     for step, reason in self.damaged_steps:
       if read_only:
@@ -296,11 +295,11 @@ class Checkpointer:
       elif jax.process_index() == 0:
         dest = self._quarantine(step)
         logger.warning(
-            "Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest
+          "Skipping damaged checkpoint step %d (%s); moved it to %s.", step, reason, dest
         )
       else:
         logger.warning(
-            "Skipping damaged checkpoint step %d (%s); process 0 moves it aside.", step, reason
+          "Skipping damaged checkpoint step %d (%s); process 0 moves it aside.", step, reason
         )
     if self.damaged_steps and not read_only:
       if jax.process_count() > 1:

@@ -64,7 +64,7 @@ def int_list(text: str) -> tuple[int, ...]:
     values = tuple(int(s) for s in _split(text))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected comma-separated positive integers, got {text!r}"
+      f"expected comma-separated positive integers, got {text!r}"
     ) from None
   if any(v < 1 for v in values):
     raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
@@ -82,7 +82,9 @@ def float_or_list(text: str) -> float | tuple[float, ...]:
   try:
     values = tuple(float(s) for s in _split(text))
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    raise argparse.ArgumentTypeError(
+      f"expected a number or comma-separated numbers, got {text!r}"
+    ) from None
   if not all(math.isfinite(v) for v in values):
     raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
   return values[0] if len(values) == 1 else values
@@ -96,7 +98,7 @@ def threshold_arg(text: str) -> float | tuple[float, ...] | str:
     return float_or_list(text)
   except argparse.ArgumentTypeError:
     raise argparse.ArgumentTypeError(
-        f"expected a number, comma-separated numbers or 'calibrated', got {text!r}"
+      f"expected a number, comma-separated numbers or 'calibrated', got {text!r}"
     ) from None
 
 
@@ -133,8 +135,9 @@ def probability(text: str) -> float:
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
   """``--no-progress``, the same on every subcommand."""
   parser.add_argument(
-      "--no-progress", action="store_true",
-      help="no progress bars (they are also off when stderr is not a terminal)",
+    "--no-progress",
+    action="store_true",
+    help="no progress bars (they are also off when stderr is not a terminal)",
   )
 
 
@@ -167,8 +170,7 @@ def join_negative_values(argv: Sequence[str]) -> list[str]:
       out += argv[i:]
       break
     nxt = argv[i + 1] if i + 1 < len(argv) else None
-    if (tok.startswith("--") and "=" not in tok and nxt is not None
-        and _NEGATIVE_VALUE.match(nxt)):
+    if tok.startswith("--") and "=" not in tok and nxt is not None and _NEGATIVE_VALUE.match(nxt):
       out.append(f"{tok}={nxt}")
       i += 2
       continue
@@ -196,17 +198,28 @@ def to_json(obj: Any) -> str:
 
 # (flag, TrainConfig field, type, help). Defaults are TrainConfig's; unset flags keep them.
 _TRAIN_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--data-dir", "data_dir", str, "TFDS data directory (mnist, svhn_cropped)"),
-    ("--epochs", "epochs", positive_int, "training epochs"),
-    ("--batch-size", "batch_size", positive_int, "examples per step"),
-    ("--lr", "learning_rate", float, "learning rate"),
-    ("--l1", "l1", float_or_list, "L1 activation penalty: one value, or one per hidden layer"),
-    ("--hidden", "hidden_sizes", int_list, "hidden layer widths, e.g. 1000,600,400"),
-    ("--ranks", "ranks", int_or_list, "estimator rank: one for every hidden layer, or one per layer, e.g. 50,35,25; unset: min(n_in, n_out) // 8"),
-    ("--refit-every", "refit_every", positive_int, "in_loop protocol: refit the estimator every K steps"),
-    ("--dropout", "dropout_rate", probability, "dropout rate"),
-    ("--threshold", "threshold", float, "estimator threshold for the conditional test error"),
-    ("--seed", "seed", int, "seed of the data split, initialisation, dropout and batch order"),
+  ("--data-dir", "data_dir", str, "TFDS data directory (mnist, svhn_cropped)"),
+  ("--epochs", "epochs", positive_int, "training epochs"),
+  ("--batch-size", "batch_size", positive_int, "examples per step"),
+  ("--lr", "learning_rate", float, "learning rate"),
+  ("--l1", "l1", float_or_list, "L1 activation penalty: one value, or one per hidden layer"),
+  ("--hidden", "hidden_sizes", int_list, "hidden layer widths, e.g. 1000,600,400"),
+  (
+    "--ranks",
+    "ranks",
+    int_or_list,
+    "estimator rank: one for every hidden layer, or one per layer, e.g. 50,35,25; unset:"
+    " min(n_in, n_out) // 8",
+  ),
+  (
+    "--refit-every",
+    "refit_every",
+    positive_int,
+    "in_loop protocol: refit the estimator every K steps",
+  ),
+  ("--dropout", "dropout_rate", probability, "dropout rate"),
+  ("--threshold", "threshold", float, "estimator threshold for the conditional test error"),
+  ("--seed", "seed", int, "seed of the data split, initialisation, dropout and batch order"),
 )
 
 
@@ -249,38 +262,60 @@ class _TrainDefaultsFormatter(argparse.HelpFormatter):
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--dataset", required=True, help="mnist5k, mnist, svhn_cropped, svhn_cropped_gray or npz:PATH (format: lrcc_jax.apps.data)")
-  parser.add_argument("--workdir", required=True, help="checkpoints, config.json and metrics.jsonl go here; resumes from it")
+  parser.add_argument(
+    "--dataset",
+    required=True,
+    help="mnist5k, mnist, svhn_cropped, svhn_cropped_gray or npz:PATH (format: lrcc_jax.apps.data)",
+  )
+  parser.add_argument(
+    "--workdir",
+    required=True,
+    help="checkpoints, config.json and metrics.jsonl go here; resumes from it",
+  )
   for flag, field, kind, text in _TRAIN_FLAGS:
     parser.add_argument(
-        flag, dest=field, type=kind, default=argparse.SUPPRESS,
-        metavar=flag[2:].upper().replace("-", "_"),
-        help=f"{text} (default: {_TRAIN_DEFAULT})",
+      flag,
+      dest=field,
+      type=kind,
+      default=argparse.SUPPRESS,
+      metavar=flag[2:].upper().replace("-", "_"),
+      help=f"{text} (default: {_TRAIN_DEFAULT})",
     )
   parser.add_argument(
-      "--protocol", dest="protocol", choices=("dense", "in_loop"), default=argparse.SUPPRESS,
-      help=f"dense training, or the estimator in the loop (default: {_TRAIN_DEFAULT})",
+    "--protocol",
+    dest="protocol",
+    choices=("dense", "in_loop"),
+    default=argparse.SUPPRESS,
+    help=f"dense training, or the estimator in the loop (default: {_TRAIN_DEFAULT})",
   )
   add_progress_argument(parser)
   parser.add_argument(
-      "--stop-after", type=positive_int, default=None, metavar="EPOCH",
-      help="stop once this epoch is complete, as if interrupted; the learning-rate schedule "
-      "still spans --epochs, and a later run with the same flags resumes",
+    "--stop-after",
+    type=positive_int,
+    default=None,
+    metavar="EPOCH",
+    help="stop once this epoch is complete, as if interrupted; the learning-rate schedule "
+    "still spans --epochs, and a later run with the same flags resumes",
   )
   multi = parser.add_argument_group(
-      "multi-process", "one process per host (docs/multihost.md); with none of these, JAX's "
-      "auto-detection runs on a Cloud TPU VM and in SLURM / Open MPI jobs of several tasks",
+    "multi-process",
+    "one process per host (docs/multihost.md); with none of these, JAX's "
+    "auto-detection runs on a Cloud TPU VM and in SLURM / Open MPI jobs of several tasks",
   )
   multi.add_argument(
-      "--coordinator", default=None, metavar="HOST:PORT",
-      help="process 0's address and a free port, the same in every process",
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="process 0's address and a free port, the same in every process",
   )
   multi.add_argument(
-      "--num-processes", type=positive_int, default=None,
-      help="processes in the run (1: single-process, no auto-detection)",
+    "--num-processes",
+    type=positive_int,
+    default=None,
+    help="processes in the run (1: single-process, no auto-detection)",
   )
   multi.add_argument(
-      "--process-id", type=int, default=None, help="this process's index, 0 .. NUM_PROCESSES-1"
+    "--process-id", type=int, default=None, help="this process's index, 0 .. NUM_PROCESSES-1"
   )
 
 
@@ -335,7 +370,7 @@ def _run_train(args: argparse.Namespace) -> int:
     # Before anything starts a JAX backend: the runtime must know all processes first.
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     summary = train_and_evaluate(
-        config, args.workdir, progress=show_progress(args), stop_after_epochs=args.stop_after
+      config, args.workdir, progress=show_progress(args), stop_after_epochs=args.stop_after
     )
   print(to_json(summary))
   return 0
@@ -348,24 +383,61 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
   """The estimator settings shared by ``evaluate`` (and future sweeps)."""
   from lrcc_jax._registry import ESTIMATORS  # pylint: disable=g-import-not-at-top  (no JAX)
 
-  parser.add_argument("--ranks", type=int_or_list, default=None, help="estimator rank: one for every hidden layer, or one per layer (default: the model's)")
   parser.add_argument(
-      "--threshold", type=threshold_arg, default=None,
-      help="estimator threshold: one number for every layer, one per layer (e.g. -0.1,-0.1,-0.05), or 'calibrated' (default: the run's)",
+    "--ranks",
+    type=int_or_list,
+    default=None,
+    help="estimator rank: one for every hidden layer, or one per layer (default: the model's)",
   )
-  parser.add_argument("--recall", type=fraction, default=0.99, help="target recall of --threshold calibrated and of the trained estimator (default: 0.99)")
-  parser.add_argument("--estimator", choices=ESTIMATORS, default="svd", help=f"estimator fit: {', '.join(ESTIMATORS)} (default: svd, the paper's)")
-  parser.add_argument("--calibration-rows", type=positive_int, default=1000, help="training rows for the data-dependent fits and calibration (default: 1000)")
-  parser.add_argument("--batch-size", type=positive_int, default=500, help="rows per evaluation batch (default: 500)")
+  parser.add_argument(
+    "--threshold",
+    type=threshold_arg,
+    default=None,
+    help=(
+      "estimator threshold: one number for every layer, one per layer (e.g."
+      " -0.1,-0.1,-0.05), or 'calibrated' (default: the run's)"
+    ),
+  )
+  parser.add_argument(
+    "--recall",
+    type=fraction,
+    default=0.99,
+    help="target recall of --threshold calibrated and of the trained estimator (default: 0.99)",
+  )
+  parser.add_argument(
+    "--estimator",
+    choices=ESTIMATORS,
+    default="svd",
+    help=f"estimator fit: {', '.join(ESTIMATORS)} (default: svd, the paper's)",
+  )
+  parser.add_argument(
+    "--calibration-rows",
+    type=positive_int,
+    default=1000,
+    help="training rows for the data-dependent fits and calibration (default: 1000)",
+  )
+  parser.add_argument(
+    "--batch-size", type=positive_int, default=500, help="rows per evaluation batch (default: 500)"
+  )
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", required=True, help="a training run's workdir (only read, never written)")
-  parser.add_argument("--dataset", default=None, help="dataset to score, e.g. npz:PATH (default: the run's)")
+  parser.add_argument(
+    "--workdir", required=True, help="a training run's workdir (only read, never written)"
+  )
+  parser.add_argument(
+    "--dataset", default=None, help="dataset to score, e.g. npz:PATH (default: the run's)"
+  )
   parser.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
-  parser.add_argument("--split", choices=("test", "all"), default="test",
-                      help="test: the test split (default); all: every example of the dataset, train and test")
-  parser.add_argument("--table", action="store_true", help="print a human-readable table instead of the JSON object")
+  parser.add_argument(
+    "--split",
+    choices=("test", "all"),
+    default="test",
+    help="test: the test split (default); all: every example of the dataset, train and test",
+  )
+  parser.add_argument(
+    "--table", action="store_true", help="print a human-readable table instead of the JSON object"
+  )
   _add_evaluation_arguments(parser)
   add_progress_argument(parser)
 
@@ -378,8 +450,8 @@ def _check_workdir(workdir: str) -> None:
   missing = [n for n in ("config.json", "model.json", "checkpoints") if not (path / n).exists()]
   if missing:
     raise FileNotFoundError(
-        f"--workdir {workdir!r} is not a training workdir (no {', '.join(missing)});"
-        f" run `{PROG} train --workdir {workdir} ...` first."
+      f"--workdir {workdir!r} is not a training workdir (no {', '.join(missing)});"
+      f" run `{PROG} train --workdir {workdir} ...` first."
     )
 
 
@@ -395,9 +467,12 @@ def _load_run(workdir: str) -> Any:
   _check_workdir(workdir)
   run = load_run(workdir)
   for step, reason in run.damaged_steps:
-    print(f"{PROG}: warning: checkpoint step {step} is damaged ({reason}); left in place."
-          f" Scoring step {run.step}, the newest intact one. `{PROG} train` on this"
-          " workdir moves damaged steps aside and resumes.", file=sys.stderr)
+    print(
+      f"{PROG}: warning: checkpoint step {step} is damaged ({reason}); left in place."
+      f" Scoring step {run.step}, the newest intact one. `{PROG} train` on this"
+      " workdir moves damaged steps aside and resumes.",
+      file=sys.stderr,
+    )
   return run
 
 
@@ -409,8 +484,8 @@ def _load_data(name: str, data_dir: str | None, seed: int, model: Any) -> Any:
   n_in = int(model.layers[0].kernel.shape[0])
   if dataset.num_features != n_in:
     raise ValueError(
-        f"dataset {name!r} has {dataset.num_features} features per example but the model"
-        f" takes {n_in}."
+      f"dataset {name!r} has {dataset.num_features} features per example but the model"
+      f" takes {n_in}."
     )
   return dataset
 
@@ -419,8 +494,13 @@ def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, **overrides: A
   from lrcc_jax.apps.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
 
   settings = dict(
-      ranks=args.ranks, threshold=args.threshold, recall=args.recall, estimator=args.estimator,
-      calibration_rows=args.calibration_rows, batch_size=args.batch_size, split=args.split,
+    ranks=args.ranks,
+    threshold=args.threshold,
+    recall=args.recall,
+    estimator=args.estimator,
+    calibration_rows=args.calibration_rows,
+    batch_size=args.batch_size,
+    split=args.split,
   )
   settings.update(overrides)
   return evaluate_model(model, dataset, **settings)
@@ -437,8 +517,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model, config = run.model, run.config
     check_ranks(args.ranks, model)  # fail before loading data
     dataset = _load_data(
-        dataset_name, args.data_dir if args.data_dir is not None else config.data_dir,
-        config.seed, model,
+      dataset_name,
+      args.data_dir if args.data_dir is not None else config.data_dir,
+      config.seed,
+      model,
     )
     threshold = config.threshold if args.threshold is None else args.threshold
     result = _evaluate(args, model, dataset, threshold=threshold)
@@ -457,9 +539,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # (label, evaluate_model settings): the paper's estimator at threshold 0, then thresholds
 # calibrated to 99% recall on training rows, with the SVD and the data-aware fit.
 DEMO_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("svd t=0", dict(estimator="svd", threshold=0.0)),
-    ("svd recall>=0.99", dict(estimator="svd", threshold="calibrated", recall=0.99)),
-    ("data_aware recall>=0.99", dict(estimator="data_aware", threshold="calibrated", recall=0.99)),
+  ("svd t=0", dict(estimator="svd", threshold=0.0)),
+  ("svd recall>=0.99", dict(estimator="svd", threshold="calibrated", recall=0.99)),
+  ("data_aware recall>=0.99", dict(estimator="data_aware", threshold="calibrated", recall=0.99)),
 )
 
 
@@ -471,10 +553,14 @@ def demo_config(**overrides: Any) -> Any:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", default="runs/demo", help="run directory; resumes from it (default: runs/demo)")
   parser.add_argument(
-      "--epochs", type=positive_int, default=argparse.SUPPRESS,
-      help=f"training epochs (default: {_TRAIN_DEFAULT})",
+    "--workdir", default="runs/demo", help="run directory; resumes from it (default: runs/demo)"
+  )
+  parser.add_argument(
+    "--epochs",
+    type=positive_int,
+    default=argparse.SUPPRESS,
+    help=f"training epochs (default: {_TRAIN_DEFAULT})",
   )
   add_progress_argument(parser)
 
@@ -495,8 +581,10 @@ def _run_demo(args: argparse.Namespace) -> int:
       print(f"{PROG} demo: evaluating {label}")
       rows.append({"setting": label, **evaluate_model(model, dataset, **settings)})
   (workdir / "demo.json").write_text(to_json(rows) + "\n")
-  print(f"{config.dataset}, hidden {','.join(str(h) for h in config.hidden_sizes)},"
-        f" {rows[0]['n_examples']} test examples")
+  print(
+    f"{config.dataset}, hidden {','.join(str(h) for h in config.hidden_sizes)},"
+    f" {rows[0]['n_examples']} test examples"
+  )
   print(format_results(rows, label="setting"))
   print(f"rows written to {workdir / 'demo.json'}")
   return 0
@@ -506,18 +594,38 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", required=True, help="config file, e.g. experiments/configs/mnist5k.py")
-  parser.add_argument("--workdir", default=None, help="training runs go to WORKDIR/<protocol> (default: runs/sweep_<config name>)")
-  parser.add_argument("--out", default=None, help="directory of the JSON and PNGs (default: the workdir; the committed figures: --out experiments/results)")
-  parser.add_argument("--quick", action="store_true", help="tiny version: 1 epoch, the config's quick ranks, 3 repeats")
+  parser.add_argument(
+    "--config", required=True, help="config file, e.g. experiments/configs/mnist5k.py"
+  )
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help="training runs go to WORKDIR/<protocol> (default: runs/sweep_<config name>)",
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help=(
+      "directory of the JSON and PNGs (default: the workdir; the committed figures: --out"
+      " experiments/results)"
+    ),
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny version: 1 epoch, the config's quick ranks, 3 repeats",
+  )
   add_progress_argument(parser)
   _add_dispatch_argument(parser)
 
 
 def _add_dispatch_argument(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--async-dispatch", action="store_true",
-                      help="keep JAX's asynchronous CPU dispatch for the latency figures"
-                           " (default: off, see lrcc_jax.apps.bench.latency_mode)")
+  parser.add_argument(
+    "--async-dispatch",
+    action="store_true",
+    help="keep JAX's asynchronous CPU dispatch for the latency figures"
+    " (default: off, see lrcc_jax.apps.bench.latency_mode)",
+  )
 
 
 def _latency_mode(args: argparse.Namespace) -> None:
@@ -541,17 +649,43 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--suite", choices=("layer", "mlp", "module", "storage", "ffn", "full"), default="layer",
-                      help="layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer in skip mode;"
-                           " storage: bf16 vs f32 weights; ffn: transformer FFN d=2048, d_ff=8192;"
-                           " full: widths x batches x fractions")
-  parser.add_argument("--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)")
-  parser.add_argument("--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)")
+  parser.add_argument(
+    "--suite",
+    choices=("layer", "mlp", "module", "storage", "ffn", "full"),
+    default="layer",
+    help=(
+      "layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer"
+      " in skip mode; storage: bf16 vs f32 weights; ffn: transformer FFN d=2048, d_ff=8192;"
+      " full: widths x batches x fractions"
+    ),
+  )
+  parser.add_argument(
+    "--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)"
+  )
+  parser.add_argument(
+    "--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)"
+  )
   parser.add_argument("--rank", type=positive_int, default=64, help="estimator rank (default 64)")
-  parser.add_argument("--block-size", type=positive_int, default=16,
-                      help="units per selected block; capacities count blocks (default 16)")
-  parser.add_argument("--repeats", type=positive_int, default=9, help="interleaved repeats; the median is reported (default 9)")
-  parser.add_argument("--out", default=None, help="directory of the JSON and PNG (default: runs/bench; the committed figures: --out experiments/results)")
+  parser.add_argument(
+    "--block-size",
+    type=positive_int,
+    default=16,
+    help="units per selected block; capacities count blocks (default 16)",
+  )
+  parser.add_argument(
+    "--repeats",
+    type=positive_int,
+    default=9,
+    help="interleaved repeats; the median is reported (default 9)",
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help=(
+      "directory of the JSON and PNG (default: runs/bench; the committed figures: --out"
+      " experiments/results)"
+    ),
+  )
   add_progress_argument(parser)
   _add_dispatch_argument(parser)
 
@@ -582,9 +716,20 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and config.json; rerunning resumes")
-  parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: LMConfig's)")
-  parser.add_argument("--out", default=None, help="directory of lm.json and lm.png (default: the workdir; the committed figures: --out experiments/results)")
+  parser.add_argument(
+    "--workdir", required=True, help="checkpoints, metrics.jsonl and config.json; rerunning resumes"
+  )
+  parser.add_argument(
+    "--steps", type=positive_int, default=None, help="training steps (default: LMConfig's)"
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help=(
+      "directory of lm.json and lm.png (default: the workdir; the committed figures: --out"
+      " experiments/results)"
+    ),
+  )
   add_progress_argument(parser)
   _add_dispatch_argument(parser)
 
@@ -600,13 +745,38 @@ def _run_lm(args: argparse.Namespace) -> int:
 # --- entry point ----------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("train a conditional MLP (resumes from --workdir)", _add_train_arguments, _run_train),
-    "evaluate": Command("test error, estimator recall and speed-up of a trained run", _add_evaluate_arguments, _run_evaluate),
-    "demo": Command("train on mnist5k and compare estimator settings in a table", _add_demo_arguments, _run_demo),
-    "bench": Command("latency of dense jit vs compute-skipping inference; writes JSON and a PNG per suite", _add_bench_arguments, _run_bench),
-    "sweep": Command("train both protocols, sweep estimator ranks and thresholds, write JSON and plots", _add_sweep_arguments, _run_sweep),
-    "tune": Command("measure dense vs gather on this device; write the policy the auto strategy uses", _add_tune_arguments, _run_tune),
-    "lm": Command("train a byte-level LM with conditional ReLU² FFNs on the stdlib; bits/byte, FLOP model and decode latency", _add_lm_arguments, _run_lm),
+  "train": Command(
+    "train a conditional MLP (resumes from --workdir)", _add_train_arguments, _run_train
+  ),
+  "evaluate": Command(
+    "test error, estimator recall and speed-up of a trained run",
+    _add_evaluate_arguments,
+    _run_evaluate,
+  ),
+  "demo": Command(
+    "train on mnist5k and compare estimator settings in a table", _add_demo_arguments, _run_demo
+  ),
+  "bench": Command(
+    "latency of dense jit vs compute-skipping inference; writes JSON and a PNG per suite",
+    _add_bench_arguments,
+    _run_bench,
+  ),
+  "sweep": Command(
+    "train both protocols, sweep estimator ranks and thresholds, write JSON and plots",
+    _add_sweep_arguments,
+    _run_sweep,
+  ),
+  "tune": Command(
+    "measure dense vs gather on this device; write the policy the auto strategy uses",
+    _add_tune_arguments,
+    _run_tune,
+  ),
+  "lm": Command(
+    "train a byte-level LM with conditional ReLU² FFNs on the stdlib; bits/byte, FLOP model and"
+    " decode latency",
+    _add_lm_arguments,
+    _run_lm,
+  ),
 }
 """Subcommands by name. To add one: ``COMMANDS["bench"] = Command(help, add_args, run)``."""
 
@@ -619,13 +789,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
       command line passes the one it runs, so it never builds what it will not parse.
   """
   parser = argparse.ArgumentParser(
-      prog=PROG,
-      description="Low-rank conditional computation (Davis & Arel, arXiv:1312.4461) in JAX.",
+    prog=PROG,
+    description="Low-rank conditional computation (Davis & Arel, arXiv:1312.4461) in JAX.",
   )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, cmd in COMMANDS.items():
     subparser = sub.add_parser(
-        name, help=cmd.help, description=cmd.help, formatter_class=_TrainDefaultsFormatter
+      name, help=cmd.help, description=cmd.help, formatter_class=_TrainDefaultsFormatter
     )
     if command is None or command == name:
       cmd.add_arguments(subparser)

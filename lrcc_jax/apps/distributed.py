@@ -71,11 +71,11 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def initialize(
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  environ: Mapping[str, str] | None = None,
 ) -> bool:
   """Joins the multi-process runtime when asked to or when the environment provides it.
 
@@ -111,11 +111,14 @@ def initialize(
   elif coordinator is None and num_processes == 1:
     return False
   jax.distributed.initialize(
-      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
   )
   logger.info(
-      "Process %d of %d: %d local device(s), %d in all.",
-      jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    "Process %d of %d: %d local device(s), %d in all.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
   )
   return True
 

@@ -21,31 +21,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrcc_jax import _checks
+from lrcc_jax import PackedMLP, _checks, packed_mlp
 from lrcc_jax._flops import network_costs, theoretical_speedup
-from lrcc_jax._registry import ESTIMATORS, NEEDS_INPUTS, check_estimator_name
+from lrcc_jax._registry import NEEDS_INPUTS, check_estimator_name
 from lrcc_jax._stats import exact_and_estimate
 from lrcc_jax.apps.data import SPLITS, Dataset, normalize, padded_batches, split_arrays
 from lrcc_jax.apps.table import format_table
-from lrcc_jax import PackedMLP, packed_mlp
 from lrcc_jax.nn import ConditionalMLP
 
 Array = jax.Array
 Estimator = Literal["svd", "data_aware", "trained"]
 
 RESULT_KEYS: tuple[str, ...] = (
-    "dataset",
-    "split",
-    "n_examples",
-    "test_error_dense",
-    "test_error_conditional",
-    "ranks",
-    "threshold",
-    "estimator",
-    "density",
-    "recall",
-    "computed_fraction",
-    "theoretical_speedup",
+  "dataset",
+  "split",
+  "n_examples",
+  "test_error_dense",
+  "test_error_conditional",
+  "ranks",
+  "threshold",
+  "estimator",
+  "density",
+  "recall",
+  "computed_fraction",
+  "theoretical_speedup",
 )
 """The keys of `evaluate_model`'s result (``lrcc-jax evaluate`` adds the checkpoint's)."""
 
@@ -69,7 +68,9 @@ def check_ranks(ranks: Any, model: ConditionalMLP) -> list[int] | None:
   if ranks is None:
     return None
   checked = []
-  for i, (r, layer) in enumerate(zip(_checks.per_layer(ranks, len(model.layers), "ranks"), model.layers)):
+  for i, (r, layer) in enumerate(
+    zip(_checks.per_layer(ranks, len(model.layers), "ranks"), model.layers)
+  ):
     try:
       checked.append(_checks.check_rank(r, *layer.kernel.shape))
     except ValueError as err:
@@ -108,13 +109,13 @@ def calibration_subset(dataset: Dataset, rows: int, seed: int = 0) -> np.ndarray
 
 
 def _batch_counts(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    packed: PackedMLP,
-    thresholds: Array,
-    x: Array,
-    y: Array,
-    valid: Array,
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  packed: PackedMLP,
+  thresholds: Array,
+  x: Array,
+  y: Array,
+  valid: Array,
 ) -> dict[str, Array]:
   """Integer counts over the valid rows of one (padded) test batch.
 
@@ -126,8 +127,11 @@ def _batch_counts(
   logits_dense, acts_dense = model(x, mode="dense", return_activations=True)
   n = len(packed.layers)
   logits_cond, acts_cond = packed_mlp(
-      x, packed, thresholds=[thresholds[i] for i in range(n)], capacities=[None] * n,
-      return_activations=True,
+    x,
+    packed,
+    thresholds=[thresholds[i] for i in range(n)],
+    capacities=[None] * n,
+    return_activations=True,
   )
   rows = valid[:, None]
 
@@ -149,14 +153,14 @@ def _batch_counts(
     nonzero_in.append(count(inputs[i] != 0))
     dense_active.append(count(acts_dense[i] > 0))
   return {
-      "errors_dense": errors(logits_dense),
-      "errors_conditional": errors(logits_cond),
-      "active": jnp.stack(active),
-      "computed": jnp.stack(computed),
-      "hit": jnp.stack(hit),
-      "nonzero_in": jnp.stack(nonzero_in),
-      "dense_active": jnp.stack(dense_active),
-      "head_nonzero_in": count(acts_cond[-1] != 0),
+    "errors_dense": errors(logits_dense),
+    "errors_conditional": errors(logits_cond),
+    "active": jnp.stack(active),
+    "computed": jnp.stack(computed),
+    "hit": jnp.stack(hit),
+    "nonzero_in": jnp.stack(nonzero_in),
+    "dense_active": jnp.stack(dense_active),
+    "head_nonzero_in": count(acts_cond[-1] != 0),
   }
 
 
@@ -165,18 +169,20 @@ _batch_counts_jit = jax.jit(_batch_counts, static_argnums=0)
 
 @functools.partial(jax.jit, static_argnames="capacities")
 def _capacity_errors(
-    packed: PackedMLP,
-    thresholds: Array,
-    x: Array,
-    y: Array,
-    valid: Array,
-    *,
-    capacities: tuple[int | None, ...],
+  packed: PackedMLP,
+  thresholds: Array,
+  x: Array,
+  y: Array,
+  valid: Array,
+  *,
+  capacities: tuple[int | None, ...],
 ) -> Array:
   """Errors over the valid rows of the packed network run with static `capacities`."""
   logits = packed_mlp(
-      x, packed, thresholds=[thresholds[i] for i in range(len(capacities))],
-      capacities=list(capacities),
+    x,
+    packed,
+    thresholds=[thresholds[i] for i in range(len(capacities))],
+    capacities=list(capacities),
   )
   assert not isinstance(logits, tuple)
   return jnp.sum((jnp.argmax(logits, axis=-1) != y) & valid, dtype=jnp.int32)
@@ -187,13 +193,13 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def fit_estimators(
-    model: ConditionalMLP,
-    inputs: Array | None,
-    *,
-    estimator: str = "svd",
-    ranks: Sequence[int] | None = None,
-    recall: float = 0.99,
-    seed: int = 0,
+  model: ConditionalMLP,
+  inputs: Array | None,
+  *,
+  estimator: str = "svd",
+  ranks: Sequence[int] | None = None,
+  recall: float = 0.99,
+  seed: int = 0,
 ) -> None:
   """Refits every hidden layer's estimator of `model` in place.
 
@@ -218,7 +224,7 @@ def fit_estimators(
 
 
 def selection_capacities(
-    model: ConditionalMLP, inputs: Array, *, quantile: float = 0.99
+  model: ConditionalMLP, inputs: Array, *, quantile: float = 0.99
 ) -> list[int]:
   """Static per-layer capacities from the units the estimator selects on `inputs`.
 
@@ -259,21 +265,21 @@ def check_capacities(capacities: Any, model: ConditionalMLP) -> list[int | None]
   out = []
   for i, (c, layer) in enumerate(zip(capacities, model.layers)):
     try:
-      out.append(_checks.check_capacity(
-          c, layer.kernel.shape[1] // layer.block_size, layer.block_size
-      ))
+      out.append(
+        _checks.check_capacity(c, layer.kernel.shape[1] // layer.block_size, layer.block_size)
+      )
     except ValueError as err:
       raise ValueError(f"capacities[{i}] (hidden layer {i + 1}): {err}") from None
   return out
 
 
 def evaluate_prepared(
-    model: ConditionalMLP,
-    dataset: Dataset,
-    *,
-    estimator: str,
-    batch_size: int = 500,
-    split: str = "test",
+  model: ConditionalMLP,
+  dataset: Dataset,
+  *,
+  estimator: str,
+  batch_size: int = 500,
+  split: str = "test",
 ) -> dict[str, Any]:
   """`evaluate_model`'s statistics for a network whose estimators are already set.
 
@@ -324,26 +330,29 @@ def evaluate_prepared(
   computed_fraction = [float(c / u) for c, u in zip(computed, units)]
   density = [float(d / u) for d, u in zip(totals["dense_active"], units)]
   input_fraction = [1.0] + [
-      float(nz / (n_test * w)) for nz, w in zip(totals["nonzero_in"][1:], widths[1:-1])
+    float(nz / (n_test * w)) for nz, w in zip(totals["nonzero_in"][1:], widths[1:-1])
   ]
   costs = network_costs(
-      widths, model.ranks, computed_fraction, input_fraction,
-      num_classes=int(model.head.kernel.shape[1]),
-      head_input_fraction=float(totals["head_nonzero_in"] / (n_test * widths[-1])),
+    widths,
+    model.ranks,
+    computed_fraction,
+    input_fraction,
+    num_classes=int(model.head.kernel.shape[1]),
+    head_input_fraction=float(totals["head_nonzero_in"] / (n_test * widths[-1])),
   )
   result = {
-      "dataset": dataset.name,
-      "split": split,
-      "n_examples": int(n_test),
-      "test_error_dense": float(totals["errors_dense"] / n_test),
-      "test_error_conditional": float(totals["errors_conditional"] / n_test),
-      "ranks": [int(r) for r in model.ranks],
-      "threshold": [_finite_or_none(float(x)) for x in thresholds],
-      "estimator": estimator,
-      "density": density,
-      "recall": recalls,
-      "computed_fraction": computed_fraction,
-      "theoretical_speedup": float(theoretical_speedup(costs)),
+    "dataset": dataset.name,
+    "split": split,
+    "n_examples": int(n_test),
+    "test_error_dense": float(totals["errors_dense"] / n_test),
+    "test_error_conditional": float(totals["errors_conditional"] / n_test),
+    "ranks": [int(r) for r in model.ranks],
+    "threshold": [_finite_or_none(float(x)) for x in thresholds],
+    "estimator": estimator,
+    "density": density,
+    "recall": recalls,
+    "computed_fraction": computed_fraction,
+    "theoretical_speedup": float(theoretical_speedup(costs)),
   }
   if with_capacity:
     result["capacities"] = [None if c is None else int(c) for c in capacities]
@@ -352,19 +361,19 @@ def evaluate_prepared(
 
 
 def evaluate_model(
-    model: ConditionalMLP,
-    dataset: Dataset,
-    *,
-    ranks: int | Sequence[int] | None = None,
-    threshold: float | Sequence[float] | Literal["calibrated"] = 0.0,
-    recall: float = 0.99,
-    estimator: Estimator = "svd",
-    calibration_rows: int = 1000,
-    batch_size: int = 500,
-    seed: int = 0,
-    capacities: int | Sequence[int | None] | Literal["auto"] | None = None,
-    capacity_quantile: float = 0.99,
-    split: str = "test",
+  model: ConditionalMLP,
+  dataset: Dataset,
+  *,
+  ranks: int | Sequence[int] | None = None,
+  threshold: float | Sequence[float] | Literal["calibrated"] = 0.0,
+  recall: float = 0.99,
+  estimator: Estimator = "svd",
+  calibration_rows: int = 1000,
+  batch_size: int = 500,
+  seed: int = 0,
+  capacities: int | Sequence[int | None] | Literal["auto"] | None = None,
+  capacity_quantile: float = 0.99,
+  split: str = "test",
 ) -> dict[str, Any]:
   r"""Test error and conditional-computation statistics of a trained network.
 
@@ -420,7 +429,8 @@ def evaluate_model(
 
   Returns:
     A JSON-serialisable dict with exactly the keys `RESULT_KEYS`: `dataset` (str),
-    `split` (str), `n_examples` (int, the rows scored), `test_error_dense` and `test_error_conditional` (floats in [0, 1]),
+    `split` (str), `n_examples` (int, the rows scored), `test_error_dense` and
+    `test_error_conditional` (floats in [0, 1]),
     `ranks` (ints), `threshold` (the floats used; None for a calibrated layer with no
     active unit, whose threshold is +inf), `estimator` (str), per-layer float lists
     `density`, `recall` and `computed_fraction`, and `theoretical_speedup` (float).
@@ -465,15 +475,13 @@ def evaluate_model(
     caps = selection_capacities(model, train_x, quantile=capacity_quantile)
   if caps is not None:
     model.set_capacities(caps)
-  return evaluate_prepared(
-      model, dataset, estimator=estimator, batch_size=batch_size, split=split
-  )
+  return evaluate_prepared(model, dataset, estimator=estimator, batch_size=batch_size, split=split)
 
 
 RESULTS_LEGEND = (
-    "legend: err = error rate of the dense / conditional network; recall, computed = per"
-    " hidden layer; speed-up (FLOP model) = dense / conditional multiply-adds, a model, not"
-    " a measured time (`lrcc-jax bench` measures)."
+  "legend: err = error rate of the dense / conditional network; recall, computed = per"
+  " hidden layer; speed-up (FLOP model) = dense / conditional multiply-adds, a model, not"
+  " a measured time (`lrcc-jax bench` measures)."
 )
 
 
@@ -484,20 +492,30 @@ def format_results(rows: Sequence[dict[str, Any]], *, label: str | None = None) 
     rows: results; with `label`, each row's ``row[label]`` names it in a first column.
     label: the key of a name column (e.g. ``"setting"`` in the demo), or None.
   """
-  header = ["split", "examples", "err dense", "err cond", "ranks", "recall", "computed",
-            "speed-up (FLOP model)"]
+  header = [
+    "split",
+    "examples",
+    "err dense",
+    "err cond",
+    "ranks",
+    "recall",
+    "computed",
+    "speed-up (FLOP model)",
+  ]
   right = [False, True, True, True, False, False, False, True]
   if label is not None:
     header, right = [label, *header], [False, *right]
   lines = []
   for row in rows:
     cells = [
-        row.get("split", "test"), str(row["n_examples"]),
-        f"{row['test_error_dense']:.4f}", f"{row['test_error_conditional']:.4f}",
-        "/".join(str(r) for r in row["ranks"]),
-        "/".join(f"{r:.3f}" for r in row["recall"]),
-        "/".join(f"{c:.3f}" for c in row["computed_fraction"]),
-        f"{row['theoretical_speedup']:.2f}x",
+      row.get("split", "test"),
+      str(row["n_examples"]),
+      f"{row['test_error_dense']:.4f}",
+      f"{row['test_error_conditional']:.4f}",
+      "/".join(str(r) for r in row["ranks"]),
+      "/".join(f"{r:.3f}" for r in row["recall"]),
+      "/".join(f"{c:.3f}" for c in row["computed_fraction"]),
+      f"{row['theoretical_speedup']:.2f}x",
     ]
     lines.append([str(row[label]), *cells] if label is not None else cells)
   return format_table(header, lines, right=right, legend=(RESULTS_LEGEND,))

@@ -20,7 +20,8 @@ The run (`run_command`) has three stages:
    mode: exact values of the computed units, zeros elsewhere) for the estimators
    ``svd`` and ``data_aware`` (fitted on FFN inputs of training text) × ranks × the
    thresholds 0 and "calibrated" (per layer, to keep a recall of 0.99, and 0.9, of the
-   nonzero units on the calibration text), with per-layer density (fraction of nonzero units of the dense
+   nonzero units on the calibration text), with per-layer density (fraction of nonzero units of
+   the dense
    FFN), computed fraction `c` and the FFN FLOP-model speed-up
    `2 d d_ff / (r (d + d_ff) + 2 c d d_ff)` per layer and for all FFNs together;
 3. latency of one batch-1 decode step of the whole model (KV cache, jitted) with
@@ -40,7 +41,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +90,19 @@ class LMConfig:
   latency_repeats: int = 7
 
 
-TRAIN_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "context", "batch_size", "steps",
-                "learning_rate", "warmup", "seed", "test_fraction")
+TRAIN_FIELDS = (
+  "d_model",
+  "n_layers",
+  "n_heads",
+  "d_ff",
+  "context",
+  "batch_size",
+  "steps",
+  "learning_rate",
+  "warmup",
+  "seed",
+  "test_fraction",
+)
 """The `LMConfig` fields a workdir's checkpoints depend on (checked when resuming)."""
 
 
@@ -108,7 +120,7 @@ def split_files(files: list[pathlib.Path], test_fraction: float, seed: int) -> t
   if len(files) < 2:
     raise ValueError(f"need at least 2 text files, got {len(files)}.")
   order = np.random.default_rng(seed).permutation(len(files))
-  n_test = min(len(files) - 1, max(1, int(round(test_fraction * len(files)))))
+  n_test = min(len(files) - 1, max(1, round(test_fraction * len(files))))
   test = sorted(files[i] for i in order[:n_test])
   train = sorted(files[i] for i in order[n_test:])
   return train, test
@@ -124,7 +136,7 @@ def windows(text: np.ndarray, n: int, length: int, rng: np.random.Generator) -> 
   if len(text) <= length:
     raise ValueError(f"text of {len(text)} bytes is too short for windows of {length}.")
   starts = rng.integers(0, len(text) - length, size=n)
-  return np.stack([text[s:s + length] for s in starts]).astype(np.int32)
+  return np.stack([text[s : s + length] for s in starts]).astype(np.int32)
 
 
 # --- model ----------------------------------------------------------------------------
@@ -138,8 +150,13 @@ class Block(nnx.Module):
     self.n_heads = cfg.n_heads
     self.ln1 = nnx.LayerNorm(d, rngs=rngs)
     self.qkv = nnx.Linear(d, 3 * d, use_bias=False, rngs=rngs)
-    self.proj = nnx.Linear(d, d, use_bias=False, rngs=rngs,
-                           kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
+    self.proj = nnx.Linear(
+      d,
+      d,
+      use_bias=False,
+      rngs=rngs,
+      kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)),
+    )
     self.ln2 = nnx.LayerNorm(d, rngs=rngs)
     self.ffn = ConditionalFFN(d, cfg.d_ff, rank=min(cfg.ranks), activation="relu2", rngs=rngs)
 
@@ -159,14 +176,16 @@ class Block(nnx.Module):
     y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(x.shape)
     x = x + self.proj(y)
     h = self.ln2(x)
-    return x + self.ffn(h, mode), h
+    return x + self.ffn(h, cast(Any, mode)), h
 
 
 class ByteLM(nnx.Module):
   """Decoder-only byte-level transformer; logits over 256 bytes."""
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(256, cfg.d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.embed = nnx.Embed(
+      256, cfg.d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+    )
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.context, cfg.d_model)))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
@@ -192,7 +211,7 @@ def cross_entropy(model: ByteLM, batch: Array, mode: str = "dense") -> Array:
 
 def make_optimizer(model: ByteLM, cfg: LMConfig) -> nnx.Optimizer:
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate, cfg.warmup, max(cfg.steps, cfg.warmup + 1), cfg.learning_rate * 0.1
+    0.0, cfg.learning_rate, cfg.warmup, max(cfg.steps, cfg.warmup + 1), cfg.learning_rate * 0.1
   )
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -210,7 +229,7 @@ _train_step = jax.jit(train_step, static_argnums=0, donate_argnums=1)
 
 
 def train(
-    cfg: LMConfig, workdir: pathlib.Path, train_text: np.ndarray, *, progress: bool = True
+  cfg: LMConfig, workdir: pathlib.Path, train_text: np.ndarray, *, progress: bool = True
 ) -> tuple[ByteLM, dict]:
   """Trains (or resumes) the model in ``workdir``; returns it and a summary.
 
@@ -235,8 +254,13 @@ def train(
       lines = [l for l in metrics_path.read_text().splitlines() if l.strip()]
       kept = [l for l in lines if json.loads(l)["step"] <= step]
       metrics_path.write_text("".join(l + "\n" for l in kept))
-    bar = tqdm.tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True,
-                    disable=None if progress else True)
+    bar = tqdm.tqdm(
+      total=cfg.steps,
+      initial=step,
+      desc="train",
+      dynamic_ncols=True,
+      disable=None if progress else True,
+    )
     losses = []
     while step < cfg.steps:
       rng = np.random.default_rng([cfg.seed, step])
@@ -248,8 +272,12 @@ def train(
       if step % cfg.log_every == 0 or step == cfg.steps:
         mean = float(np.mean(jax.device_get(losses)))
         losses = []
-        record = {"step": step, "loss": mean, "bits_per_byte": mean / LN2,
-                  "seconds": time.perf_counter() - t0}
+        record = {
+          "step": step,
+          "loss": mean,
+          "bits_per_byte": mean / LN2,
+          "seconds": time.perf_counter() - t0,
+        }
         with metrics_path.open("a") as f:
           f.write(json.dumps(record) + "\n")
         bar.set_postfix(bpb=f"{mean / LN2:.3f}")
@@ -261,8 +289,11 @@ def train(
   finally:
     ckpt.close()
   nnx.update((model, optimizer), state)
-  summary = {"steps": step, "resumed_from": resumed_from,
-             "train_seconds_this_run": time.perf_counter() - t0}
+  summary = {
+    "steps": step,
+    "resumed_from": resumed_from,
+    "train_seconds_this_run": time.perf_counter() - t0,
+  }
   return model, summary
 
 
@@ -276,11 +307,13 @@ def _eval_batch(model: ByteLM, batch: Array, mode: str) -> tuple[Array, list[Arr
   return nll.sum(), hs
 
 
-def bits_per_byte(model: ByteLM, data: np.ndarray, mode: str, chunk: int = 64) -> tuple[float, list[np.ndarray]]:
+def bits_per_byte(
+  model: ByteLM, data: np.ndarray, mode: str, chunk: int = 64
+) -> tuple[float, list[np.ndarray]]:
   """Bits per byte over the windows `data` (N, T+1) and every block's FFN inputs (N·T, d)."""
   total, hs = 0.0, []
   for i in range(0, len(data), chunk):
-    nll, h = _eval_batch(model, jnp.asarray(data[i:i + chunk]), mode)
+    nll, h = _eval_batch(model, jnp.asarray(data[i : i + chunk]), mode)
     total += float(nll)
     hs.append([np.asarray(a).reshape(-1, a.shape[-1]) for a in h])
   per_layer = [np.concatenate([c[l] for c in hs]) for l in range(len(hs[0]))]
@@ -298,8 +331,15 @@ def ffn_conditional_flops(d_model: int, d_ff: int, rank: int, computed: float) -
 
 
 def evaluate_setting(
-    model: ByteLM, cfg: LMConfig, test: np.ndarray, calib_inputs: list[np.ndarray], *,
-    method: str, rank: int, threshold: float | str, recall: float | None = None,
+  model: ByteLM,
+  cfg: LMConfig,
+  test: np.ndarray,
+  calib_inputs: list[np.ndarray],
+  *,
+  method: str,
+  rank: int,
+  threshold: float | str,
+  recall: float | None = None,
 ) -> dict:
   """Refits every FFN's estimator, sets its threshold and measures the conditional model.
 
@@ -309,8 +349,9 @@ def evaluate_setting(
   are taken on the FFN inputs the conditional model itself produces on the test windows.
   """
   for block, x in zip(model.blocks, calib_inputs):
-    block.ffn.refit(jnp.asarray(x), method=method, rank=rank)
+    block.ffn.refit(jnp.asarray(x), method=cast(Any, method), rank=rank)
     if threshold == "calibrated":
+      assert recall is not None
       block.ffn.calibrate(jnp.asarray(x), recall=recall)
     else:
       block.ffn.threshold[...] = jnp.asarray(threshold, jnp.float32)
@@ -320,15 +361,29 @@ def evaluate_setting(
     f = block.ffn
     s = estimator_stats(jnp.asarray(x), f.w_in[...], f.b_in[...], f.estimator, f.threshold[...])
     c = float(s["computed_fraction"])
-    layers.append({
-        "threshold": float(f.threshold[...]), "density": float(s["density"]),
-        "computed_fraction": c, "recall": float(s["recall"]), "precision": float(s["precision"]),
+    layers.append(
+      {
+        "threshold": float(f.threshold[...]),
+        "density": float(s["density"]),
+        "computed_fraction": c,
+        "recall": float(s["recall"]),
+        "precision": float(s["precision"]),
         "flop_model_speedup": bench.ffn_flop_speedup(cfg.d_model, cfg.d_ff, rank, c, False),
-    })
+      }
+    )
   dense = len(layers) * ffn_dense_flops(cfg.d_model, cfg.d_ff)
-  cond = sum(ffn_conditional_flops(cfg.d_model, cfg.d_ff, rank, l["computed_fraction"]) for l in layers)
-  return {"method": method, "rank": rank, "threshold": threshold, "recall": recall, "bits_per_byte": bpb,
-          "flop_model_speedup": dense / cond, "layers": layers}
+  cond = sum(
+    ffn_conditional_flops(cfg.d_model, cfg.d_ff, rank, l["computed_fraction"]) for l in layers
+  )
+  return {
+    "method": method,
+    "rank": rank,
+    "threshold": threshold,
+    "recall": recall,
+    "bits_per_byte": bpb,
+    "flop_model_speedup": dense / cond,
+    "layers": layers,
+  }
 
 
 # --- batch-1 decode latency -----------------------------------------------------------
@@ -338,9 +393,13 @@ def _weights(model: ByteLM) -> dict:
   """Plain arrays of everything a decode step reads except the FFNs."""
   ln = lambda m: (m.scale[...], m.bias[...])  # noqa: E731
   return {
-      "embed": model.embed.embedding[...], "pos": model.pos[...], "ln_f": ln(model.ln_f),
-      "blocks": [{"ln1": ln(b.ln1), "qkv": b.qkv.kernel[...], "proj": b.proj.kernel[...],
-                  "ln2": ln(b.ln2)} for b in model.blocks],
+    "embed": model.embed.embedding[...],
+    "pos": model.pos[...],
+    "ln_f": ln(model.ln_f),
+    "blocks": [
+      {"ln1": ln(b.ln1), "qkv": b.qkv.kernel[...], "proj": b.proj.kernel[...], "ln2": ln(b.ln2)}
+      for b in model.blocks
+    ],
   }
 
 
@@ -350,7 +409,9 @@ def _layer_norm(x: Array, p: tuple[Array, Array], eps: float = 1e-6) -> Array:
   return (x - mean) * jax.lax.rsqrt(var + eps) * p[0][None] + p[1][None]
 
 
-def decode_step(w: dict, ffns: list, ffn_fn, cache: Array, token: Array, pos: Array) -> tuple[Array, Array]:
+def decode_step(
+  w: dict, ffns: list, ffn_fn, cache: Array, token: Array, pos: Array
+) -> tuple[Array, Array]:
   """One batch-1 decode step with a KV cache: logits (256,) and the updated cache.
 
   Args:
@@ -366,7 +427,9 @@ def decode_step(w: dict, ffns: list, ffn_fn, cache: Array, token: Array, pos: Ar
   for l, (b, ffn) in enumerate(zip(w["blocks"], ffns)):
     q, k, v = jnp.split(_layer_norm(x, b["ln1"]) @ b["qkv"], 3, axis=-1)
     q = q.reshape(n_heads, -1)
-    cache = cache.at[l, 0, pos].set(k.reshape(n_heads, -1)).at[l, 1, pos].set(v.reshape(n_heads, -1))
+    cache = (
+      cache.at[l, 0, pos].set(k.reshape(n_heads, -1)).at[l, 1, pos].set(v.reshape(n_heads, -1))
+    )
     att = jnp.einsum("hd,khd->hk", q, cache[l, 0]) / math.sqrt(q.shape[-1])
     att = jax.nn.softmax(jnp.where(valid[None], att, -jnp.inf), axis=-1)
     x = x + jnp.einsum("hk,khd->hd", att, cache[l, 1]).reshape(1, -1) @ b["proj"]
@@ -388,41 +451,55 @@ def decode_latency(model: ByteLM, cfg: LMConfig, setting: dict, *, repeats: int)
   gathering does not pay) and with the gathers forced (``"gather"``).
   """
   w = _weights(model)
-  dense_ffns = [{"w_in": b.ffn.w_in[...], "b_in": b.ffn.b_in[...], "w_out": b.ffn.w_out[...],
-                 "b_out": b.ffn.b_out[...]} for b in model.blocks]
+  dense_ffns = [
+    {
+      "w_in": b.ffn.w_in[...],
+      "b_in": b.ffn.b_in[...],
+      "w_out": b.ffn.w_out[...],
+      "b_out": b.ffn.b_out[...],
+    }
+    for b in model.blocks
+  ]
   packed = [b.ffn.pack() for b in model.blocks]
   caps = [max(1, math.ceil(l["computed_fraction"] * cfg.d_ff)) for l in setting["layers"]]
   thresholds = [b.ffn.threshold[...] for b in model.blocks]
   d_head = cfg.d_model // cfg.n_heads
-  cache = 0.1 * jax.random.normal(jax.random.key(1), (cfg.n_layers, 2, cfg.context, cfg.n_heads, d_head))
+  cache = 0.1 * jax.random.normal(
+    jax.random.key(1), (cfg.n_layers, 2, cfg.context, cfg.n_heads, d_head)
+  )
   token, pos = jnp.int32(ord("e")), jnp.int32(cfg.context // 2)
 
   skip_ffns = [(p, t) for p, t in zip(packed, thresholds)]
 
   def skip_fn(strategy):
     it = iter(caps)  # decode_step visits the blocks in order, once per trace
-    return lambda h, f: packed_ffn(h, f[0], threshold=f[1], capacity=next(it),
-                                   activation="relu2", strategy=strategy)
+    return lambda h, f: packed_ffn(
+      h, f[0], threshold=f[1], capacity=next(it), activation="relu2", strategy=strategy
+    )
 
   dense = jax.jit(lambda w, f, c, t, p: decode_step(w, f, _dense_ffn, c, t, p))
-  skips = {s: jax.jit(lambda w, f, c, t, p, s=s: decode_step(w, f, skip_fn(s), c, t, p))
-           for s in ("auto", "gather")}
+  skips = {
+    s: jax.jit(lambda w, f, c, t, p, s=s: decode_step(w, f, skip_fn(s), c, t, p))
+    for s in ("auto", "gather")
+  }
   want = dense(w, dense_ffns, cache, token, pos)[0]
   got = skips["gather"](w, skip_ffns, cache, token, pos)[0]
   fns = {
-      "dense": lambda: dense(w, dense_ffns, cache, token, pos)[0],
-      "skip_auto": lambda: skips["auto"](w, skip_ffns, cache, token, pos)[0],
-      "skip_gather": lambda: skips["gather"](w, skip_ffns, cache, token, pos)[0],
+    "dense": lambda: dense(w, dense_ffns, cache, token, pos)[0],
+    "skip_auto": lambda: skips["auto"](w, skip_ffns, cache, token, pos)[0],
+    "skip_gather": lambda: skips["gather"](w, skip_ffns, cache, token, pos)[0],
   }
   t = bench.time_interleaved(fns, repeats=repeats)
   return {
-      "setting": {k: setting[k] for k in ("method", "rank", "threshold", "recall")},
-      "capacities": caps, "block_size": 1,
-      "auto_gathers": [bool(ffn_gathers(p, 1, c)) for p, c in zip(packed, caps)],
-      **{f"{k}_ms": 1e3 * v for k, v in t.items()},
-      "speedup_auto": t["dense"] / t["skip_auto"], "speedup_gather": t["dense"] / t["skip_gather"],
-      "flop_model_speedup": setting["flop_model_speedup"],
-      "max_abs_logit_diff_gather_vs_dense": float(jnp.max(jnp.abs(got - want))),
+    "setting": {k: setting[k] for k in ("method", "rank", "threshold", "recall")},
+    "capacities": caps,
+    "block_size": 1,
+    "auto_gathers": [bool(ffn_gathers(p, 1, c)) for p, c in zip(packed, caps)],
+    **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+    "speedup_auto": t["dense"] / t["skip_auto"],
+    "speedup_gather": t["dense"] / t["skip_gather"],
+    "flop_model_speedup": setting["flop_model_speedup"],
+    "max_abs_logit_diff_gather_vs_dense": float(jnp.max(jnp.abs(got - want))),
   }
 
 
@@ -440,18 +517,34 @@ def plot(rows: list[dict], dense_bpb: float, path: pathlib.Path) -> None:
     series.setdefault(f"{r['method']}, {_threshold_name(r)}", []).append(r)
   for i, (name, rs) in enumerate(series.items()):
     rs = sorted(rs, key=lambda r: r["rank"])
-    ax.plot([r["flop_model_speedup"] for r in rs], [r["bits_per_byte"] for r in rs],
-            "o-" if "svd" in name else "s--", color=f"C{i}", label=name)
+    ax.plot(
+      [r["flop_model_speedup"] for r in rs],
+      [r["bits_per_byte"] for r in rs],
+      "o-" if "svd" in name else "s--",
+      color=f"C{i}",
+      label=name,
+    )
     for r in rs:
-      ax.annotate(f"r={r['rank']}", (r["flop_model_speedup"], r["bits_per_byte"]), fontsize=6,
-                  xytext=(3, 3), textcoords="offset points")
+      ax.annotate(
+        f"r={r['rank']}",
+        (r["flop_model_speedup"], r["bits_per_byte"]),
+        fontsize=6,
+        xytext=(3, 3),
+        textcoords="offset points",
+      )
   top = dense_bpb + 0.3  # the interesting range; worse settings are drawn on the edge
   off = [r for r in rows if r["bits_per_byte"] > top]
   if off:
-    names = ", ".join(f"{r['method']} r={r['rank']} {_threshold_name(r)}: {r['bits_per_byte']:.2f}"
-                      for r in off)
-    ax.plot([r["flop_model_speedup"] for r in off], [top] * len(off), "^", color="gray",
-            label=f"off the chart: {names}" if len(off) <= 3 else f"off the chart: {len(off)}")
+    names = ", ".join(
+      f"{r['method']} r={r['rank']} {_threshold_name(r)}: {r['bits_per_byte']:.2f}" for r in off
+    )
+    ax.plot(
+      [r["flop_model_speedup"] for r in off],
+      [top] * len(off),
+      "^",
+      color="gray",
+      label=f"off the chart: {names}" if len(off) <= 3 else f"off the chart: {len(off)}",
+    )
   ax.set_ylim(dense_bpb - 0.02, top + 0.01)
   ax.axhline(dense_bpb, color="k", lw=1, label="dense")
   ax.axhline(dense_bpb + 0.02, color="k", lw=0.8, ls=":", label="dense + 0.02")
@@ -464,23 +557,33 @@ def plot(rows: list[dict], dense_bpb: float, path: pathlib.Path) -> None:
 
 
 def _threshold_name(row: dict) -> str:
-  return f"recall {row['recall']:g}" if row["threshold"] == "calibrated" else f"t={row['threshold']:g}"
+  return (
+    f"recall {row['recall']:g}" if row["threshold"] == "calibrated" else f"t={row['threshold']:g}"
+  )
 
 
 def format_table(dense_bpb: float, rows: list[dict]) -> str:
-  lines = [f"{'estimator':<11} {'rank':>4} {'threshold':>10} {'bits/byte':>9} {'Δ dense':>8}"
-           f" {'computed/layer':>16} {'FLOP x':>7}",
-           f"{'dense':<11} {'':>4} {'':>10} {dense_bpb:9.4f} {0:8.4f} {'':>16} {1:7.2f}"]
+  lines = [
+    f"{'estimator':<11} {'rank':>4} {'threshold':>10} {'bits/byte':>9} {'Δ dense':>8}"
+    f" {'computed/layer':>16} {'FLOP x':>7}",
+    f"{'dense':<11} {'':>4} {'':>10} {dense_bpb:9.4f} {0:8.4f} {'':>16} {1:7.2f}",
+  ]
   for r in rows:
     comp = ",".join(f"{l['computed_fraction']:.2f}" for l in r["layers"])
-    lines.append(f"{r['method']:<11} {r['rank']:>4} {_threshold_name(r):>10} {r['bits_per_byte']:9.4f}"
-                 f" {r['bits_per_byte'] - dense_bpb:+8.4f} {comp:>16} {r['flop_model_speedup']:7.2f}")
+    lines.append(
+      f"{r['method']:<11} {r['rank']:>4} {_threshold_name(r):>10} {r['bits_per_byte']:9.4f}"
+      f" {r['bits_per_byte'] - dense_bpb:+8.4f} {comp:>16} {r['flop_model_speedup']:7.2f}"
+    )
   return "\n".join(lines)
 
 
 def run(
-    cfg: LMConfig, workdir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-    progress: bool = True, text_root: str | os.PathLike | None = None,
+  cfg: LMConfig,
+  workdir: str | os.PathLike,
+  out: str | os.PathLike | None = None,
+  *,
+  progress: bool = True,
+  text_root: str | os.PathLike | None = None,
 ) -> dict:
   """Trains (resuming), evaluates, times; writes ``lm.json`` and ``lm.png`` to `out`."""
   workdir = pathlib.Path(workdir)
@@ -492,8 +595,10 @@ def run(
     saved = json.loads(config_path.read_text())
     changed = [k for k in TRAIN_FIELDS if saved.get(k) != config[k]]
     if changed:
-      raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)} in"
-                       f" {config_path}); use another --workdir.")
+      raise ValueError(
+        f"{workdir} holds a run with other settings ({', '.join(changed)} in"
+        f" {config_path}); use another --workdir."
+      )
   config_path.write_text(json.dumps(config, indent=2) + "\n")
   train_files, test_files = split_files(stdlib_files(text_root), cfg.test_fraction, cfg.seed)
   train_text, test_text = read_bytes(train_files), read_bytes(test_files)
@@ -508,48 +613,91 @@ def run(
   for method in ("svd", "data_aware"):
     for rank in cfg.ranks:
       for threshold, recall in [(0.0, None)] + [("calibrated", r) for r in cfg.recalls]:
-        row = evaluate_setting(model, cfg, test, calib_inputs, method=method, rank=rank,
-                               threshold=threshold, recall=recall)
+        row = evaluate_setting(
+          model,
+          cfg,
+          test,
+          calib_inputs,
+          method=method,
+          rank=rank,
+          threshold=threshold,
+          recall=recall,
+        )
         rows.append(row)
         if progress:
-          tqdm.tqdm.write(f"{method} r={rank} {_threshold_name(row)}: {row['bits_per_byte']:.4f}"
-                          f" bits/byte, FLOP x{row['flop_model_speedup']:.2f}")
+          tqdm.tqdm.write(
+            f"{method} r={rank} {_threshold_name(row)}: {row['bits_per_byte']:.4f}"
+            f" bits/byte, FLOP x{row['flop_model_speedup']:.2f}"
+          )
   within = [r for r in rows if r["bits_per_byte"] <= dense_bpb + 0.02]
-  best = max(within, key=lambda r: r["flop_model_speedup"]) if within else min(rows, key=lambda r: r["bits_per_byte"])
-  target = {"max_bits_per_byte_gap": 0.02, "min_flop_model_speedup": 3.0,
-            "reached": bool(within) and best["flop_model_speedup"] >= 3.0,
-            "best_within_gap": {k: best[k] for k in ("method", "rank", "threshold", "recall", "bits_per_byte", "flop_model_speedup")}
-            if within else None}
+  best = (
+    max(within, key=lambda r: r["flop_model_speedup"])
+    if within
+    else min(rows, key=lambda r: r["bits_per_byte"])
+  )
+  target = {
+    "max_bits_per_byte_gap": 0.02,
+    "min_flop_model_speedup": 3.0,
+    "reached": bool(within) and best["flop_model_speedup"] >= 3.0,
+    "best_within_gap": {
+      k: best[k]
+      for k in ("method", "rank", "threshold", "recall", "bits_per_byte", "flop_model_speedup")
+    }
+    if within
+    else None,
+  }
   # latency: the best setting within the gap (else the closest to dense), refitted
-  evaluate_setting(model, cfg, test, calib_inputs, method=best["method"], rank=best["rank"],
-                   threshold=best["threshold"], recall=best["recall"])
+  evaluate_setting(
+    model,
+    cfg,
+    test,
+    calib_inputs,
+    method=best["method"],
+    rank=best["rank"],
+    threshold=best["threshold"],
+    recall=best["recall"],
+  )
   latency = decode_latency(model, cfg, best, repeats=cfg.latency_repeats)
   latency["note"] = (
-      f"d_model={cfg.d_model}, d_ff={cfg.d_ff}: one FFN is {ffn_dense_flops(cfg.d_model, cfg.d_ff)} "
-      "multiply-adds (0.5 MB of f32 weights, cache resident), so a decode step is bound by "
-      "per-op overhead (attention, layer norms, top-k, gathers, dispatch), not by FFN arithmetic; "
-      "skipping FFN units cannot pay here. The FFN benchmark (bench --suite ffn) shows where it "
-      "does: batch 1 at d_model 2048, d_ff 8192, whose weights stream from memory."
+    f"d_model={cfg.d_model}, d_ff={cfg.d_ff}: one FFN is {ffn_dense_flops(cfg.d_model, cfg.d_ff)} "
+    "multiply-adds (0.5 MB of f32 weights, cache resident), so a decode step is bound by "
+    "per-op overhead (attention, layer norms, top-k, gathers, dispatch), not by FFN arithmetic; "
+    "skipping FFN units cannot pay here. The FFN benchmark (bench --suite ffn) shows where it "
+    "does: batch 1 at d_model 2048, d_ff 8192, whose weights stream from memory."
   )
   result = {
-      "config": config, "environment": bench.environment(), "training": summary,
-      "data": {"root": str(pathlib.Path(os.__file__).parent if text_root is None else text_root),
-               "train_files": len(train_files), "test_files": len(test_files),
-               "train_bytes": int(len(train_text)), "test_bytes": int(len(test_text)),
-               "test_windows": int(len(test)), "calibration_windows": int(len(calib))},
-      "dense_bits_per_byte": dense_bpb, "conditional": rows, "target": target,
-      "decode_latency": latency,
+    "config": config,
+    "environment": bench.environment(),
+    "training": summary,
+    "data": {
+      "root": str(pathlib.Path(os.__file__).parent if text_root is None else text_root),
+      "train_files": len(train_files),
+      "test_files": len(test_files),
+      "train_bytes": len(train_text),
+      "test_bytes": len(test_text),
+      "test_windows": len(test),
+      "calibration_windows": len(calib),
+    },
+    "dense_bits_per_byte": dense_bpb,
+    "conditional": rows,
+    "target": target,
+    "decode_latency": latency,
   }
   out.mkdir(parents=True, exist_ok=True)
   path = bench.write_results("lm", result, out)
   plot(rows, dense_bpb, path.with_suffix(".png"))
   print(format_table(dense_bpb, rows))
-  print(f"target (≤ +0.02 bits/byte at ≥ 3x FFN FLOP model): "
-        f"{'reached' if target['reached'] else 'not reached'}; best within the gap: {target['best_within_gap']}")
-  print(f"batch-1 decode step ({latency['setting']}): dense {latency['dense_ms']:.3f} ms,"
-        f" skip auto {latency['skip_auto_ms']:.3f} ms (x{latency['speedup_auto']:.2f}),"
-        f" skip gather {latency['skip_gather_ms']:.3f} ms (x{latency['speedup_gather']:.2f});"
-        f" FLOP model x{latency['flop_model_speedup']:.2f}")
+  print(
+    f"target (≤ +0.02 bits/byte at ≥ 3x FFN FLOP model): "
+    f"{'reached' if target['reached'] else 'not reached'}; best within the gap:"
+    f" {target['best_within_gap']}"
+  )
+  print(
+    f"batch-1 decode step ({latency['setting']}): dense {latency['dense_ms']:.3f} ms,"
+    f" skip auto {latency['skip_auto_ms']:.3f} ms (x{latency['speedup_auto']:.2f}),"
+    f" skip gather {latency['skip_gather_ms']:.3f} ms (x{latency['speedup_gather']:.2f});"
+    f" FLOP model x{latency['flop_model_speedup']:.2f}"
+  )
   print(f"wrote {path} and {path.with_suffix('.png')}")
   return result
 

@@ -30,10 +30,10 @@ import numpy as np
 
 PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cpu", "cuda", "tpu"))
 KERNEL_MARKERS = {
-    "native FFI": "lrcc_tile_product",
-    "Pallas Triton": "__gpu$xla.gpu.triton",
-    "Pallas Mosaic TPU": "tpu_custom_call",
-    "Pallas Mosaic GPU": "mosaic_gpu",
+  "native FFI": "lrcc_tile_product",
+  "Pallas Triton": "__gpu$xla.gpu.triton",
+  "Pallas Mosaic TPU": "tpu_custom_call",
+  "Pallas Mosaic GPU": "mosaic_gpu",
 }
 CONTROL_FLOW = ("stablehlo.case", "stablehlo.if", "stablehlo.while")
 
@@ -72,7 +72,9 @@ def paths(width: int = 256) -> list[Path]:
   chain = _layers([width, width, width], 16)
   mlp = L.PackedMLP(tuple(chain), jnp.ones((width, 10), jnp.float32), jnp.zeros((10,), jnp.float32))
   caps16 = (2, 2)  # of 16 blocks: 12.5%
-  model = nn.ConditionalMLP(width, [width, width], 10, ranks=4, capacities=2, block_sizes=16, rngs=nnx.Rngs(0))
+  model = nn.ConditionalMLP(
+    width, [width, width], 10, ranks=4, capacities=2, block_sizes=16, rngs=nnx.Rngs(0)
+  )
 
   def chain_fn(x):
     h = L.sparse_packed_dense(x, chain[0], capacity=2)
@@ -80,13 +82,33 @@ def paths(width: int = 256) -> list[Path]:
 
   shape16, shape1 = p16.weight.shape, p1.weight.shape
   return [
-      Path("packed_dense gather bs=16", lambda x: L.packed_dense(x, p16, capacity=2, strategy="gather"), x, (shape16,)),
-      Path("packed_dense gather bs=1", lambda x: L.packed_dense(x, p1, capacity=32, strategy="gather"), x, (shape1,)),
-      Path("packed_dense auto bs=16", lambda x: L.packed_dense(x, p16, capacity=2), x, (shape16,)),
-      Path("packed_dense auto, 64 rows", lambda x: L.packed_dense(x, p16, capacity=8), jnp.ones((64, width)), (shape16,)),
-      Path("sparse_packed_dense chain bs=16", chain_fn, x, (shape16, (16, 16, width // 16, 16))),
-      Path("packed_mlp auto bs=16", lambda x: L.packed_mlp(x, mlp, thresholds=(0.0, 0.0), capacities=caps16), x, (shape16,)),
-      Path("nn.ConditionalMLP skip bs=16", lambda x: model(x, mode="skip"), x, (shape16,)),
+    Path(
+      "packed_dense gather bs=16",
+      lambda x: L.packed_dense(x, p16, capacity=2, strategy="gather"),
+      x,
+      (shape16,),
+    ),
+    Path(
+      "packed_dense gather bs=1",
+      lambda x: L.packed_dense(x, p1, capacity=32, strategy="gather"),
+      x,
+      (shape1,),
+    ),
+    Path("packed_dense auto bs=16", lambda x: L.packed_dense(x, p16, capacity=2), x, (shape16,)),
+    Path(
+      "packed_dense auto, 64 rows",
+      lambda x: L.packed_dense(x, p16, capacity=8),
+      jnp.ones((64, width)),
+      (shape16,),
+    ),
+    Path("sparse_packed_dense chain bs=16", chain_fn, x, (shape16, (16, 16, width // 16, 16))),
+    Path(
+      "packed_mlp auto bs=16",
+      lambda x: L.packed_mlp(x, mlp, thresholds=(0.0, 0.0), capacities=caps16),
+      x,
+      (shape16,),
+    ),
+    Path("nn.ConditionalMLP skip bs=16", lambda x: model(x, mode="skip"), x, (shape16,)),
   ]
 
 
@@ -143,12 +165,14 @@ def table(pallas: bool = True) -> list[dict]:
       traced = jax.jit(path.fn).trace(jax.ShapeDtypeStruct(path.x.shape, path.x.dtype))
       for platforms in PLATFORM_SETS:
         text = traced.lower(lowering_platforms=platforms).as_text()
-        rows.append({
+        rows.append(
+          {
             "path": path.name,
             "platforms": ",".join(platforms),
             "kernels": kernels_in(text, path.weight_shapes),
             "control_flow": control_flow_in(text),
-        })
+          }
+        )
   return rows
 
 
@@ -171,7 +195,10 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  print(f"jax {jax.__version__}; lowered from {jax.default_backend()}; f32 layers 256 wide, batch 1 unless named\n")
+  print(
+    f"jax {jax.__version__}; lowered from {jax.default_backend()}; f32 layers 256 wide, batch 1"
+    " unless named\n"
+  )
   print("Pallas kernels on (default):\n")
   print(markdown(table(pallas=True)))
   if "--no-escape-hatch" not in argv:

@@ -60,31 +60,31 @@ from lrcc_jax.apps import bench, data, evaluate, table, train
 logger = logging.getLogger(__name__)
 
 ROW_KEYS: tuple[str, ...] = (
-    "dataset",
-    "estimator",
-    "ranks",
-    "threshold",
-    "test_error_dense",
-    "test_error_conditional",
-    "density",
-    "recall",
-    "computed_fraction",
-    "theoretical_speedup",
-    "measured_speedup_batch1",
+  "dataset",
+  "estimator",
+  "ranks",
+  "threshold",
+  "test_error_dense",
+  "test_error_conditional",
+  "density",
+  "recall",
+  "computed_fraction",
+  "theoretical_speedup",
+  "measured_speedup_batch1",
 )
 """The results-row fields shared with ``lrcc-jax evaluate``; every sweep row has them."""
 
 EXTRA_KEYS: tuple[str, ...] = (
-    "protocol",
-    "thresholds",
-    "n_examples",
-    "capacities",
-    "test_error_capacity",
-    "skip_strategy",
-    "dense_ms_batch1",
-    "skip_ms_batch1",
-    "capacity_flop_speedup",
-    "fraction_of_theoretical",
+  "protocol",
+  "thresholds",
+  "n_examples",
+  "capacities",
+  "test_error_capacity",
+  "skip_strategy",
+  "dense_ms_batch1",
+  "skip_ms_batch1",
+  "capacity_flop_speedup",
+  "fraction_of_theoretical",
 )
 """The other fields of a sweep row (see `run_sweep`)."""
 
@@ -130,9 +130,9 @@ class SweepConfig:
       value = getattr(self, name)
       if isinstance(value, (list, str)):
         object.__setattr__(self, name, tuple(value) if isinstance(value, list) else (value,))
-    object.__setattr__(self, "ranks", tuple(
-        tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in self.ranks
-    ))
+    object.__setattr__(
+      self, "ranks", tuple(tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in self.ranks)
+    )
     for name in ("ranks", "thresholds", "protocols", "estimators"):
       if not getattr(self, name):
         raise ValueError(f"SweepConfig.{name} is empty.")
@@ -155,9 +155,7 @@ class SweepConfig:
   def quick(self) -> SweepConfig:
     """A tiny version for tests and smoke runs: the `quick_ranks` settings, 3 repeats."""
     ranks = tuple(dict.fromkeys(self.ranks[i] for i in self.quick_ranks))
-    return dataclasses.replace(
-        self, ranks=ranks, bench_repeats=min(self.bench_repeats, 3)
-    )
+    return dataclasses.replace(self, ranks=ranks, bench_repeats=min(self.bench_repeats, 3))
 
   def to_dict(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -193,7 +191,9 @@ def load_config(path: str | os.PathLike) -> tuple[train.TrainConfig, SweepConfig
     raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not TrainConfig.")
   sweep = module.get_sweep_config() if hasattr(module, "get_sweep_config") else SweepConfig()
   if not isinstance(sweep, SweepConfig):
-    raise ValueError(f"{path}: get_sweep_config() returned {type(sweep).__name__}, not SweepConfig.")
+    raise ValueError(
+      f"{path}: get_sweep_config() returned {type(sweep).__name__}, not SweepConfig."
+    )
   return config, sweep
 
 
@@ -205,7 +205,9 @@ def resolve_ranks(setting: Sequence[Any], widths: Sequence[int]) -> tuple[int, .
     widths: the network's widths ``(n_in, h_1, …, h_L)``.
   """
   full = [min(a, b) for a, b in zip(widths, widths[1:])]
-  setting = _checks.per_layer(setting[0] if len(setting) == 1 else setting, len(full), "rank setting")
+  setting = _checks.per_layer(
+    setting[0] if len(setting) == 1 else setting, len(full), "rank setting"
+  )
   return tuple(f if r == FULL else min(int(r), f) for r, f in zip(setting, full))
 
 
@@ -227,15 +229,15 @@ def _skip_strategy(model: Any) -> str:
 
 
 def sweep_row(
-    model: Any,
-    dataset: data.Dataset,
-    *,
-    protocol: str,
-    estimator: str,
-    threshold: float | str,
-    calibration_x: jax.Array,
-    x_pool: np.ndarray,
-    sweep: SweepConfig,
+  model: Any,
+  dataset: data.Dataset,
+  *,
+  protocol: str,
+  estimator: str,
+  threshold: float | str,
+  calibration_x: jax.Array,
+  x_pool: np.ndarray,
+  sweep: SweepConfig,
 ) -> dict[str, Any]:
   """One results row for a model whose estimators are fitted (thresholds set here).
 
@@ -257,33 +259,33 @@ def sweep_row(
   else:
     m.set_thresholds(float(threshold))
   m.set_capacities(
-      evaluate.selection_capacities(m, calibration_x, quantile=sweep.capacity_quantile)
+    evaluate.selection_capacities(m, calibration_x, quantile=sweep.capacity_quantile)
   )
   result = evaluate.evaluate_prepared(m, dataset, estimator=estimator)
   timing = bench.bench_mlp(m, (1,), repeats=sweep.bench_repeats, x_pool=x_pool)[0]
   measured = float(timing["measured_speedup"])
   return {
-      "dataset": result["dataset"],
-      "protocol": protocol,
-      "estimator": estimator,
-      "ranks": result["ranks"],
-      "threshold": threshold if isinstance(threshold, str) else float(threshold),
-      "thresholds": result["threshold"],
-      "n_examples": result["n_examples"],
-      "test_error_dense": result["test_error_dense"],
-      "test_error_conditional": result["test_error_conditional"],
-      "test_error_capacity": result["test_error_capacity"],
-      "capacities": result["capacities"],
-      "density": result["density"],
-      "recall": result["recall"],
-      "computed_fraction": result["computed_fraction"],
-      "theoretical_speedup": result["theoretical_speedup"],
-      "measured_speedup_batch1": measured,
-      "fraction_of_theoretical": measured / result["theoretical_speedup"],
-      "capacity_flop_speedup": float(timing["flop_model_speedup"]),
-      "skip_strategy": _skip_strategy(m),
-      "dense_ms_batch1": float(timing["dense_ms"]),
-      "skip_ms_batch1": float(timing["skip_ms"]),
+    "dataset": result["dataset"],
+    "protocol": protocol,
+    "estimator": estimator,
+    "ranks": result["ranks"],
+    "threshold": threshold if isinstance(threshold, str) else float(threshold),
+    "thresholds": result["threshold"],
+    "n_examples": result["n_examples"],
+    "test_error_dense": result["test_error_dense"],
+    "test_error_conditional": result["test_error_conditional"],
+    "test_error_capacity": result["test_error_capacity"],
+    "capacities": result["capacities"],
+    "density": result["density"],
+    "recall": result["recall"],
+    "computed_fraction": result["computed_fraction"],
+    "theoretical_speedup": result["theoretical_speedup"],
+    "measured_speedup_batch1": measured,
+    "fraction_of_theoretical": measured / result["theoretical_speedup"],
+    "capacity_flop_speedup": float(timing["flop_model_speedup"]),
+    "skip_strategy": _skip_strategy(m),
+    "dense_ms_batch1": float(timing["dense_ms"]),
+    "skip_ms_batch1": float(timing["skip_ms"]),
   }
 
 
@@ -291,14 +293,14 @@ def sweep_row(
 
 
 def run_sweep(
-    config: train.TrainConfig,
-    sweep: SweepConfig,
-    workdir: str | os.PathLike,
-    out_dir: str | os.PathLike | None = None,
-    *,
-    quick: bool = False,
-    progress: bool = True,
-    name: str | None = None,
+  config: train.TrainConfig,
+  sweep: SweepConfig,
+  workdir: str | os.PathLike,
+  out_dir: str | os.PathLike | None = None,
+  *,
+  quick: bool = False,
+  progress: bool = True,
+  name: str | None = None,
 ) -> dict[str, Any]:
   """Trains `config` under every protocol, sweeps the estimators, writes JSON and plots.
 
@@ -330,7 +332,7 @@ def run_sweep(
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
   x_pool = data.normalize(dataset.test_images)
   calibration_x = jnp.asarray(
-      evaluate.calibration_subset(dataset, sweep.calibration_rows, config.seed)
+    evaluate.calibration_subset(dataset, sweep.calibration_rows, config.seed)
   )
   say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
 
@@ -352,13 +354,23 @@ def run_sweep(
         fitted = nnx.clone(model)
         fitted.eval()
         evaluate.fit_estimators(
-            fitted, calibration_x, estimator=estimator, ranks=list(ranks), recall=sweep.recall,
-            seed=config.seed,
+          fitted,
+          calibration_x,
+          estimator=estimator,
+          ranks=list(ranks),
+          recall=sweep.recall,
+          seed=config.seed,
         )
         for threshold in sweep.thresholds:
           row = sweep_row(
-              fitted, dataset, protocol=protocol, estimator=estimator, threshold=threshold,
-              calibration_x=calibration_x, x_pool=x_pool, sweep=sweep,
+            fitted,
+            dataset,
+            protocol=protocol,
+            estimator=estimator,
+            threshold=threshold,
+            calibration_x=calibration_x,
+            x_pool=x_pool,
+            sweep=sweep,
           )
           rows.append(row)
           say("sweep: " + format_row(row))
@@ -367,11 +379,11 @@ def run_sweep(
 
   name = name or _dataset_tag(dataset.name) + ("_quick" if quick else "")
   payload = {
-      "environment": bench.environment(),
-      "config": {"train": config.to_dict(), "sweep": sweep.to_dict(), "quick": quick},
-      "train": summaries,
-      "rows": rows,
-      "seconds": seconds,
+    "environment": bench.environment(),
+    "config": {"train": config.to_dict(), "sweep": sweep.to_dict(), "quick": quick},
+    "train": summaries,
+    "rows": rows,
+    "seconds": seconds,
   }
   files = []
   if out_dir is not None:
@@ -396,20 +408,30 @@ def _fmt_threshold(t: Any) -> str:
 def format_row(row: Mapping[str, Any]) -> str:
   """One line of a row, for progress logs."""
   return (
-      f"{row['protocol']} {row['estimator']} ranks={_fmt_list(row['ranks'], 'd')}"
-      f" t={_fmt_threshold(row['threshold'])} err {row['test_error_conditional']:.4f}"
-      f" (dense {row['test_error_dense']:.4f}, cap {row['test_error_capacity']:.4f})"
-      f" recall {_fmt_list(row['recall'], '.3f')} computed {_fmt_list(row['computed_fraction'], '.3f')}"
-      f" speed-up {row['theoretical_speedup']:.2f}x theory, {row['measured_speedup_batch1']:.2f}x measured"
+    f"{row['protocol']} {row['estimator']} ranks={_fmt_list(row['ranks'], 'd')}"
+    f" t={_fmt_threshold(row['threshold'])} err {row['test_error_conditional']:.4f}"
+    f" (dense {row['test_error_dense']:.4f}, cap {row['test_error_capacity']:.4f})"
+    f" recall {_fmt_list(row['recall'], '.3f')} computed"
+    f" {_fmt_list(row['computed_fraction'], '.3f')}"
+    f" speed-up {row['theoretical_speedup']:.2f}x theory, {row['measured_speedup_batch1']:.2f}x"
+    " measured"
   )
 
 
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("protocol", "protocol"), ("estimator", "estimator"), ("ranks", "ranks"), ("thr", "threshold"),
-    ("err dense", "test_error_dense"), ("err cond", "test_error_conditional"),
-    ("err cap", "test_error_capacity"), ("recall", "recall"),
-    ("computed", "computed_fraction"), ("density", "density"), ("capacities", "capacities"),
-    ("theory", "theoretical_speedup"), ("measured b1", "measured_speedup_batch1"),
+  ("protocol", "protocol"),
+  ("estimator", "estimator"),
+  ("ranks", "ranks"),
+  ("thr", "threshold"),
+  ("err dense", "test_error_dense"),
+  ("err cond", "test_error_conditional"),
+  ("err cap", "test_error_capacity"),
+  ("recall", "recall"),
+  ("computed", "computed_fraction"),
+  ("density", "density"),
+  ("capacities", "capacities"),
+  ("theory", "theoretical_speedup"),
+  ("measured b1", "measured_speedup_batch1"),
 )
 
 
@@ -428,10 +450,10 @@ def _cell(key: str, value: Any, markdown: bool) -> str:
 
 
 TABLE_LEGEND: tuple[str, ...] = (
-    "thr: threshold ('cal' = calibrated to the recall target on training rows); err cond:"
-    " conditional network; err cap: with the skip-mode capacities.",
-    "theory: FLOP-model speed-up (multiply-adds), not a time; measured b1: dense jit time /"
-    " skip-mode time at batch 1, measured on this machine (below 1: skipping is slower).",
+  "thr: threshold ('cal' = calibrated to the recall target on training rows); err cond:"
+  " conditional network; err cap: with the skip-mode capacities.",
+  "theory: FLOP-model speed-up (multiply-adds), not a time; measured b1: dense jit time /"
+  " skip-mode time at batch 1, measured on this machine (below 1: skipping is slower).",
 )
 
 
@@ -440,7 +462,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool = False) -
   header = [h for h, _ in TABLE_COLUMNS]
   lines = [[_cell(k, r[k], markdown) for _, k in TABLE_COLUMNS] for r in rows]
   return table.format_table(
-      header, lines, markdown=markdown, legend=() if markdown else TABLE_LEGEND
+    header, lines, markdown=markdown, legend=() if markdown else TABLE_LEGEND
   )
 
 
@@ -448,7 +470,9 @@ def _rank_label(ranks: Sequence[int]) -> str:
   return str(ranks[0]) if len(set(ranks)) == 1 else "/".join(str(r) for r in ranks)
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, name: str) -> list[pathlib.Path]:
+def plot_sweep(
+  rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, name: str
+) -> list[pathlib.Path]:
   """Writes the three PNGs of a sweep and returns their paths.
 
   - ``sweep_<name>_error.png``: test error vs rank (conditional network, and with the
@@ -477,9 +501,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, na
 
   def series(protocol, estimator, threshold, key, layer=None):
     pts = sorted(
-        (xs[tuple(r["ranks"])], r[key] if layer is None else r[key][layer])
-        for r in rows
-        if r["protocol"] == protocol and r["estimator"] == estimator and r["threshold"] == threshold
+      (xs[tuple(r["ranks"])], r[key] if layer is None else r[key][layer])
+      for r in rows
+      if r["protocol"] == protocol and r["estimator"] == estimator and r["threshold"] == threshold
     )
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -527,8 +551,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, na
             x, y = series(p, e, t, key, li)
             ax.plot(x, y, styles[p], color=colors[e], marker="o", ms=3, label=f"{p} / {e}")
           if key == "computed_fraction":
-            ax.axhline(dense_value(p, "density", li), color="k", ls=styles[p], lw=1,
-                       label=f"{p}: density")
+            ax.axhline(
+              dense_value(p, "density", li), color="k", ls=styles[p], lw=1, label=f"{p}: density"
+            )
         ax.set_title(f"layer {li + 1}, threshold {_fmt_threshold(t)}", fontsize=9)
         finish(ax, "recall" if key == "recall" else "computed fraction")
         if ti == 0 and li == 0:
@@ -565,13 +590,19 @@ def run_command(args: Any) -> int:
   config, sweep = load_config(args.config)
   workdir = args.workdir or os.path.join("runs", f"sweep_{pathlib.Path(args.config).stem}")
   result = run_sweep(
-      config, sweep, workdir, args.out or workdir, quick=args.quick,
-      progress=getattr(args, "progress", not args.no_progress),
+    config,
+    sweep,
+    workdir,
+    args.out or workdir,
+    quick=args.quick,
+    progress=getattr(args, "progress", not args.no_progress),
   )
   rows = result["rows"]
-  print(f"{config.dataset}: hidden {','.join(map(str, config.hidden_sizes))},"
-        f" {rows[0]['n_examples'] if rows else 0} test examples, {len(rows)} rows,"
-        f" {result['seconds']['total']:.0f} s ({result['environment']['device_kind']})")
+  print(
+    f"{config.dataset}: hidden {','.join(map(str, config.hidden_sizes))},"
+    f" {rows[0]['n_examples'] if rows else 0} test examples, {len(rows)} rows,"
+    f" {result['seconds']['total']:.0f} s ({result['environment']['device_kind']})"
+  )
   print(format_table(rows))
   for path in result["files"]:
     print(f"wrote {path}")

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 
 def format_table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    markdown: bool = False,
-    right: Sequence[bool] | None = None,
-    legend: Sequence[str] = (),
+  header: Sequence[str],
+  rows: Sequence[Sequence[str]],
+  *,
+  markdown: bool = False,
+  right: Sequence[bool] | None = None,
+  legend: Sequence[str] = (),
 ) -> str:
   """A fixed-width text table (or a Markdown table) of already formatted cells.
 
@@ -49,7 +49,7 @@ def format_table(
 
     def line(cells: Sequence[str]) -> str:
       return "  ".join(
-          c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)
+        c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)
       ).rstrip()
 
     out = [line(header), "  ".join("-" * w for w in widths)]

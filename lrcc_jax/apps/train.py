@@ -60,11 +60,12 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lrcc_jax.apps import data
 from lrcc_jax import _checks, nn
-from lrcc_jax._estimator import LowRankEstimator, subspace_refit
+from lrcc_jax._estimator import subspace_refit
+from lrcc_jax.apps import data
 from lrcc_jax.apps.checkpoint import Checkpointer
 
 Array = jax.Array
@@ -131,8 +132,8 @@ class TrainConfig:
       raise ValueError(f"protocol={self.protocol!r} must be one of {PROTOCOLS}.")
     if self.batch_size < 1 or self.epochs < 0 or self.refit_every < 1:
       raise ValueError(
-          f"batch_size={self.batch_size} and refit_every={self.refit_every} must be >= 1 "
-          f"and epochs={self.epochs} >= 0."
+        f"batch_size={self.batch_size} and refit_every={self.refit_every} must be >= 1 "
+        f"and epochs={self.epochs} >= 0."
       )
     n = len(self.hidden_sizes)
     for name in ("ranks", "l1"):
@@ -166,13 +167,13 @@ def create_model(config: TrainConfig, num_features: int, num_classes: int) -> nn
   checkpoints), so a resumed run draws the same dropout masks as an uninterrupted one.
   """
   return nn.ConditionalMLP(
-      num_features,
-      config.hidden_sizes,
-      num_classes,
-      ranks=config.ranks,
-      thresholds=config.threshold,
-      dropout_rate=config.dropout_rate,
-      rngs=nnx.Rngs(config.seed),
+    num_features,
+    config.hidden_sizes,
+    num_classes,
+    ranks=config.ranks,
+    thresholds=config.threshold,
+    dropout_rate=config.dropout_rate,
+    rngs=nnx.Rngs(config.seed),
   )
 
 
@@ -189,25 +190,25 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 
 @functools.lru_cache(maxsize=32)
 def _adam_warmup_cosine(
-    learning_rate: float, epochs: int, steps_per_epoch: int
+  learning_rate: float, epochs: int, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   total = max(1, epochs * steps_per_epoch)
   warmup = max(1, min(steps_per_epoch, total // 10))
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=learning_rate,
-      warmup_steps=warmup,
-      decay_steps=max(total, warmup + 1),
-      end_value=0.01 * learning_rate,
+    init_value=0.0,
+    peak_value=learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total, warmup + 1),
+    end_value=0.01 * learning_rate,
   )
   return optax.adam(schedule)
 
 
 def make_data_mesh(
-    batch_size: int,
-    num_devices: int | None = None,
-    *,
-    devices: Sequence[jax.Device] | None = None,
+  batch_size: int,
+  num_devices: int | None = None,
+  *,
+  devices: Sequence[jax.Device] | None = None,
 ) -> jax.sharding.Mesh:
   """A 1-D ``("data",)`` mesh for data parallelism.
 
@@ -229,19 +230,23 @@ def make_data_mesh(
   if num_devices is None:
     num_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
   if not 1 <= num_devices <= len(devices):
-    raise ValueError(f"num_devices={num_devices} must be in [1, {len(devices)}] (the devices available).")
+    raise ValueError(
+      f"num_devices={num_devices} must be in [1, {len(devices)}] (the devices available)."
+    )
   check_batch_divisible(batch_size, num_devices)
   return jax.make_mesh(
-      (num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-      devices=devices[:num_devices],
+    (num_devices,),
+    ("data",),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=devices[:num_devices],
   )
 
 
 def check_batch_divisible(batch_size: int, num_devices: int) -> None:
   if batch_size % num_devices:
     raise ValueError(
-        f"batch_size={batch_size} is not divisible by the {num_devices} devices of the data "
-        f"mesh; pick a batch size that is a multiple of {num_devices} or use fewer devices."
+      f"batch_size={batch_size} is not divisible by the {num_devices} devices of the data "
+      f"mesh; pick a batch size that is a multiple of {num_devices} or use fewer devices."
     )
 
 
@@ -266,7 +271,7 @@ def _shard_rows(mesh: jax.sharding.Mesh, source: np.ndarray, rows: np.ndarray) -
   """
   sharding = NamedSharding(mesh, P("data"))
   shape = (len(rows), *source.shape[1:])
-  return jax.make_array_from_callback(shape, sharding, lambda index: source[rows[index[0]]])
+  return jax.make_array_from_callback(shape, sharding, lambda index: source[rows[index[0]]])  # type: ignore[index]
 
 
 def _sync_each_step(mesh: jax.sharding.Mesh) -> bool:
@@ -306,11 +311,11 @@ def _replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
 
 
 def compute_loss(
-    model: nn.ConditionalMLP,
-    images: Array,
-    labels: Array,
-    l1: Sequence[float],
-    mode: nn.Mode = "dense",
+  model: nn.ConditionalMLP,
+  images: Array,
+  labels: Array,
+  l1: Sequence[float],
+  mode: nn.Mode = "dense",
 ) -> tuple[Array, dict[str, Any]]:
   """The training objective of one batch: CE + Σ_l λ_l · mean_batch ‖a_l‖₁.
 
@@ -336,13 +341,13 @@ def compute_loss(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "l1", "mode"), donate_argnames=("state",))
 def train_step(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: Array,
-    labels: Array,
-    *,
-    l1: tuple[float, ...],
-    mode: nn.Mode = "dense",
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  images: Array,
+  labels: Array,
+  *,
+  l1: tuple[float, ...],
+  mode: nn.Mode = "dense",
 ) -> tuple[nnx.State, dict[str, Array]]:
   """One optimizer step on the split ``(model, optimizer)`` state.
 
@@ -361,29 +366,27 @@ def train_step(
   module they were split from) after the call; `nnx.update` the module with the result.
   """
   model, optimizer = nnx.merge(graphdef, state)
-  grad_fn = nnx.value_and_grad(
-      lambda m: compute_loss(m, images, labels, l1, mode), has_aux=True
-  )
+  grad_fn = nnx.value_and_grad(lambda m: compute_loss(m, images, labels, l1, mode), has_aux=True)
   (loss, aux), grads = grad_fn(model)
   optimizer.update(model, grads)
   metrics = {
-      "loss": loss,
-      "ce": aux["ce"],
-      "accuracy": (aux["logits"].argmax(-1) == labels).mean(),
-      "density": jnp.stack([(a > 0).mean() for a in aux["activations"]]),
+    "loss": loss,
+    "ce": aux["ce"],
+    "accuracy": (aux["logits"].argmax(-1) == labels).mean(),
+    "density": jnp.stack([(a > 0).mean() for a in aux["activations"]]),
   }
   return nnx.state((model, optimizer)), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
 def eval_step(
-    graphdef: nnx.GraphDef,
-    model_state: nnx.State,
-    images: Array,
-    labels: Array,
-    valid: Array,
-    *,
-    mode: nn.Mode = "dense",
+  graphdef: nnx.GraphDef,
+  model_state: nnx.State,
+  images: Array,
+  labels: Array,
+  valid: Array,
+  *,
+  mode: nn.Mode = "dense",
 ) -> dict[str, Array]:
   """Sums over one (padded) evaluation batch: errors, examples, active units per layer.
 
@@ -397,9 +400,9 @@ def eval_step(
   logits, acts = model(data.normalize(images), mode=mode, return_activations=True)
   w = valid.astype(jnp.float32)
   return {
-      "errors": ((logits.argmax(-1) != labels) * w).sum(),
-      "count": w.sum(),
-      "active": jnp.stack([((a > 0).mean(-1) * w).sum() for a in acts]),
+    "errors": ((logits.argmax(-1) != labels) * w).sum(),
+    "count": w.sum(),
+    "active": jnp.stack([((a > 0).mean(-1) * w).sum() for a in acts]),
   }
 
 
@@ -421,13 +424,13 @@ def subspace_refit_step(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
 
 
 def evaluate_split(
-    model: nn.ConditionalMLP,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    mode: nn.Mode = "dense",
-    mesh: jax.sharding.Mesh | None = None,
-    batch_size: int = _EVAL_BATCH,
+  model: nn.ConditionalMLP,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  mode: nn.Mode = "dense",
+  mesh: jax.sharding.Mesh | None = None,
+  batch_size: int = _EVAL_BATCH,
 ) -> dict[str, Any]:
   """Error rate and per-layer density of `model` (evaluation mode) on a whole split.
 
@@ -442,9 +445,12 @@ def evaluate_split(
   if mesh is not None:
     state = _replicate(mesh, state)
   totals = None
-  for x, y, valid in data.padded_batches(images, labels, batch_size):
-    if mesh is not None:
-      x, y, valid = (_shard_batch(mesh, a) for a in (x, y, valid))
+  for x_np, y_np, valid_np in data.padded_batches(images, labels, batch_size):
+    x, y, valid = (
+      (x_np, y_np, valid_np)
+      if mesh is None
+      else tuple(_shard_batch(mesh, a) for a in (x_np, y_np, valid_np))
+    )
     out = eval_step(graphdef, state, x, y, valid, mode=mode)
     if mesh is not None and _sync_each_step(mesh):
       jax.block_until_ready(out)
@@ -454,8 +460,8 @@ def evaluate_split(
   totals = jax.device_get(totals)
   count = float(totals["count"])
   return {
-      "error": float(totals["errors"]) / count,
-      "density": [float(a) / count for a in totals["active"]],
+    "error": float(totals["errors"]) / count,
+    "density": [float(a) / count for a in totals["active"]],
   }
 
 
@@ -474,17 +480,18 @@ def _check_config(workdir: pathlib.Path, config: TrainConfig) -> None:
     return
   old = TrainConfig.from_dict(json.loads(path.read_text()))
   differing = [
-      f.name for f in dataclasses.fields(TrainConfig)
-      if f.name not in RESUMABLE_FIELDS and getattr(old, f.name) != getattr(config, f.name)
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.name not in RESUMABLE_FIELDS and getattr(old, f.name) != getattr(config, f.name)
   ]
   if differing:
     details = ", ".join(
-        f"{name}: stored {getattr(old, name)!r} != requested {getattr(config, name)!r}"
-        for name in differing
+      f"{name}: stored {getattr(old, name)!r} != requested {getattr(config, name)!r}"
+      for name in differing
     )
     raise ValueError(
-        f"{path} was written by a different configuration ({details}). Use a new workdir, "
-        f"or the stored values to resume; only {sorted(RESUMABLE_FIELDS)} may change."
+      f"{path} was written by a different configuration ({details}). Use a new workdir, "
+      f"or the stored values to resume; only {sorted(RESUMABLE_FIELDS)} may change."
     )
 
 
@@ -529,12 +536,12 @@ def _abstract_state(config: TrainConfig, num_features: int, num_classes: int, st
 
 
 def train_and_evaluate(
-    config: TrainConfig,
-    workdir: str | os.PathLike,
-    *,
-    progress: bool = True,
-    stop_after_epochs: int | None = None,
-    mesh: jax.sharding.Mesh | None = None,
+  config: TrainConfig,
+  workdir: str | os.PathLike,
+  *,
+  progress: bool = True,
+  stop_after_epochs: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> dict:
   """Trains `config` in `workdir`, resuming from its last complete checkpoint.
 
@@ -573,7 +580,7 @@ def train_and_evaluate(
   steps_per_epoch = data.num_batches(len(ds.train_images), config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(
-        f"batch_size={config.batch_size} exceeds the {len(ds.train_images)} training examples."
+      f"batch_size={config.batch_size} exceeds the {len(ds.train_images)} training examples."
     )
   # Multi-process: every process runs this function; process 0 alone writes the run
   # files (and the checkpoint manifests), the others only read them when resuming.
@@ -584,7 +591,7 @@ def train_and_evaluate(
   if primary:
     _write_json_atomic(workdir / "config.json", config.to_dict())
     _write_json_atomic(
-        workdir / "model.json", {"num_features": ds.num_features, "num_classes": ds.num_classes}
+      workdir / "model.json", {"num_features": ds.num_features, "num_classes": ds.num_classes}
     )
 
   model, optimizer = _abstract_state(config, ds.num_features, ds.num_classes, steps_per_epoch)
@@ -605,24 +612,33 @@ def train_and_evaluate(
     train_labels = ds.train_labels.astype(np.int32)
     mode = "mask" if config.protocol == "in_loop" else "dense"
     sync_steps = _sync_each_step(mesh)
-    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    last_epoch = (
+      config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    )
 
     while epoch < last_epoch:
       epoch += 1
       t0 = time.perf_counter()
       batch_metrics = []
       bar = tqdm.tqdm(
-          total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
-          leave=False, dynamic_ncols=True, disable=None if progress else True,
+        total=steps_per_epoch,
+        desc=f"epoch {epoch}/{config.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if progress else True,
       )
       for rows in data.batch_indices(
-          len(ds.train_images), config.batch_size, seed=config.seed, epoch=epoch
+        len(ds.train_images), config.batch_size, seed=config.seed, epoch=epoch
       ):
         if mode == "mask" and step % config.refit_every == 0:
           state = subspace_refit_step(graphdef, state)
         state, m = train_step(
-            graphdef, state, _shard_rows(mesh, ds.train_images, rows),
-            _shard_rows(mesh, train_labels, rows), l1=l1, mode=mode,
+          graphdef,
+          state,
+          _shard_rows(mesh, ds.train_images, rows),
+          _shard_rows(mesh, train_labels, rows),
+          l1=l1,
+          mode=mode,
         )
         if sync_steps:
           jax.block_until_ready(state)
@@ -632,9 +648,9 @@ def train_and_evaluate(
         if progress and (len(batch_metrics) % 10 == 0 or len(batch_metrics) == steps_per_epoch):
           recent = jax.device_get(batch_metrics[-10:])
           bar.set_postfix(
-              loss=f"{np.mean([r['loss'] for r in recent]):.4f}",
-              acc=f"{np.mean([r['accuracy'] for r in recent]):.3f}",
-              density=f"{np.mean([r['density'] for r in recent]):.3f}",
+            loss=f"{np.mean([r['loss'] for r in recent]):.4f}",
+            acc=f"{np.mean([r['accuracy'] for r in recent]):.3f}",
+            density=f"{np.mean([r['density'] for r in recent]):.3f}",
           )
       bar.close()
       # Protocol (a) fits the estimators from the trained kernels; under (b) this keeps
@@ -646,16 +662,16 @@ def train_and_evaluate(
       ckpt.save(epoch, nnx.to_pure_dict(state), {"epoch": epoch, "step": step})
       host = jax.device_get(batch_metrics)
       record = {
-          "epoch": epoch,
-          "step": step,
-          "train_loss": float(np.mean([r["loss"] for r in host])),
-          "train_ce": float(np.mean([r["ce"] for r in host])),
-          "train_acc": float(np.mean([r["accuracy"] for r in host])),
-          "train_density": np.mean([r["density"] for r in host], axis=0).tolist(),
-          "test_error_dense": dense["error"],
-          "test_error_conditional": cond["error"],
-          "density": dense["density"],
-          "seconds": time.perf_counter() - t0,
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(np.mean([r["loss"] for r in host])),
+        "train_ce": float(np.mean([r["ce"] for r in host])),
+        "train_acc": float(np.mean([r["accuracy"] for r in host])),
+        "train_density": np.mean([r["density"] for r in host], axis=0).tolist(),
+        "test_error_dense": dense["error"],
+        "test_error_conditional": cond["error"],
+        "density": dense["density"],
+        "seconds": time.perf_counter() - t0,
       }
       if primary:
         with metrics_path.open("a") as f:
@@ -663,10 +679,10 @@ def train_and_evaluate(
       records.append(record)
       if progress:
         tqdm.tqdm.write(
-            f"epoch {epoch}: loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} "
-            f"test error {record['test_error_dense']:.4f} (conditional "
-            f"{record['test_error_conditional']:.4f}) density "
-            + " ".join(f"{d:.3f}" for d in record["density"])
+          f"epoch {epoch}: loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} "
+          f"test error {record['test_error_dense']:.4f} (conditional "
+          f"{record['test_error_conditional']:.4f}) density "
+          + " ".join(f"{d:.3f}" for d in record["density"])
         )
     ckpt.wait_until_finished()
   finally:
@@ -679,9 +695,14 @@ def train_and_evaluate(
   dense = evaluate_split(model, ds.test_images, ds.test_labels, mode="dense", mesh=mesh)
   cond = evaluate_split(model, ds.test_images, ds.test_labels, mode="mask", mesh=mesh)
   return {
-      "epoch": epoch, "step": step, "train_loss": None, "train_acc": None,
-      "test_error_dense": dense["error"], "test_error_conditional": cond["error"],
-      "density": dense["density"], "seconds": 0.0,
+    "epoch": epoch,
+    "step": step,
+    "train_loss": None,
+    "train_acc": None,
+    "test_error_dense": dense["error"],
+    "test_error_conditional": cond["error"],
+    "density": dense["density"],
+    "seconds": 0.0,
   }
 
 
@@ -715,8 +736,8 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
   cfg_path, shape_path = workdir / "config.json", workdir / "model.json"
   if not cfg_path.exists() or not shape_path.exists():
     raise FileNotFoundError(
-        f"{workdir} is not a training workdir: {cfg_path.name} or {shape_path.name} is missing. "
-        f"Train first: lrcc-jax train --workdir {workdir}"
+      f"{workdir} is not a training workdir: {cfg_path.name} or {shape_path.name} is missing. "
+      f"Train first: lrcc-jax train --workdir {workdir}"
     )
   config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
   shapes = json.loads(shape_path.read_text())
@@ -734,13 +755,14 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
   if restored is None:
     details = "; ".join(f"step {s}: {r}" for s, r in damaged) or "no steps at all"
     raise FileNotFoundError(
-        f"No complete, undamaged checkpoint in {ckpt_dir} ({details}). To recover, run"
-        f" `lrcc-jax train --workdir {workdir}` with the run's settings: it moves damaged"
-        f" steps to {ckpt_dir.name}_corrupt/ and trains again from the newest intact one."
+      f"No complete, undamaged checkpoint in {ckpt_dir} ({details}). To recover, run"
+      f" `lrcc-jax train --workdir {workdir}` with the run's settings: it moves damaged"
+      f" steps to {ckpt_dir.name}_corrupt/ and trains again from the newest intact one."
     )
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored[0]))
   nnx.update((model, optimizer), state)
   model.eval()
+  assert ckpt.restored_step is not None  # restore_latest raised otherwise
   return LoadedRun(model, config, int(ckpt.restored_step), damaged)
 
 

@@ -15,7 +15,7 @@ would cost more than the skipped products save. After changing the weights other
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +63,18 @@ class ConditionalFFN(nnx.Module):
   """
 
   def __init__(
-      self,
-      d_model: int,
-      d_ff: int,
-      *,
-      d_out: int | None = None,
-      rank: int | None = None,
-      activation: Activation = "relu",
-      gated: bool = False,
-      threshold: float = 0.0,
-      capacity: int | None = None,
-      block_size: int = 1,
-      rngs: nnx.Rngs,
+    self,
+    d_model: int,
+    d_ff: int,
+    *,
+    d_out: int | None = None,
+    rank: int | None = None,
+    activation: Activation = "relu",
+    gated: bool = False,
+    threshold: float = 0.0,
+    capacity: int | None = None,
+    block_size: int = 1,
+    rngs: nnx.Rngs,
   ):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
@@ -105,21 +105,25 @@ class ConditionalFFN(nnx.Module):
   def estimator(self) -> LowRankEstimator:
     return LowRankEstimator(self.u[...], self.v[...])
 
-  def _weights(self) -> dict[str, Array]:
+  def _weights(self) -> dict[str, Any]:
     names = ("w_in", "b_in", "w_out", "b_out") + (("w_up", "b_up") if self.gated else ())
     return {n: getattr(self, n)[...] for n in names}
 
   def pack(self, dtype: jnp.dtype | None = None) -> PackedFFN:
     """Packs the current weights and estimator (`pack_ffn`) and caches them for ``"skip"``."""
     packed = pack_ffn(
-        **self._weights(), est=self.estimator, block_size=self.block_size, dtype=dtype
+      **self._weights(), est=self.estimator, block_size=self.block_size, dtype=dtype
     )
     self.packed = PackedCache(packed)
     return packed
 
   def refit(
-      self, inputs: Array | None = None, *, method: Method = "svd", rank: int | None = None,
-      fit: FitMethod = "exact",
+    self,
+    inputs: Array | None = None,
+    *,
+    method: Method = "svd",
+    rank: int | None = None,
+    fit: FitMethod = "exact",
   ) -> None:
     """Refits the estimator of `w_in` (optionally at a new rank) and repacks.
 
@@ -170,12 +174,17 @@ class ConditionalFFN(nnx.Module):
       return add_bias(self.hidden(x) @ self.w_out[...], self.b_out[...])
     if mode == "mask":
       return conditional_ffn(
-          x, **self._weights(), est=self.estimator, threshold=self.threshold[...],
-          capacity=self.capacity, block_size=self.block_size, activation=self.activation,
+        x,
+        **self._weights(),
+        est=self.estimator,
+        threshold=self.threshold[...],
+        capacity=self.capacity,
+        block_size=self.block_size,
+        activation=self.activation,
       )
     packed = self.packed.get_value()
     if packed is None:  # not packed yet: correct, but packs on every call
       packed = pack_ffn(**self._weights(), est=self.estimator, block_size=self.block_size)
     return packed_ffn(
-        x, packed, threshold=self.threshold[...], capacity=self.capacity, activation=self.activation
+      x, packed, threshold=self.threshold[...], capacity=self.capacity, activation=self.activation
     )

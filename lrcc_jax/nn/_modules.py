@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrcc_jax import _checks
-from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_data_aware, fit_svd
+from lrcc_jax._estimator import LowRankEstimator, add_bias, fit_svd
 from lrcc_jax._layers import conditional_dense
 from lrcc_jax._mlp import PackedMLP, packed_mlp
-from lrcc_jax._packed import PackedDense, pack, packed_dense
+from lrcc_jax._packed import PackedDense, packed_dense
 from lrcc_jax._registry import NEEDS_INPUTS, fit_estimator
 from lrcc_jax._stats import calibrate_threshold
 
@@ -126,19 +126,19 @@ class ConditionalDense(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      rank: int,
-      threshold: float = 0.0,
-      capacity: int | None = None,
-      block_size: int = 1,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    threshold: float = 0.0,
+    capacity: int | None = None,
+    block_size: int = 1,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    rngs: nnx.Rngs,
   ):
     """Creates the layer.
 
@@ -203,8 +203,12 @@ class ConditionalDense(nnx.Module):
     self.repack()
 
   def refit(
-      self, inputs: Array | None = None, *, method: str = "svd", rank: int | None = None,
-      **options,
+    self,
+    inputs: Array | None = None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    **options,
   ) -> None:
     """Refits the estimator from the current kernel (optionally at a new rank).
 
@@ -216,15 +220,13 @@ class ConditionalDense(nnx.Module):
     """
     kernel = self.kernel[...]
     rank = self.rank if rank is None else _checks.check_rank(rank, *kernel.shape)
-    self.set_estimator(
-        fit_estimator(method, kernel, rank, inputs, bias=self.bias[...], **options)
-    )
+    self.set_estimator(fit_estimator(method, kernel, rank, inputs, bias=self.bias[...], **options))
 
   def calibrate(self, x: Array, *, recall: float = 0.99) -> Array:
     """Sets the threshold to the largest one with `recall` on `x` (`calibrate_threshold`)."""
     self.threshold[...] = jnp.asarray(
-        calibrate_threshold(x, self.kernel[...], self.bias[...], self.estimator, recall=recall),
-        jnp.float32,
+      calibrate_threshold(x, self.kernel[...], self.bias[...], self.estimator, recall=recall),
+      jnp.float32,
     )
     self.repack()
     return self.threshold[...]
@@ -266,8 +268,13 @@ class ConditionalDense(nnx.Module):
         _checks.check_features(x, kernel.shape[0])
         return jax.nn.relu(add_bias(x @ kernel, bias))
       return conditional_dense(
-          x, kernel, bias, self.estimator, threshold=self.threshold[...],
-          capacity=self.capacity, block_size=self.block_size,
+        x,
+        kernel,
+        bias,
+        self.estimator,
+        threshold=self.threshold[...],
+        capacity=self.capacity,
+        block_size=self.block_size,
       )
 
 
@@ -298,21 +305,21 @@ class ConditionalMLP(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      hidden_sizes: Sequence[int],
-      num_classes: int,
-      *,
-      ranks: int | Sequence[int] | None = None,
-      thresholds: float | Sequence[float] = 0.0,
-      capacities: int | None | Sequence[int | None] = None,
-      block_sizes: int | Sequence[int] = 1,
-      dropout_rate: float = 0.0,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    hidden_sizes: Sequence[int],
+    num_classes: int,
+    *,
+    ranks: int | Sequence[int] | None = None,
+    thresholds: float | Sequence[float] = 0.0,
+    capacities: int | Sequence[int | None] | None = None,
+    block_sizes: int | Sequence[int] = 1,
+    dropout_rate: float = 0.0,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    rngs: nnx.Rngs,
   ):
     if not hidden_sizes:
       raise ValueError("hidden_sizes must name at least one hidden layer.")
@@ -324,10 +331,12 @@ class ConditionalMLP(nnx.Module):
     capacities = _checks.per_layer(capacities, n, "capacities")
     block_sizes = _checks.per_layer(block_sizes, n, "block_sizes")
     init = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init)
-    self.layers = nnx.List([
+    self.layers = nnx.List(
+      [
         ConditionalDense(a, b, rank=r, threshold=t, capacity=c, block_size=bs, rngs=rngs, **init)
         for a, b, r, t, c, bs in zip(widths, widths[1:], ranks, thresholds, capacities, block_sizes)
-    ])
+      ]
+    )
     self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -345,7 +354,7 @@ class ConditionalMLP(nnx.Module):
     return tuple(l.capacity for l in self.layers)
 
   def __call__(
-      self, x: Array, *, mode: Mode = "dense", return_activations: bool = False
+    self, x: Array, *, mode: Mode = "dense", return_activations: bool = False
   ) -> Array | tuple[Array, list[Array]]:
     """Logits (..., num_classes), and optionally the hidden activations."""
     _check_mode(mode)
@@ -354,8 +363,11 @@ class ConditionalMLP(nnx.Module):
         if self.head.dtype is not None:
           x = x.astype(self.head.dtype)
         return packed_mlp(
-            x, self.packed(), thresholds=[l.threshold[...] for l in self.layers],
-            capacities=list(self.capacities), return_activations=return_activations,
+          x,
+          self.packed(),
+          thresholds=[l.threshold[...] for l in self.layers],
+          capacities=list(self.capacities),
+          return_activations=return_activations,
         )
     acts = []
     h = x
@@ -375,12 +387,12 @@ class ConditionalMLP(nnx.Module):
     return inputs
 
   def refit(
-      self,
-      inputs: Array | None = None,
-      *,
-      method: str = "svd",
-      ranks: int | Sequence[int] | None = None,
-      **options,
+    self,
+    inputs: Array | None = None,
+    *,
+    method: str = "svd",
+    ranks: int | Sequence[int] | None = None,
+    **options,
   ) -> None:
     """Refits every layer's estimator; data-dependent fits see the dense network's inputs."""
     ranks = _checks.per_layer(ranks, len(self.layers), "ranks")
@@ -397,7 +409,7 @@ class ConditionalMLP(nnx.Module):
     for layer, t in zip(self.layers, _checks.per_layer(thresholds, len(self.layers), "thresholds")):
       layer.threshold[...] = jnp.asarray(t, jnp.float32)
 
-  def set_capacities(self, capacities: int | None | Sequence[int | None]) -> None:
+  def set_capacities(self, capacities: int | Sequence[int | None] | None) -> None:
     """Sets the static capacities (they fix shapes: a jitted model retraces)."""
     for layer, c in zip(self.layers, _checks.per_layer(capacities, len(self.layers), "capacities")):
       n_blocks = layer.kernel.shape[1] // layer.block_size
@@ -435,8 +447,8 @@ class ConditionalMLP(nnx.Module):
 
   def settings(self) -> dict:
     return {
-        "ranks": list(self.ranks),
-        "thresholds": list(self.thresholds),
-        "capacities": list(self.capacities),
-        "block_sizes": [l.block_size for l in self.layers],
+      "ranks": list(self.ranks),
+      "thresholds": list(self.thresholds),
+      "capacities": list(self.capacities),
+      "block_sizes": [l.block_size for l in self.layers],
     }
