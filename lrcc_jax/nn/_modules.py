@@ -99,9 +99,10 @@ class ConditionalDense(nnx.Module):
   Jitting inference: `nnx.jit` with graph updates (its default) returns every variable of
   a module argument as a new output, a copy of all the module's arrays per call (for a
   4096² layer far more than the skipped product costs; an `nnx.Linear` pays it too). For
-  inference, jit with ``nnx.jit(f, donate_argnums=0)`` or ``nnx.jit(f, graph=False)``, or
-  `nnx.split` once and `jax.jit` over the state: then skip mode costs what
-  `lrcc_jax.packed_dense` costs (`lrcc-jax bench --suite module` measures all three).
+  inference use ``nnx.jit(f, graph=False)``, or `nnx.split` once and `jax.jit` over the
+  state: skip mode then costs what `lrcc_jax.packed_dense` costs. Donating the module
+  (``donate_argnums=0``) also avoids the copy but measured about 2x slower than that
+  (`lrcc-jax bench --suite module` times all of them).
 
   Attributes:
     kernel: (in_features, out_features) `nnx.Param`.
