@@ -270,3 +270,16 @@ def np_chain_grads(x, layers, masks, cotangent):
     g, dw, db = np_masked_dense_grads(inputs[i], w, b, masks[i], g)
     grads.append((dw, db))
   return g, grads[::-1], inputs[1:]
+
+
+def write_quadrant_npz(path, n_per_class: int, seed: int, n_classes: int = 4):
+  """A learnable `npz:` dataset of 8×8 uint8 images: a class-specific bright quadrant plus
+  noise, `n_per_class` images per class. Returns `path`."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(n_classes), n_per_class)
+  images = rng.integers(0, 90, (len(labels), 8, 8)).astype(np.uint8)
+  for c in range(n_classes):
+    r, q = divmod(c % 4, 2)
+    images[labels == c, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 150
+  np.savez(path, image=images, label=labels)
+  return path

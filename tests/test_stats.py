@@ -136,3 +136,30 @@ def test_calibrate_threshold_with_a_single_active_unit():
   w = jnp.array([[1.0, 0.0], [0.0, -1.0]])
   t = L.calibrate_threshold(jnp.array([[0.75, 1.0]]), w, jnp.zeros(2), est, recall=0.5)
   assert float(t) == float(np.nextafter(np.float32(0.75), np.float32(-np.inf)))
+
+
+def _one_input_layer(z, z_hat):
+  """n_in = 1, x = [[1]]: the exact pre-activations are `z` and the estimates `z_hat`."""
+  x = jnp.ones((1, 1), jnp.float32)
+  kernel = jnp.asarray([z], jnp.float32)
+  est = L.LowRankEstimator(jnp.ones((1, 1), jnp.float32), jnp.asarray([z_hat], jnp.float32))
+  return x, kernel, jnp.zeros((len(z),), jnp.float32), est
+
+
+def test_stats_with_one_active_unit_that_is_computed():
+  """One active unit, computed, and one inactive unit, skipped: recall = precision = 1."""
+  stats = L.estimator_stats(*_one_input_layer([1.0, -1.0], [1.0, -1.0]), threshold=0.0)
+  assert float(stats["recall"]) == 1.0 and float(stats["precision"]) == 1.0
+  assert float(stats["computed_fraction"]) == 0.5 and float(stats["density"]) == 0.5
+
+
+def test_calibrate_threshold_counts_only_positive_pre_activations_as_active():
+  """A unit whose exact value is 0 is zero after the ReLU, whatever its estimate."""
+  t = L.calibrate_threshold(*_one_input_layer([1.0, 0.0], [0.5, -5.0]), recall=1.0)
+  assert float(t) == float(np.nextafter(np.float32(0.5), np.float32(-np.inf)))
+
+
+def test_calibrate_threshold_keeps_at_least_one_unit_at_a_small_recall():
+  """recall 0.1 of 3 active units needs m = 1: just below the largest estimate."""
+  t = L.calibrate_threshold(*_one_input_layer([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]), recall=0.1)
+  assert float(t) == float(np.nextafter(np.float32(3.0), np.float32(-np.inf)))

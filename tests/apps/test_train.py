@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import lrcc_jax
+from helpers import write_quadrant_npz
 from lrcc_jax.apps import checkpoint, train
 
 N_CLASSES = 4
@@ -20,15 +21,7 @@ N_CLASSES = 4
 @pytest.fixture(scope="module")
 def npz_path(tmp_path_factory) -> pathlib.Path:
   """320 learnable 8x8 images: a class-specific bright quadrant plus noise."""
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(N_CLASSES), 80)
-  images = rng.integers(0, 90, (len(labels), 8, 8)).astype(np.uint8)
-  for c in range(N_CLASSES):
-    r, q = divmod(c, 2)
-    images[labels == c, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 150
-  path = tmp_path_factory.mktemp("data") / "tiny.npz"
-  np.savez(path, image=images, label=labels)
-  return path
+  return write_quadrant_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 80, seed=0)
 
 
 @pytest.fixture(scope="module")
