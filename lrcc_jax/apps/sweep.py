@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from lrcc_jax import _checks
+from lrcc_jax._registry import ESTIMATORS
 from lrcc_jax.apps import bench, data, evaluate, table, train
 
 logger = logging.getLogger(__name__)
@@ -146,9 +147,9 @@ class SweepConfig:
     bad = [p for p in self.protocols if p not in train.PROTOCOLS]
     if bad:
       raise ValueError(f"protocols {bad} must be among {train.PROTOCOLS}.")
-    bad = [e for e in self.estimators if e not in evaluate.ESTIMATORS]
+    bad = [e for e in self.estimators if e not in ESTIMATORS]
     if bad:
-      raise ValueError(f"estimators {bad} must be among {evaluate.ESTIMATORS}.")
+      raise ValueError(f"estimators {bad} must be among {ESTIMATORS}.")
     if self.bench_repeats < 1 or self.calibration_rows < 1:
       raise ValueError("bench_repeats and calibration_rows must be at least 1.")
 
