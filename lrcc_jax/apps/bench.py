@@ -125,6 +125,22 @@ def time_interleaved(
   return {name: float(np.median(s)) for name, s in samples.items()}
 
 
+def _setting(
+  width: int, rank: int, batch: int, frac: float, block_size: int, cap: int, gathered: bool
+) -> dict[str, Any]:
+  """The fields that say what a one-layer benchmark row measured (layer and full suites)."""
+  return {
+    "width": width,
+    "rank": rank,
+    "batch": batch,
+    "capacity_fraction": frac,
+    "block_size": block_size,
+    "capacity": cap,
+    "computed_fraction": cap * block_size / width,
+    "path": "gather" if gathered else "dense+mask",
+  }
+
+
 def bench_layer(
   width: int = 4096,
   rank: int = 64,
@@ -171,14 +187,7 @@ def bench_layer(
       measured = t["dense"] / t["skip"]
       rows.append(
         {
-          "width": width,
-          "rank": rank,
-          "batch": batch,
-          "capacity_fraction": frac,
-          "block_size": block_size,
-          "capacity": cap,
-          "computed_fraction": computed,
-          "path": "gather" if gathered else "dense+mask",
+          **_setting(width, rank, batch, frac, block_size, cap, gathered),
           "dense_ms": 1e3 * t["dense"],
           "skip_ms": 1e3 * t["skip"],
           "measured_speedup": measured,
@@ -578,14 +587,7 @@ def bench_suite(
         gathered = auto_gathers(packed, batch, cap)
         model = theoretical_speedup([LayerCost(width, width, rank, computed)])
         row: dict[str, Any] = {
-          "width": width,
-          "rank": rank,
-          "batch": batch,
-          "capacity_fraction": frac,
-          "block_size": block_size,
-          "capacity": cap,
-          "computed_fraction": computed,
-          "path": "gather" if gathered else "dense+mask",
+          **_setting(width, rank, batch, frac, block_size, cap, gathered),
           "dense_ms": 1e3 * t["dense"],
           "mask_ms": 1e3 * t["mask"],
           "skip_ms": 1e3 * t["skip"],
