@@ -47,20 +47,22 @@ def _needs(name: str, inputs: Array | None) -> Array:
   return inputs
 
 
-def _svd(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **options):
+def _svd(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, fit="exact", **options):
   del inputs, bias, recall, seed
   _no_options("svd", options)
   from lrcc_jax._estimator import fit_svd  # pylint: disable=g-import-not-at-top
 
-  return fit_svd(kernel, rank)
+  return fit_svd(kernel, rank, method=fit)
 
 
-def _data_aware(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **options):
+def _data_aware(
+  kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, fit="exact", **options
+):
   del bias, recall, seed
   _no_options("data_aware", options)
   from lrcc_jax._estimator import fit_data_aware  # pylint: disable=g-import-not-at-top
 
-  return fit_data_aware(kernel, rank, _needs("data_aware", inputs))
+  return fit_data_aware(kernel, rank, _needs("data_aware", inputs), method=fit)
 
 
 def _trained(kernel, rank, inputs=None, *, bias=None, recall=0.99, seed=0, **options):
@@ -118,7 +120,9 @@ def fit_estimator(
     bias: (n_out,) bias of the layer (``"trained"``; zeros when None).
     recall: recall target of ``"trained"``.
     seed: seed of ``"trained"``'s batch draws.
-    **options: further keyword arguments of `fit_trained` (``"trained"`` only).
+    **options: ``fit="randomized"`` for ``"svd"`` and ``"data_aware"`` (their `method`
+      keyword; the exact fit is the default), or further keyword arguments of
+      `fit_trained` (``"trained"`` only).
 
   Returns:
     A `LowRankEstimator` with `u` (n_in, rank) and `v` (rank, n_out).

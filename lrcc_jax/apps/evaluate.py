@@ -309,9 +309,8 @@ def evaluate_prepared(
   thresholds = model.thresholds
   t = jnp.asarray(thresholds, jnp.float32)
   packed = model.pack()
-  # The thresholds reach the counts as the array `t`. Neutral static settings in the graph
-  # definition let one compiled program serve every threshold and capacity of a shape.
-  model.set_thresholds(0.0)
+  # The thresholds reach the counts as the array `t` (and are state, not graph). A neutral
+  # static capacity lets one compiled program serve every capacity of a shape.
   model.set_capacities(None)
   graphdef, state = nnx.split(model)
   totals: dict[str, Any] = {}

@@ -349,7 +349,7 @@ def evaluate_setting(
   are taken on the FFN inputs the conditional model itself produces on the test windows.
   """
   for block, x in zip(model.blocks, calib_inputs):
-    block.ffn.refit(jnp.asarray(x), method=cast(Any, method), rank=rank)
+    block.ffn.refit(jnp.asarray(x), method=method, rank=rank)
     if threshold == "calibrated":
       assert recall is not None
       block.ffn.calibrate(jnp.asarray(x), recall=recall)

@@ -15,7 +15,7 @@ would cost more than the skipped products save. After changing the weights other
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,6 @@ from lrcc_jax._estimator import (
   FitMethod,
   LowRankEstimator,
   add_bias,
-  fit_data_aware,
   fit_svd,
 )
 from lrcc_jax._ffn import (
@@ -38,11 +37,11 @@ from lrcc_jax._ffn import (
   pack_ffn,
   packed_ffn,
 )
+from lrcc_jax._registry import fit_estimator
 from lrcc_jax._stats import calibrate_threshold
 from lrcc_jax.nn._modules import MODES, EstimatorFactor, Mode, Threshold, default_rank
 
 Array = jax.Array
-Method = Literal["svd", "data_aware"]
 
 
 class PackedCache(nnx.Variable):
@@ -121,29 +120,24 @@ class ConditionalFFN(nnx.Module):
     self,
     inputs: Array | None = None,
     *,
-    method: Method = "svd",
+    method: str = "svd",
     rank: int | None = None,
     fit: FitMethod = "exact",
   ) -> None:
     """Refits the estimator of `w_in` (optionally at a new rank) and repacks.
 
     Args:
-      inputs: calibration inputs (..., d_model), needed by ``method="data_aware"``.
-      method: ``"svd"`` (the paper) or ``"data_aware"`` (`fit_data_aware`).
+      inputs: calibration inputs (..., d_model), needed by the fits that read them.
+      method: an estimator of the registry (`lrcc_jax.ESTIMATORS`): ``"svd"`` (the
+        paper), ``"data_aware"`` or ``"trained"`` (fitted on `w_in` and `b_in`).
       rank: new rank; keeps the current one when None.
       fit: ``"exact"`` or ``"randomized"`` (see `fit_svd`).
     """
     w_in = self.w_in[...]
     if rank is not None:
       self.rank = _checks.check_rank(rank, *w_in.shape)
-    if method == "svd":
-      est = fit_svd(w_in, self.rank, method=fit)
-    elif method == "data_aware":
-      if inputs is None:
-        raise ValueError("method='data_aware' needs calibration inputs.")
-      est = fit_data_aware(w_in, self.rank, inputs, method=fit)
-    else:
-      raise ValueError(f"method={method!r} must be 'svd' or 'data_aware'.")
+    options: dict[str, Any] = {} if fit == "exact" else {"fit": fit}
+    est = fit_estimator(method, w_in, self.rank, inputs, bias=self.b_in[...], **options)
     self.u = EstimatorFactor(est.u)
     self.v = EstimatorFactor(est.v)
     self.pack()
