@@ -42,7 +42,14 @@ TARGET = "lrcc_tile_product"
 # The same kernel reading bf16 weights (f32 inputs, outputs and accumulation).
 TARGET_BF16 = "lrcc_tile_product_bf16"
 _TARGETS = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16}
-_SOURCE = pathlib.Path(__file__).with_name("csrc") / "tile_product.cc"
+# Every FFI target of the library: name -> exported handler symbol. All sources in
+# `csrc/` are compiled into one shared library; adding a kernel is a new `.cc` file
+# and a line here.
+SYMBOLS = {
+  TARGET: "LrccTileProduct",
+  TARGET_BF16: "LrccTileProductBf16",
+}
+_SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
 _status = {"available": False, "reason": "not built yet"}
 
@@ -64,17 +71,18 @@ def _cpu_tag() -> str:
 
 
 def _build(cache: pathlib.Path, compiler: str) -> pathlib.Path:
-  source = _SOURCE.read_bytes()
+  source = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES)
   key = hashlib.sha256(
     source + jax.__version__.encode() + " ".join(_FLAGS).encode() + _cpu_tag().encode()
   ).hexdigest()[:16]
-  lib = cache / f"tile_product-{key}.so"
+  lib = cache / f"lrcc_kernels-{key}.so"
   if lib.exists():
     return lib
   cache.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
     out = pathlib.Path(tmp) / lib.name
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+    sources = [str(path) for path in _SOURCES]
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *sources, "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -97,10 +105,8 @@ def available() -> bool:
   )
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build(cache, compiler)))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LrccTileProduct), platform="cpu")
-    jax.ffi.register_ffi_target(
-      TARGET_BF16, jax.ffi.pycapsule(lib.LrccTileProductBf16), platform="cpu"
-    )
+    for target, symbol in SYMBOLS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except Exception as err:  # pylint: disable=broad-except  # optional: any failure means XLA
     _status.update(available=False, reason=f"build failed: {type(err).__name__}: {err}")
     return False

@@ -467,5 +467,5 @@ def export_checks() -> list:
   (Mosaic TPU's custom call is on jax's own list.) An exported program is only valid with
   the same lrcc-jax and jax versions.
   """
-  targets = (_native.TARGET, _native.TARGET_BF16, "__gpu$xla.gpu.triton")
+  targets = (*_native.SYMBOLS, "__gpu$xla.gpu.triton")
   return [jax.export.DisabledSafetyCheck.custom_call(t) for t in targets]

@@ -28,12 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrcc_jax import _native
+
 PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cpu", "cuda", "tpu"))
+# Each kernel's custom-call target names (any of them marks the kernel as present).
 KERNEL_MARKERS = {
-  "native FFI": "lrcc_tile_product",
-  "Pallas Triton": "__gpu$xla.gpu.triton",
-  "Pallas Mosaic TPU": "tpu_custom_call",
-  "Pallas Mosaic GPU": "mosaic_gpu",
+  "native FFI": tuple(_native.SYMBOLS),
+  "Pallas Triton": ("__gpu$xla.gpu.triton",),
+  "Pallas Mosaic TPU": ("tpu_custom_call",),
+  "Pallas Mosaic GPU": ("mosaic_gpu",),
 }
 CONTROL_FLOW = ("stablehlo.case", "stablehlo.if", "stablehlo.while")
 
@@ -130,7 +133,7 @@ def _gathers_weight(text: str, weight_shapes) -> bool:
 
 def kernels_in(text: str, weight_shapes) -> list[str]:
   """The kernels found in a lowered program (see the module docstring)."""
-  found = [name for name, marker in KERNEL_MARKERS.items() if marker in text]
+  found = [name for name, markers in KERNEL_MARKERS.items() if any(m in text for m in markers)]
   if _gathers_weight(text, weight_shapes):
     found.append("XLA gather")
   return found or ["dense"]
