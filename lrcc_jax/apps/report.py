@@ -1,0 +1,242 @@
+"""The README's results table, rendered from the committed JSON in `experiments/results/`.
+
+Every figure on the README's front page is a number some committed command wrote into a
+JSON file. This module reads those files and renders the table, so the README never holds
+a hand-copied figure: `python -m lrcc_jax.apps.report --write README.md` replaces the block
+between the `<!-- results:begin -->` and `<!-- results:end -->` markers, `--check` only
+compares (exit status 1 when the README is stale; `tests/apps/test_report.py` runs it), and
+with neither it prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+DEFAULT_RESULTS = pathlib.Path("experiments/results")
+HEADER = (
+  "| setting (batch 1 unless said) | dense jit | skip | measured | FLOP model |"
+  " command (writes `experiments/results/…`) |\n|---|---|---|---|---|---|"
+)
+
+Row = tuple[str, str, str, str, str, str]
+
+
+def _ms(*values: float) -> str:
+  return " / ".join(f"{v:.3g} ms" if v < 1 else f"{v:.2f} ms" for v in values)
+
+
+def _x(*values: float, bold: bool = False) -> str:
+  text = " / ".join(f"{v:.2f}×" if v < 2 else f"{v:.1f}×" for v in values)
+  return f"**{text}**" if bold else text
+
+
+def _pick(rows: Iterable[dict], **where: Any) -> dict:
+  """The one row whose fields equal `where` (floats compared to 1e-9)."""
+
+  def matches(row: dict) -> bool:
+    for key, want in where.items():
+      got = row.get(key)
+      if isinstance(want, float) and isinstance(got, (int, float)):
+        if abs(got - want) > 1e-9:
+          return False
+      elif got != want:
+        return False
+    return True
+
+  found = [r for r in rows if matches(r)]
+  if len(found) != 1:
+    raise ValueError(f"expected one row with {where}, found {len(found)}")
+  return found[0]
+
+
+def _cmd(command: str, files: str) -> str:
+  return f"`{command}` (`{files}`)"
+
+
+def _layer(res: dict[str, Any]) -> list[Row]:
+  rows = res["bench_layer"]["rows"]
+  cmd = _cmd("lrcc-jax bench --suite layer --out experiments/results", "bench_layer.json")
+  r10 = _pick(rows, batch=1, capacity_fraction=0.1, block_size=16)
+  r5 = _pick(rows, batch=1, capacity_fraction=0.05, block_size=16)
+  r25 = _pick(rows, batch=1, capacity_fraction=0.25, block_size=16)
+  r8 = _pick(rows, batch=8, capacity_fraction=0.1, block_size=16)
+  return [
+    (
+      f"one 4096² layer, 10% computed ({r10['capacity']} blocks of 16), rank {r10['rank']}",
+      _ms(r10["dense_ms"]),
+      _ms(r10["skip_ms"]),
+      _x(r10["measured_speedup"], bold=True),
+      _x(r10["flop_model_speedup"]),
+      cmd,
+    ),
+    (
+      "same layer, 5% / 25% computed",
+      _ms(r5["dense_ms"], r25["dense_ms"]),
+      _ms(r5["skip_ms"], r25["skip_ms"]),
+      _x(r5["measured_speedup"], r25["measured_speedup"], bold=True),
+      _x(r5["flop_model_speedup"], r25["flop_model_speedup"]),
+      "same",
+    ),
+    (
+      f"same layer, 8 rows at 10% ({r8['path']})",
+      _ms(r8["dense_ms"]),
+      _ms(r8["skip_ms"]),
+      _x(r8["measured_speedup"]),
+      _x(r8["flop_model_speedup"]),
+      "same",
+    ),
+  ]
+
+
+def _mlp(res: dict[str, Any]) -> list[Row]:
+  rows = res["bench_mlp"]["rows"]
+  cmd = _cmd(
+    "lrcc-jax bench --suite mlp --batches 1,2,4,8,64 --out experiments/results", "bench_mlp.json"
+  )
+  r1, r4, r8 = (_pick(rows, batch=b) for b in (1, 4, 8))
+  return [
+    (
+      "4-layer 4096-wide MLP, 10% per layer, input sparsity between layers",
+      _ms(r1["dense_ms"]),
+      _ms(r1["skip_ms"]),
+      _x(r1["measured_speedup"], bold=True),
+      _x(r1["flop_model_speedup"]),
+      cmd,
+    ),
+    (
+      "same MLP at 4 / 8 rows",
+      _ms(r4["dense_ms"], r8["dense_ms"]),
+      _ms(r4["skip_ms"], r8["skip_ms"]),
+      _x(r4["measured_speedup"], r8["measured_speedup"]),
+      _x(r4["flop_model_speedup"], r8["flop_model_speedup"]),
+      "same",
+    ),
+  ]
+
+
+def _storage(res: dict[str, Any]) -> list[Row]:
+  r = _pick(res["bench_storage"]["rows"], batch=1)
+  return [
+    (
+      f"4096² layer with **bf16** weights, {round(100 * r['capacity_fraction'])}%",
+      _ms(r["dense_f32_ms"]),
+      _ms(r["skip_bf16_ms"]),
+      f"{_x(r['bf16_speedup_over_dense'], bold=True)} ({_x(r['bf16_speedup_over_f32_storage'])}"
+      " the f32 storage)",
+      "–",
+      _cmd("lrcc-jax bench --suite storage --out experiments/results", "bench_storage.json"),
+    )
+  ]
+
+
+def _module(res: dict[str, Any]) -> list[Row]:
+  r = res["bench_module"]["rows"][0]
+  return [
+    (
+      "`nn.ConditionalDense` skip mode under `nnx.jit(graph=False)`, 4096², 10%",
+      _ms(r["dense_ms"]),
+      _ms(r["module_graph_false_ms"]),
+      f"{r['module_graph_false_over_packed_dense']:.2f}× the time of `packed_dense`",
+      "–",
+      _cmd("lrcc-jax bench --suite module --out experiments/results", "bench_module.json"),
+    )
+  ]
+
+
+def _ffn(res: dict[str, Any]) -> list[Row]:
+  rows = res["bench_ffn"]["rows"]
+  rs = [_pick(rows, variant=v) for v in ("relu", "relu2", "gated")]
+  r = rs[0]
+  return [
+    (
+      f"transformer FFN d={r['d_model']}, d_ff={r['d_ff']}, ReLU / ReLU² / ReLU-gated,"
+      f" {round(100 * r['computed_fraction'])}%",
+      _ms(*(x["dense_ms"] for x in rs)),
+      _ms(*(x["skip_ms"] for x in rs)),
+      _x(*(x["skip_speedup"] for x in rs), bold=True),
+      _x(*(x["flop_model_speedup"] for x in rs)),
+      _cmd("lrcc-jax bench --suite ffn --out experiments/results", "bench_ffn.json"),
+    )
+  ]
+
+
+def _lm(res: dict[str, Any]) -> list[Row]:
+  lm = res["lm"]
+  cfg, dec = lm["config"], lm["decode_latency"]
+  return [
+    (
+      f"byte-level LM (d={cfg['d_model']}, {cfg['n_layers']} layers, ReLU² FFN), decode step",
+      _ms(dec["dense_ms"]),
+      _ms(dec["skip_auto_ms"]),
+      _x(dec["speedup_auto"]),
+      _x(dec["flop_model_speedup"]),
+      _cmd("lrcc-jax lm --workdir runs/lm --out experiments/results", "lm.json"),
+    )
+  ]
+
+
+SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
+  ("bench_layer", _layer),
+  ("bench_mlp", _mlp),
+  ("bench_storage", _storage),
+  ("bench_module", _module),
+  ("bench_ffn", _ffn),
+  ("lm", _lm),
+)
+
+
+def render(results: str | pathlib.Path = DEFAULT_RESULTS) -> str:
+  """The markdown table of the committed results in `results`."""
+  results = pathlib.Path(results)
+  loaded = {name: json.loads((results / f"{name}.json").read_text()) for name, _ in SECTIONS}
+  lines = [HEADER]
+  for _, section in SECTIONS:
+    lines += ["| " + " | ".join(row) + " |" for row in section(loaded)]
+  return "\n".join(lines)
+
+
+def replace_block(text: str, table: str) -> str:
+  """`text` with the block between the markers replaced by `table`."""
+  try:
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+  except ValueError as err:
+    raise ValueError(f"the README needs the markers {BEGIN} and {END}") from err
+  return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m lrcc_jax.apps.report", description=__doc__)
+  ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="the results directory")
+  mode = ap.add_mutually_exclusive_group()
+  mode.add_argument("--write", metavar="README", help="replace the README's results block")
+  mode.add_argument("--check", metavar="README", help="exit 1 if the README's block is stale")
+  args = ap.parse_args(argv)
+  table = render(args.results)
+  if args.write is None and args.check is None:
+    print(table)
+    return 0
+  path = pathlib.Path(args.write or args.check)
+  text = path.read_text(encoding="utf-8")
+  new = replace_block(text, table)
+  if args.check is not None:
+    if new != text:
+      print(
+        f"{path}: the results table differs from {args.results}; run with --write", file=sys.stderr
+      )
+      return 1
+    return 0
+  if new != text:
+    path.write_text(new, encoding="utf-8")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
