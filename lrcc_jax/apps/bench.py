@@ -329,9 +329,20 @@ def bench_storage(
         "bf16_speedup_over_dense": t["dense"] / t["bf16"],
         "weight_bytes_f32": int(p32.weight.nbytes),
         "weight_bytes_bf16": int(p16.weight.nbytes),
+        # The whole packed pytree over the dense layer stored in the same dtype (its
+        # bias, like the packed bias, f32) plus the f32 estimator factors.
+        "packed_over_dense_plus_factors_f32": _packed_over_dense(p32, width, rank),
+        "packed_over_dense_plus_factors_bf16": _packed_over_dense(p16, width, rank),
       }
     )
   return rows
+
+
+def _packed_over_dense(packed, width: int, rank: int) -> float:
+  """Bytes of a packed square layer over its dense weights in the same dtype plus factors."""
+  packed_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(packed))
+  dense = width * width * packed.weight.dtype.itemsize + 4 * width + 4 * 2 * rank * width
+  return packed_bytes / dense
 
 
 def format_table(rows: list[dict]) -> str:

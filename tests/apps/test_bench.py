@@ -7,8 +7,27 @@ from lrcc_jax._packed import skip_pays
 
 
 def test_bench_full_suite_end_to_end(tmp_path, capsys):
-  assert cli.main(["bench", "--suite", "full", "--widths", "64", "--batches", "1,4",
-                   "--repeats", "1", "--rank", "8", "--out", str(tmp_path), "--no-progress"]) == 0
+  assert (
+    cli.main(
+      [
+        "bench",
+        "--suite",
+        "full",
+        "--widths",
+        "64",
+        "--batches",
+        "1,4",
+        "--repeats",
+        "1",
+        "--rank",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+      ]
+    )
+    == 0
+  )
   payload = json.loads((tmp_path / "bench_suite.json").read_text())
   assert payload["environment"]["jax_version"]
   # JAX had started before the command ran, so the dispatch mode stayed as it was.
@@ -60,10 +79,37 @@ def test_bench_command_times_with_synchronous_dispatch(tmp_path):
   import subprocess
   import sys
 
-  cmd = [sys.executable, "-m", "lrcc_jax.apps.cli", "bench", "--suite", "full", "--widths", "64", "--batches", "1",
-         "--repeats", "1", "--rank", "4", "--out", str(tmp_path), "--no-progress"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "lrcc_jax.apps.cli",
+    "bench",
+    "--suite",
+    "full",
+    "--widths",
+    "64",
+    "--batches",
+    "1",
+    "--repeats",
+    "1",
+    "--rank",
+    "4",
+    "--out",
+    str(tmp_path),
+    "--no-progress",
+  ]
   subprocess.run(cmd, check=True, capture_output=True, timeout=300)
   env = json.loads((tmp_path / "bench_suite.json").read_text())["environment"]
   assert env["cpu_async_dispatch"] is False
   subprocess.run([*cmd, "--async-dispatch"], check=True, capture_output=True, timeout=300)
-  assert json.loads((tmp_path / "bench_suite.json").read_text())["environment"]["cpu_async_dispatch"] is True
+  assert (
+    json.loads((tmp_path / "bench_suite.json").read_text())["environment"]["cpu_async_dispatch"]
+    is True
+  )
+
+
+def test_storage_rows_report_packed_memory_per_dtype():
+  (row,) = bench.bench_storage(width=64, rank=4, block_size=16, batches=(1,), repeats=1)
+  assert row["weight_bytes_bf16"] * 2 == row["weight_bytes_f32"] == 64 * 64 * 4
+  for dtype in ("f32", "bf16"):  # one copy of the weights: no hidden second layout
+    assert 0.99 < row[f"packed_over_dense_plus_factors_{dtype}"] <= 1.1
