@@ -12,6 +12,11 @@ batch-1 decode step.
 The mask `M` is the contract's (`lrcc_jax.unit_mask`): blocks of `block_size` hidden
 units, block score = the largest estimate in the block, selected when above `threshold`
 and, with a capacity, among the row's `capacity` best blocks.
+
+On CPU both gathered projections run native kernels (`_native`): the input one the tile
+kernel (`lrcc_tile_product`), the output one `lrcc_ffn_rows_product` (`csrc/ffn.cc`),
+which reads each selected row of `W_out` once instead of materialising the gathered
+blocks as XLA:CPU does. `plan_ffn` chooses per lowering platform (`_policy.dispatch`).
 """
 
 from __future__ import annotations
@@ -254,11 +259,13 @@ def ffn_block_bytes(packed: PackedFFN) -> int:
 # "auto" computes an FFN densely while all its weights (every projection) take fewer bytes
 # than this: such an FFN sits in the cache, its dense products cost a few microseconds, and
 # the fixed costs of skipping (estimate, top_k, the gathers' index work, one op per step)
-# are comparable. Measured on XLA:CPU, 2 cores, batch 1, d_ff = 4 d, ReLU², the native
-# kernels, `lrcc-jax bench --suite ffn-width` (gather / dense time at 10% and 25% computed):
-# d = 128 (0.5 MB): 0.4-0.6x; 256 (2 MB): 0.8-1.1x; 512 (8 MB): 1.5-2.6x; 1024 (32 MB):
-# 3.5-6x. Below about 4 MB skipping does not pay. Other platforms: unmeasured; the same
-# bound is used (a cache-resident FFN is launch-bound there too).
+# are comparable. Measured on XLA:CPU, 2 shared cores, batch 1, d_ff = 4 d, ReLU², blocks
+# of 1, rank d / 8, the native kernels, gathers forced against a dense jit at 10% and 25%
+# computed (`lrcc-jax bench --suite ffn`, "widths"; one run, load average 7-9): d = 128
+# (0.5 MB) 0.21-0.24x; 256 (2 MB) 0.25x; 512 (8 MB) 1.4-1.9x; 1024 (32 MB) 2.6-8.7x. The
+# whole decode step of `lrcc-jax lm` crosses at the same place (d_model 256: 0.86x, 512:
+# 1.38x). Other platforms: unmeasured; the same bound is used (a cache-resident FFN is
+# launch-bound there too).
 MIN_GATHER_WEIGHT_BYTES = 4 * 2**20
 
 

@@ -629,6 +629,7 @@ def decode_width_sweep(
     )
     dense_flops = len(fractions) * ffn_dense_flops(d, d_ff)
     cond = sum(ffn_conditional_flops(d, d_ff, rank, c / d_ff) for c in caps)
+    attention = len(fractions) * 4 * d * d  # qkv and output projections (the weights)
     rows.append(
       {
         "d_model": d,
@@ -637,6 +638,8 @@ def decode_width_sweep(
         "ffn_weight_mb": len(ffns) * ffn_weight_bytes(packed[0]) / 2**20,
         **timed,
         "ffn_flop_model_speedup": dense_flops / cond,
+        # the whole step's weight multiply-adds: attention projections are not skipped
+        "step_flop_model_speedup": (dense_flops + attention) / (cond + attention),
       }
     )
     del w, ffns, packed
@@ -678,7 +681,7 @@ def plot(
         xytext=(3, 3),
         textcoords="offset points",
       )
-  top = dense_bpb + 0.3  # the interesting range; worse settings are drawn on the edge
+  top = dense_bpb + 0.12  # the interesting range; worse settings are drawn on the edge
   off = [r for r in rows if r["bits_per_byte"] > top]
   if off:
     names = ", ".join(
@@ -709,6 +712,13 @@ def _plot_widths(ax, widths: list[dict]) -> None:
   ax.plot(
     d, [r["ffn_flop_model_speedup"] for r in widths], ":", color="gray", label="FFN FLOP model"
   )
+  ax.plot(
+    d,
+    [r["step_flop_model_speedup"] for r in widths],
+    "-.",
+    color="gray",
+    label="decode-step FLOP model (attention not skipped)",
+  )
   ax.axhline(1.0, color="k", lw=1)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
@@ -732,7 +742,7 @@ def pays_from(widths: list[dict], key: str) -> int | None:
 def format_width_table(widths: list[dict]) -> str:
   lines = [
     f"{'d_model':>7} {'d_ff':>6} {'FFN MB':>7} {'dense ms':>9} {'gather ms':>9} {'x':>6}"
-    f" {'auto ms':>8} {'x':>6} {'auto path':>10} {'FFN FLOP x':>10}"
+    f" {'auto ms':>8} {'x':>6} {'auto path':>10} {'FFN FLOP x':>10} {'step FLOP x':>11}"
   ]
   for r in widths:
     path = (
@@ -742,6 +752,7 @@ def format_width_table(widths: list[dict]) -> str:
       f"{r['d_model']:>7} {r['d_ff']:>6} {r['ffn_weight_mb']:>7.1f} {r['dense_ms']:>9.3f}"
       f" {r['skip_gather_ms']:>9.3f} {r['speedup_gather']:>6.2f} {r['skip_auto_ms']:>8.3f}"
       f" {r['speedup_auto']:>6.2f} {path:>10} {r['ffn_flop_model_speedup']:>10.2f}"
+      f" {r['step_flop_model_speedup']:>11.2f}"
     )
   return "\n".join(lines)
 
