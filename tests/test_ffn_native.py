@@ -1,4 +1,4 @@
-"""The native CPU output product of `packed_ffn` (`csrc/ffn.cc`) and `packed_ffn`'s per-platform plan.
+"""The native CPU output product of `packed_ffn` (`csrc/ffn.cc`) and its per-platform plan.
 
 Every value is checked against the float64 numpy contract (`helpers.np_block_mask`, which
 spells out ties to the lower index and NaN ranked first) and against the XLA path of the
@@ -22,7 +22,10 @@ VARIANTS = [("relu", False), ("relu2", False), ("relu", True)]  # (activation, g
 def _int_ffn(seed, d, d_ff, d_out, rank, gated, rows):
   """Small-integer weights, factors and inputs: estimates are exact, so ties are real ties."""
   rng = np.random.default_rng(seed)
-  i = lambda *s: jnp.asarray(rng.integers(-2, 3, s), jnp.float32)
+
+  def i(*s):
+    return jnp.asarray(rng.integers(-2, 3, s), jnp.float32)
+
   p = {"w_in": i(d, d_ff), "b_in": i(d_ff), "w_out": i(d_ff, d_out), "b_out": i(d_out)}
   if gated:
     p["w_up"], p["b_up"] = i(d, d_ff), i(d_ff)
@@ -32,7 +35,10 @@ def _int_ffn(seed, d, d_ff, d_out, rank, gated, rows):
 
 def _reference(x, p, est, threshold, capacity, bs, activation):
   """The contract in float64: the mask from `np_block_mask`, then the masked FFN."""
-  f = lambda a: np.asarray(a, np.float64)
+
+  def f(a):
+    return np.asarray(a, np.float64)
+
   z_hat = np_estimate(x, est.u, est.v, p["b_in"])
   mask = np.repeat(np_block_mask(z_hat, threshold, capacity, bs), bs, axis=-1)
   with np.errstate(invalid="ignore"):
@@ -84,7 +90,9 @@ def test_rows_product_threads_split_columns_of_a_large_product():
   idx = jnp.asarray(np.sort(rng.choice(64, (2, 12), replace=False), -1), jnp.int32)
   h = jnp.asarray(rng.standard_normal((2, 12, 16)), jnp.float32)
   got = jax.jit(lambda h, w, i: _ffn.rows_product(h, w, i, kernel="native"))(h, w, idx)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(_ffn.rows_product(h, w, idx)), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(_ffn.rows_product(h, w, idx)), rtol=1e-4, atol=1e-3
+  )
 
 
 # --- packed_ffn with the native kernels --------------------------------------------------
@@ -102,11 +110,21 @@ def test_packed_ffn_native_equals_contract_with_ties_and_nan(activation, gated, 
   pk = _pack(p, est, bs)
   for t in (0.0, 1.5):
     want = _reference(x, p, est, t, capacity, bs, activation)
-    f = jax.jit(lambda x, pk, t: L.packed_ffn(x, pk, threshold=t, capacity=capacity,
-                                              activation=activation, strategy="gather"))
+    f = jax.jit(
+      lambda x, pk, t: L.packed_ffn(
+        x, pk, threshold=t, capacity=capacity, activation=activation, strategy="gather"
+      )
+    )
     got = f(x, pk, jnp.float32(t))
-    xla = L.packed_ffn(x, pk, threshold=t, capacity=capacity, activation=activation,
-                       strategy="gather", policy=_policy.CPU_XLA)
+    xla = L.packed_ffn(
+      x,
+      pk,
+      threshold=t,
+      capacity=capacity,
+      activation=activation,
+      strategy="gather",
+      policy=_policy.CPU_XLA,
+    )
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=1e-5, atol=1e-3)
@@ -118,8 +136,12 @@ def test_packed_ffn_bf16_native_equals_xla():
   pk = _pack(p, est, 16, jnp.bfloat16)  # small integers are exact in bf16
   kw = {"capacity": 2, "strategy": "gather"}
   got = L.packed_ffn(x, pk, **kw)
-  np.testing.assert_allclose(np.asarray(got), _reference(x, p, est, 0.0, 2, 16, "relu"), rtol=1e-5, atol=1e-3)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(L.packed_ffn(x, pk, policy=_policy.CPU_XLA, **kw)))
+  np.testing.assert_allclose(
+    np.asarray(got), _reference(x, p, est, 0.0, 2, 16, "relu"), rtol=1e-5, atol=1e-3
+  )
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(L.packed_ffn(x, pk, policy=_policy.CPU_XLA, **kw))
+  )
 
 
 @needs_native
@@ -131,8 +153,9 @@ def test_native_gradients_equal_the_xla_path(activation, gated):
   x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
 
   def loss(x, pk, policy):
-    y = L.packed_ffn(x, pk, threshold=-0.5, capacity=3, activation=activation, strategy="gather",
-                     policy=policy)
+    y = L.packed_ffn(
+      x, pk, threshold=-0.5, capacity=3, activation=activation, strategy="gather", policy=policy
+    )
     return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
 
   pk = _pack(p, est, 4)
@@ -147,7 +170,10 @@ def test_native_jit_vmap_and_batched_weights_agree():
   p, est, _ = _int_ffn(5, 8, 32, 4, 2, False, rows=1)
   pk = _pack(p, est, 4)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.float32)
-  f = lambda x, pk: L.packed_ffn(x, pk, capacity=2, activation="relu2", strategy="gather")
+
+  def f(x, pk):
+    return L.packed_ffn(x, pk, capacity=2, activation="relu2", strategy="gather")
+
   ref = f(x, pk)
   chex.assert_trees_all_close(jax.jit(f)(x, pk), ref, atol=1e-5)
   chex.assert_trees_all_close(jax.vmap(jax.vmap(f, (0, None)), (0, None))(x, pk), ref, atol=1e-5)
@@ -179,9 +205,14 @@ def test_no_recompilation_when_the_threshold_changes():
 def _lowered(platforms, strategy="gather", policy=None, d=64, d_ff=256, rows=1):
   p, est, _ = _int_ffn(8, d, d_ff, d, 4, True, rows=1)
   pk = _pack(p, est, 16)
-  f = lambda x, pk: L.packed_ffn(x, pk, capacity=2, activation="relu2", strategy=strategy, policy=policy)
-  specs = (jax.ShapeDtypeStruct((rows, d), jnp.float32),
-           jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pk))
+
+  def f(x, pk):
+    return L.packed_ffn(x, pk, capacity=2, activation="relu2", strategy=strategy, policy=policy)
+
+  specs = (
+    jax.ShapeDtypeStruct((rows, d), jnp.float32),
+    jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pk),
+  )
   return jax.jit(f).trace(*specs).lower(lowering_platforms=platforms).as_text()
 
 
