@@ -12,24 +12,26 @@ batch-1 decode step.
 The mask `M` is the contract's (`lrcc_jax.unit_mask`): blocks of `block_size` hidden
 units, block score = the largest estimate in the block, selected when above `threshold`
 and, with a capacity, among the row's `capacity` best blocks.
+
+On CPU both gathered projections run native kernels (`_native`): the input one the tile
+kernel (`lrcc_tile_product`), the output one `lrcc_ffn_rows_product` (`csrc/ffn.cc`),
+which reads each selected row of `W_out` once instead of materialising the gathered
+blocks as XLA:CPU does. `plan_ffn` chooses per lowering platform (`_policy.dispatch`).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _checks, _mask, _native
+from lrcc_jax import _checks, _mask, _native, _policy
 from lrcc_jax._estimator import LowRankEstimator, add_bias, estimate
 from lrcc_jax._layers import unit_mask
-from lrcc_jax._packed import (
-  gathered_matvec,
-  group_bounds,
-  skip_pays,
-  unit_major_product,
-)
+from lrcc_jax._packed import gathered_matvec, group_bounds, unit_major_product
 
 Array = jax.Array
 Activation = Literal["relu", "relu2"]
@@ -254,30 +256,109 @@ def ffn_block_bytes(packed: PackedFFN) -> int:
   return g_bs * d * packed.w_in.dtype.itemsize + bs * d_out * packed.w_out.dtype.itemsize
 
 
+# "auto" computes an FFN densely while all its weights (every projection) take fewer bytes
+# than this: such an FFN sits in the cache, its dense products cost a few microseconds, and
+# the fixed costs of skipping (estimate, top_k, the gathers' index work, one op per step)
+# are comparable. Measured on XLA:CPU, 2 shared cores, batch 1, d_ff = 4 d, ReLU², blocks
+# of 1, rank d / 8, the native kernels, gathers forced against a dense jit at 10% and 25%
+# computed (`lrcc-jax bench --suite ffn`, "widths"; one run, load average 7-9): d = 128
+# (0.5 MB) 0.21-0.24x; 256 (2 MB) 0.25x; 512 (8 MB) 1.4-1.9x; 1024 (32 MB) 2.6-8.7x. The
+# whole decode step of `lrcc-jax lm` crosses at the same place (d_model 256: 0.86x, 512:
+# 1.38x). Other platforms: unmeasured; the same bound is used (a cache-resident FFN is
+# launch-bound there too).
+MIN_GATHER_WEIGHT_BYTES = 4 * 2**20
+
+
+def ffn_weight_bytes(packed: PackedFFN) -> int:
+  """Bytes of all the FFN's projection weights (what one dense batch-1 call reads)."""
+  return packed.n_blocks * ffn_block_bytes(packed)
+
+
+class FFNPlan(NamedTuple):
+  """What one platform's branch of `packed_ffn` computes.
+
+  Attributes:
+    gather: gather the selected blocks (else dense products, then the mask).
+    kernel: `gathered_matvec`'s kernel for the input (and gate) projection.
+    out_kernel: the output projection's kernel: "native" (`csrc/ffn.cc`) or "xla".
+    policy: the `_policy.Policy` that decided, if one did.
+  """
+
+  gather: bool
+  kernel: str
+  out_kernel: str
+  policy: _policy.Policy | None
+
+  @property
+  def key(self) -> tuple:
+    """Equal keys stage the same code (`_policy.dispatch`)."""
+    return (True, self.kernel, self.out_kernel) if self.gather else (False,)
+
+
+def plan_ffn(
+  platform: str,
+  strategy: str,
+  rows: int,
+  capacity: int | None,
+  packed: PackedFFN,
+  x_dtype: jnp.dtype,
+  policy: _policy.Policies = None,
+) -> FFNPlan:
+  """`packed_ffn`'s choice on the lowering `platform`: gather or dense, and the kernels.
+
+  The input projection's kernel is `_policy.gather_kernel`'s for a (n_blocks, g·bs, d)
+  weight (native on CPU for f32/bf16 weights and f32 inputs, Pallas on CUDA/TPU where it
+  fits, XLA otherwise); the output projection runs the native kernel exactly where the
+  input one does, else XLA's gathers. "auto" gathers where `_policy.gather_pays` says so
+  for blocks of `ffn_block_bytes` bytes (the platform's policy for that kernel, or the
+  caller's `policy`), and never for an FFN smaller than `MIN_GATHER_WEIGHT_BYTES`.
+  """
+  n_blocks, g_bs, d = packed.w_in.shape
+  w_dtype = packed.w_in.dtype
+  kernel = _policy.gather_kernel(platform, g_bs, d, w_dtype, x_dtype, policy)
+  native_out = kernel == "native" and _native.usable(packed.w_out.dtype, x_dtype)
+  out_kernel = "native" if native_out else "xla"
+  if capacity is None or strategy == "dense":
+    return FFNPlan(False, kernel, out_kernel, None)
+  if strategy == "gather":
+    return FFNPlan(True, kernel, out_kernel, None)
+  if ffn_weight_bytes(packed) < MIN_GATHER_WEIGHT_BYTES:
+    return FFNPlan(False, kernel, out_kernel, None)
+  plat = platform if platform in _policy.PLATFORMS else "cuda"
+  pol = _policy.policy_for(plat, kernel, w_dtype, policy)
+  gather = _policy.gather_pays(pol, rows, capacity, n_blocks, ffn_block_bytes(packed))
+  return FFNPlan(gather, kernel, out_kernel, pol)
+
+
 def ffn_gathers(
-  packed: PackedFFN, rows: int, capacity: int | None, dtype: jnp.dtype = jnp.float32
+  packed: PackedFFN,
+  rows: int,
+  capacity: int | None,
+  dtype: jnp.dtype = jnp.float32,
+  *,
+  platform: str | None = None,
+  policy: _policy.Policies = None,
 ) -> bool:
   """Whether `packed_ffn`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
 
-  The existing `skip_pays` decision, with the block bytes of all of the FFN's
-  projections; its native limits apply where the input projection runs the native
-  kernel (f32 on CPU).
+  `plan_ffn` on `platform` (default: the current device's), as `packed_ffn` decides in
+  that platform's branch.
   """
-  native = _native.usable(packed.w_in.dtype, dtype)
-  return skip_pays(
-    rows, capacity, packed.n_blocks, block_bytes=ffn_block_bytes(packed), native=native
-  )
+  platform = _policy.current_platform() if platform is None else platform
+  return plan_ffn(platform, "auto", rows, capacity, packed, dtype, policy).gather
 
 
 def _gathered_rows_product(h: Array, w_out: Array, idx: Array) -> Array:
-  r"""`y[r] = Σ_k Σ_j h[r, k, j] · w_out[idx[r, k], j]`.
+  r"""`y[r] = Σ_k Σ_j h[r, k, j] · w_out[idx[r, k], j]`, in XLA ops (the reference form).
 
   Shapes: `h` (rows, k, bs), `w_out` (n_blocks, bs, d), `idx` (rows, k).
 
   A weighted sum of the selected rows of the output projection. For one row the blocks
   are gathered and reduced in `group_bounds` groups, which XLA:CPU runs concurrently on
   its cores (d=2048, 51 of 512 blocks of 16: 0.40 ms against 0.48 ms for one gather and
-  one product, scratch measurement); the partial sums are added at the end.
+  one product, scratch measurement); the partial sums are added at the end. XLA:CPU still
+  materialises every gathered block before reducing it, which is why the CPU uses the
+  native kernel (`rows_product`).
   """
   rows, k, bs = h.shape
   w_dtype = h.dtype
@@ -290,6 +371,68 @@ def _gathered_rows_product(h: Array, w_out: Array, idx: Array) -> Array:
   return jnp.einsum("rkb,rkbd->rd", h, w_out[idx].astype(w_dtype))
 
 
+ROWS_TARGETS = {
+  jnp.dtype(jnp.float32): "lrcc_ffn_rows_product",
+  jnp.dtype(jnp.bfloat16): "lrcc_ffn_rows_product_bf16",
+}
+
+
+@functools.cache
+def _native_rows_product() -> Callable[[Array, Array, Array], Array]:
+  """The native output product `(h, w_out, idx) -> y` with its JVP and batching rules."""
+
+  @jax.custom_batching.custom_vmap
+  def call(h, w_out, idx):
+    out = jax.ShapeDtypeStruct((idx.shape[0], w_out.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call(ROWS_TARGETS[jnp.dtype(w_out.dtype)], out)(w_out, idx, h)
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, h, w_out, idx):
+    if in_batched[1]:  # a batch of weights: no single kernel call covers it
+      in_axes = (0 if in_batched[0] else None, 0, 0 if in_batched[2] else None)
+      return jax.vmap(_gathered_rows_product, in_axes=in_axes)(h, w_out, idx), True
+    h, idx = (
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in ((h, in_batched[0]), (idx, in_batched[2]))
+    )
+    rows = idx.shape[1]
+    y = call(jnp.reshape(h, (-1,) + h.shape[2:]), w_out, jnp.reshape(idx, (-1, idx.shape[2])))
+    return jnp.reshape(y, (axis_size, rows, -1)), True
+
+  @jax.custom_jvp
+  def product(h, w_out, idx):
+    return call(h, w_out, idx)
+
+  @product.defjvp
+  def _jvp(primals, tangents):
+    h, w_out, idx = primals
+    dh, dw, _ = tangents
+    _, dy = jax.jvp(lambda h, w: _gathered_rows_product(h, w, idx), (h, w_out), (dh, dw))
+    return product(*primals), dy
+
+  return product
+
+
+def rows_product(h: Array, w_out: Array, idx: Array, *, kernel: str = "xla") -> Array:
+  r"""`y[r] = Σ_k Σ_j h[r, k, j] · w_out[idx[r, k], j]`: (rows, k, bs), (n_blocks, bs, d_out),
+  (rows, k) -> (rows, d_out).
+
+  `kernel="native"`: `csrc/ffn.cc` (f32 `h`, f32 or bf16 `w_out`, CPU lowerings only; the
+  caller's plan decides). It reads each selected block's rows once and only those with a
+  nonzero `h` (a ReLU zero inside a selected block adds `0 · w`, nothing for finite
+  weights), splits the `d_out` columns across the CPU threads, and accumulates in f32:
+  the same values as `"xla"` up to the order of the sums. Its derivative is the XLA
+  form's, and `vmap` folds batch axes into rows (batched weights fall back to XLA).
+  """
+  if kernel == "native":
+    if not _native.available():  # builds and registers the targets on first use
+      raise ValueError(f"kernel='native' but the native kernel is off: {_native.status()}")
+    return _native_rows_product()(h, w_out, idx.astype(jnp.int32))
+  if kernel != "xla":
+    raise ValueError(f"kernel={kernel!r} must be 'native' or 'xla'.")
+  return _gathered_rows_product(h, w_out, idx)
+
+
 def packed_ffn(
   x: Array,
   packed: PackedFFN,
@@ -298,21 +441,35 @@ def packed_ffn(
   capacity: int | None = None,
   activation: Activation = "relu",
   strategy: Strategy = "auto",
+  policy: _policy.Policies = None,
 ) -> Array:
   r"""Conditional FFN that computes only the selected hidden blocks, in every projection.
 
   Same values as `conditional_ffn` with the packed block size. With `capacity = k` each
-  row picks its `k` best-scoring blocks (`top_k`, static `k`), reads their rows of
-  `w_in` (and `w_up`, stacked in the same slab) through `gathered_matvec` (the native CPU
-  kernel for f32 on CPU, XLA gathers elsewhere), applies the activation and the threshold,
-  and adds up the same blocks' rows of `w_out`. Weight bytes read and multiply-adds drop
-  from `(g + 1) d_ff d` to `(g + 1) k · block_size · d` per row, plus the estimator's
-  `r (d + d_ff)`. No `cond`, no loops: one compiled program for every input.
+  row picks its `k` best-scoring blocks `S` (`_mask.top_blocks`: `top_k` with static `k`,
+  ties to the lower index, NaN ranked first) and computes
 
-  `strategy="auto"` gathers where `skip_pays` says the gathers beat the dense product
-  (`ffn_gathers`); otherwise, and always without a capacity (the number of selected
-  units is then data dependent), it runs the dense products and masks. `"gather"` and
-  `"dense"` force a path (benchmarks, tests).
+  .. math::  z_{S} = W^{in}_{S} x + b^{in}_{S}, \quad
+             h_{S} = [\mathrm{score}_S > t] ⊙ act(z_S) [⊙ (W^{up}_S x + b^{up}_S)], \quad
+             y = Σ_{s ∈ S} Σ_j h_{s j} W^{out}_{s j,:} + b^{out}
+
+  reading only the selected blocks' rows of `w_in` (and `w_up`, stacked in the same slab)
+  through `gathered_matvec` and of `w_out` through `rows_product`. Weight bytes read and
+  multiply-adds drop from `(g + 1) d_ff d` to `(g + 1) k · bs · d` per row, plus the
+  estimator's `r (d + d_ff)`. No `cond`, no loops: one compiled program for every input
+  and every threshold.
+
+  The kernels and the gather-or-dense decision belong to the platform the program is
+  lowered for (`plan_ffn`, staged by `_policy.dispatch`): on CPU the native kernels
+  (`_native`: `lrcc_tile_product` for the input projection, `lrcc_ffn_rows_product` for
+  the output one) for f32 inputs, XLA's gathers otherwise; on CUDA/TPU the Pallas gather
+  for the input projection and XLA's for the output one. A single-platform lowering holds
+  only its own platform's code.
+
+  `strategy="auto"` gathers where the platform's policy says the gathers beat the dense
+  product and the FFN is not too small to gain (`plan_ffn`); otherwise, and always without
+  a capacity (the number of selected units is then data dependent), it runs the dense
+  products and masks. `"gather"` and `"dense"` force a path (benchmarks, tests).
 
   Args:
     x: (..., d_model) inputs; leading dimensions are independent rows.
@@ -321,6 +478,9 @@ def packed_ffn(
     capacity: optional static number of blocks per row, in [1, n_blocks].
     activation: "relu" or "relu2"; gating comes with the packed weights.
     strategy: "auto", "gather" or "dense".
+    policy: optional `Policy` (or one per platform) overriding the shipped or tuned
+      crossover on its platform; `kernel="xla"` also turns the native and Pallas kernels
+      off there.
 
   Returns:
     (..., d_out) outputs.
@@ -345,31 +505,35 @@ def packed_ffn(
     gate_bias = jnp.reshape(packed.gate_bias(), (1, d_ff)).astype(dtype)
     z_hat = jax.lax.stop_gradient((xr @ packed.u) @ packed.v + gate_bias)
   scores = _mask.block_scores(z_hat, bs)
-  gather = capacity is not None and (
-    strategy == "gather" or (strategy == "auto" and ffn_gathers(packed, rows, capacity, dtype))
-  )
-  b_out = jnp.reshape(packed.b_out, (1, d_out)).astype(dtype)
 
-  if not gather:
+  def plan_of(platform: str) -> FFNPlan:
+    return plan_ffn(platform, strategy, rows, capacity, packed, dtype, policy)
+
+  def run(plan: FFNPlan, xr: Array, scores: Array, threshold: Array, packed: PackedFFN) -> Array:
+    b_out = jnp.reshape(packed.b_out, (1, d_out)).astype(dtype)
+    if not plan.gather:
+      with jax.named_scope("select"):
+        keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), bs)
+      w_in = jnp.reshape(packed.w_in, (n_blocks * rows_per_block, d))
+      zz = unit_major_product(xr, w_in) + jnp.reshape(packed.b_in, (1, -1)).astype(dtype)
+      zz = jnp.reshape(zz, (rows, n_blocks, g, bs))
+      z, up = zz[:, :, 0], (zz[:, :, 1] if g == 2 else None)
+      up = None if up is None else jnp.reshape(up, (rows, d_ff))
+      h = activate(jnp.reshape(z, (rows, d_ff)), up, activation)
+      h = jnp.where(keep, h, jnp.zeros((), h.dtype))
+      return h @ jnp.reshape(packed.w_out, (d_ff, d_out)).astype(dtype) + b_out
+    assert capacity is not None  # a plan without a capacity never gathers
     with jax.named_scope("select"):
-      keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), bs)
-    zz = unit_major_product(xr, jnp.reshape(packed.w_in, (n_blocks * rows_per_block, d)))
-    zz = jnp.reshape(zz + jnp.reshape(packed.b_in, (1, -1)).astype(dtype), (rows, n_blocks, g, bs))
-    z, up = zz[:, :, 0], (zz[:, :, 1] if g == 2 else None)
-    up = None if up is None else jnp.reshape(up, (rows, d_ff))
-    h = activate(jnp.reshape(z, (rows, d_ff)), up, activation)
-    h = jnp.where(keep, h, jnp.zeros((), h.dtype))
-    y = h @ jnp.reshape(packed.w_out, (d_ff, d_out)).astype(dtype) + b_out
-    return jnp.reshape(y, lead + (d_out,))
+      idx = _mask.top_blocks(scores, capacity)  # (rows, k) ascending
+      keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
+    with jax.named_scope("gather_in"):
+      zz = gathered_matvec(packed.w_in, idx, xr, kernel=plan.kernel)  # (rows, k, g·bs)
+      zz = zz + packed.b_in[idx].astype(dtype)
+    z, up = zz[..., :bs], (zz[..., bs:] if g == 2 else None)
+    h = jnp.where(keep[..., None], activate(z, up, activation), jnp.zeros((), dtype))
+    with jax.named_scope("gather_out"):
+      return rows_product(h, packed.w_out, idx, kernel=plan.out_kernel) + b_out
 
-  assert capacity is not None  # the dense path above covers no capacity
-  with jax.named_scope("select"):
-    idx = _mask.top_blocks(scores, capacity)  # (rows, k) ascending
-    keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  with jax.named_scope("gather_in"):
-    zz = gathered_matvec(packed.w_in, idx, xr) + packed.b_in[idx].astype(dtype)  # (rows, k, g·bs)
-  z, up = zz[..., :bs], (zz[..., bs:] if g == 2 else None)
-  h = jnp.where(keep[..., None], activate(z, up, activation), jnp.zeros((), dtype))
-  with jax.named_scope("gather_out"):
-    y = _gathered_rows_product(h, packed.w_out, idx) + b_out
+  with jax.named_scope("lrcc_packed_ffn"):
+    y = _policy.dispatch(plan_of, run, (xr, scores, threshold, packed), key=lambda p: p.key)
   return jnp.reshape(y, lead + (d_out,))

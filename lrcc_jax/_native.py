@@ -48,6 +48,8 @@ _TARGETS = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16
 SYMBOLS = {
   TARGET: "LrccTileProduct",
   TARGET_BF16: "LrccTileProductBf16",
+  "lrcc_ffn_rows_product": "LrccFfnRowsProduct",  # csrc/ffn.cc, used by `_ffn`
+  "lrcc_ffn_rows_product_bf16": "LrccFfnRowsProductBf16",
 }
 _SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")

@@ -216,7 +216,7 @@ def test_packed_ffn_is_cond_free_and_reads_only_selected_rows(strategy, rows):
   gathered = strategy == "gather" or (strategy == "auto" and ffn_gathers(pk, rows, 2))
   if gathered:
     assert readers <= {"gather", "ffi_call", "custom_jvp_call", "custom_vmap_call", "pjit"}, readers
-    assert "gather" in readers
+    assert readers & {"gather", "ffi_call", "custom_vmap_call"}
   else:
     assert "dot_general" in readers or "reshape" in readers
 
@@ -271,13 +271,7 @@ def test_default_lowering_has_no_cpu_kernel_target(platform):
   from lrcc_jax import _native
 
   text = _lower(platform, False, "gather")
-  if _native.active() and _native.TARGET in text:
-    pytest.xfail(
-        "the kernel choice is made from the default backend (CPU here), so the CPU FFI"
-        " target is lowered for another platform; the platform-dependent choice is"
-        " being made in _native/_pallas separately"
-    )
-  assert _native.TARGET not in text
+  assert _native.TARGET not in text and "lrcc_ffn_rows_product" not in text
 
 
 # --- randomized fits ---------------------------------------------------------------------
@@ -435,12 +429,18 @@ def test_run_ffn_writes_checked_rows(tmp_path, capsys):
 
   from lrcc_jax.apps import bench
 
-  path = bench.run_ffn(tmp_path, repeats=1, rank=4, d_model=32, d_ff=256)
+  path = bench.run_ffn(tmp_path, repeats=1, rank=4, d_model=32, d_ff=256, widths=(16,))
   out = json.loads(path.read_text())
   assert [r["variant"] for r in out["rows"]] == ["relu", "relu2", "gated"]
   row = out["rows"][0]
   assert row["capacity"] == 2 and row["computed_fraction"] == pytest.approx(0.125)
-  assert row["skip_ms"] > 0 and "composed_speedup" in row and row["flop_model_speedup"] > 1
+  assert row["skip_ms"] > 0 and "composed_speedup" in row
+  # a 64 KB FFN is below MIN_GATHER_WEIGHT_BYTES: "auto" computes it densely
+  assert row["path"] == "dense+mask" and row["flop_model_speedup"] == 1.0
+  assert [w["computed_fraction"] for w in out["widths"]] == pytest.approx([6 / 64, 16 / 64])
+  for w in out["widths"]:
+    assert (w["d_model"], w["d_ff"], w["auto_path"]) == (16, 64, "dense+mask")
+    assert w["gather_ms"] > 0 and w["auto_speedup"] > 0
   fit = out["randomized_fit"]
   assert fit["shape"] == [32, 256] and -1e-3 <= fit["error_excess"] < 0.05
   assert out["environment"]["threads"] >= 1 and "jax_version" in out["environment"]

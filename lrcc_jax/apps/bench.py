@@ -8,6 +8,7 @@ reported next to the FLOP model's figure, with the device, jax version and threa
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -931,6 +932,74 @@ def bench_ffn(
   return rows
 
 
+def bench_ffn_widths(
+  widths: Sequence[int] = (128, 256, 512, 1024),
+  *,
+  fractions: Sequence[float] = (0.1, 0.25),
+  block_size: int = 1,
+  activation: str = "relu2",
+  repeats: int = 9,
+  seed: int = 0,
+) -> list[dict]:
+  """Batch-1 FFN at small widths (d_ff = 4 d): where gathering stops paying.
+
+  Dense jit against `packed_ffn` with the gathers forced and with "auto" (which runs an
+  FFN below `_ffn.MIN_GATHER_WEIGHT_BYTES` densely), interleaved; rank `d // 8`, the
+  threshold at -inf so each row computes exactly its capacity.
+  """
+  from lrcc_jax._ffn import ffn_gathers, ffn_weight_bytes, pack_ffn, packed_ffn
+
+  rows = []
+  key = jax.random.key(seed)
+  for d in widths:
+    d_ff = 4 * d
+    p = _random_ffn(jax.random.fold_in(key, d), d, d_ff, False)
+    est = fit_svd(p["w_in"], max(1, d // 8), method="randomized")
+    packed = jax.block_until_ready(pack_ffn(**p, est=est, block_size=block_size))
+    dense_fn = _dense_ffn(p, activation)
+    x = jax.random.normal(jax.random.fold_in(key, 2), (1, d), jnp.float32)
+    for frac in fractions:
+      cap = capacity_blocks(frac, d_ff, block_size)
+
+      def skip(strategy, cap=cap, packed=packed):
+        return jax.jit(
+          lambda x: packed_ffn(
+            x,
+            packed,
+            threshold=-jnp.inf,
+            capacity=cap,
+            activation=cast(Any, activation),
+            strategy=strategy,
+          )
+        )
+
+      compiled: dict[str, Callable] = {
+        "dense": dense_fn,
+        "gather": skip("gather"),
+        "auto": skip("auto"),
+      }
+      t = time_interleaved(
+        {name: functools.partial(f, x) for name, f in compiled.items()}, repeats=repeats
+      )
+      rows.append(
+        {
+          "d_model": d,
+          "d_ff": d_ff,
+          "rank": max(1, d // 8),
+          "block_size": block_size,
+          "activation": activation,
+          "capacity": cap,
+          "computed_fraction": cap * block_size / d_ff,
+          "weight_mb": ffn_weight_bytes(packed) / 2**20,
+          "auto_path": "gather" if ffn_gathers(packed, 1, cap) else "dense+mask",
+          **{f"{name}_ms": 1e3 * v for name, v in t.items()},
+          "gather_speedup": t["dense"] / t["gather"],
+          "auto_speedup": t["dense"] / t["auto"],
+        }
+      )
+  return rows
+
+
 def bench_randomized_fit(
   n_in: int = 2048,
   n_out: int = 8192,
@@ -984,8 +1053,10 @@ def run_ffn(
   exact_fit: bool = True,
   d_model: int = 2048,
   d_ff: int = 8192,
+  widths: Sequence[int] = (128, 256, 512, 1024),
 ) -> Path:
-  """`bench_ffn` (+ `bench_randomized_fit`, same shape): prints a table, writes `bench_ffn.json`."""
+  """`bench_ffn` (+ `bench_ffn_widths` at `widths`, + `bench_randomized_fit` at the
+  `bench_ffn` shape): prints tables, writes `bench_ffn.json`."""
   env = environment()
   env["threads"] = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -1003,7 +1074,19 @@ def run_ffn(
       f"{r['variant']:>8} {r['dense_ms']:>9.3f} {r['skip_ms']:>8.3f} {r['skip_speedup']:>6.2f}x"
       f" {r['skip_varied_speedup']:>7.2f}x {comp} {r['flop_model_speedup']:>5.2f}x"
     )
-  payload = {"environment": env, "rows": rows}
+  payload: dict[str, Any] = {"environment": env, "rows": rows}
+  if widths:
+    payload["widths"] = wrows = bench_ffn_widths(widths, repeats=repeats)
+    print(
+      f"{'d_model':>7} {'d_ff':>6} {'MB':>6} {'computed':>8} {'dense ms':>9} {'gather ms':>9}"
+      f" {'x':>6} {'auto ms':>8} {'x':>6} {'auto path':>10}"
+    )
+    for r in wrows:
+      print(
+        f"{r['d_model']:>7} {r['d_ff']:>6} {r['weight_mb']:>6.1f} {r['computed_fraction']:>8.2f}"
+        f" {r['dense_ms']:>9.4f} {r['gather_ms']:>9.4f} {r['gather_speedup']:>6.2f}"
+        f" {r['auto_ms']:>8.4f} {r['auto_speedup']:>6.2f} {r['auto_path']:>10}"
+      )
   if fit:
     payload["randomized_fit"] = f = bench_randomized_fit(d_model, d_ff, rank, exact=exact_fit)
     print(

@@ -14,22 +14,29 @@ mean next-byte cross-entropy over `ln 2`.
 The run (`run_command`) has three stages:
 
 1. training in ``"dense"`` mode with Adam, resumable (Orbax checkpoints through
-   `Checkpointer`; rerunning the command continues from the newest one), one
-   ``metrics.jsonl`` line per logging interval;
+   `Checkpointer`; rerunning the command continues from the newest one, and a finished
+   run skips training), one ``metrics.jsonl`` line per logging interval (bits per byte,
+   the FFN penalty and the fraction of positive FFN pre-activations). The loss adds the
+   paper's sparsity penalty on the FFN hidden units, `ffn_l1 · Σ_l mean relu(z_l)`
+   (`training_loss`): in the committed run it took the positive fraction from about 25%
+   to 8% at +0.004 dense bits per byte, which is what leaves a 3x FFN saving within
+   reach of a low-rank estimator;
 2. evaluation: the dense model's bits per byte against the conditional model (``"mask"``
    mode: exact values of the computed units, zeros elsewhere) for the estimators
    ``svd`` and ``data_aware`` (fitted on FFN inputs of training text) × ranks × the
-   thresholds 0 and "calibrated" (per layer, to keep a recall of 0.99, and 0.9, of the
-   nonzero units on the calibration text), with per-layer density (fraction of nonzero units of
-   the dense
-   FFN), computed fraction `c` and the FFN FLOP-model speed-up
+   thresholds 0 and "calibrated" (per layer, to keep a recall of each of `recalls` of
+   the nonzero units on the calibration text), with per-layer density (fraction of
+   nonzero units of the dense FFN), computed fraction `c` and the FFN FLOP-model speed-up
    `2 d d_ff / (r (d + d_ff) + 2 c d d_ff)` per layer and for all FFNs together;
 3. latency of one batch-1 decode step of the whole model (KV cache, jitted) with
    `packed_ffn` in every block against the dense model, interleaved
-   (`bench.time_interleaved`).
+   (`bench.time_interleaved`), for the best setting within 0.02 bits per byte of dense;
+   then the same step at the wider `decode_widths` (same architecture, random weights,
+   the trained per-layer computed fractions), which shows from which width skipping pays
+   (a 128-wide model is overhead-bound).
 
-Everything goes to ``lm.json`` and ``lm.png`` (bits per byte against FLOP-model speed-up)
-in ``--out``.
+Everything goes to ``lm.json`` and ``lm.png`` (bits per byte against FLOP-model speed-up;
+decode-step speed-up against width) in ``--out``.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ import optax
 import tqdm
 from flax import nnx
 
-from lrcc_jax._ffn import ffn_gathers, packed_ffn
+from lrcc_jax._estimator import add_bias, fit_svd
+from lrcc_jax._ffn import ffn_gathers, ffn_weight_bytes, pack_ffn, packed_ffn
 from lrcc_jax._stats import estimator_stats
 from lrcc_jax.apps import bench
 from lrcc_jax.apps.checkpoint import Checkpointer
@@ -79,15 +87,17 @@ class LMConfig:
   steps: int = 2000
   learning_rate: float = 2e-3
   warmup: int = 100
+  ffn_l1: float = 0.05
   seed: int = 0
   test_fraction: float = 0.1
   log_every: int = 100
   checkpoint_every: int = 250
   ranks: tuple[int, ...] = (8, 16, 24, 32)
-  recalls: tuple[float, ...] = (0.99, 0.9)
+  recalls: tuple[float, ...] = (0.99, 0.9, 0.8)
   eval_windows: int = 256
   calib_windows: int = 64
   latency_repeats: int = 7
+  decode_widths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
 
 
 TRAIN_FIELDS = (
@@ -100,10 +110,14 @@ TRAIN_FIELDS = (
   "steps",
   "learning_rate",
   "warmup",
+  "ffn_l1",
   "seed",
   "test_fraction",
 )
 """The `LMConfig` fields a workdir's checkpoints depend on (checked when resuming)."""
+
+LEGACY_TRAIN_VALUES = {"ffn_l1": 0.0}
+"""What a ``config.json`` written before a field existed meant by its absence."""
 
 
 # --- data -----------------------------------------------------------------------------
@@ -206,6 +220,28 @@ def cross_entropy(model: ByteLM, batch: Array, mode: str = "dense") -> Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
+def training_loss(model: ByteLM, batch: Array, ffn_l1: float) -> tuple[Array, dict]:
+  r"""Cross-entropy plus the FFN activation penalty; returns the loss and its parts.
+
+  .. math::  L = CE + λ Σ_l \frac{1}{N d_{ff}} Σ_{t, j} relu(z^l_{t j}),
+             \quad z^l = \mathrm{ln}_2(x^l) W^l_{in} + b^l_{in}
+
+  the mean over tokens and hidden units of each layer's ReLU *before* squaring (the
+  ReLU² of a small positive `z` has a vanishing gradient, so an L1 on `relu(z)²` would not
+  push units to exact zeros). It is the paper's step-5 penalty on the FFN's hidden
+  units: fewer positive units leave more of every projection to skip. `density` is the
+  fraction of positive `z` (the fraction a perfect estimator computes).
+  """
+  logits, ffn_inputs = model(batch[:, :-1], "dense")
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+  l1, density = jnp.zeros(()), jnp.zeros(())
+  for block, h in zip(model.blocks, ffn_inputs):
+    z = add_bias(h @ block.ffn.w_in[...], block.ffn.b_in[...])  # the forward's (CSE'd by XLA)
+    l1 = l1 + jnp.mean(jax.nn.relu(z))
+    density = density + jnp.mean(z > 0) / len(ffn_inputs)
+  return ce + ffn_l1 * l1, {"cross_entropy": ce, "ffn_l1": l1, "density": density}
+
+
 # --- training -------------------------------------------------------------------------
 
 
@@ -217,15 +253,20 @@ def make_optimizer(model: ByteLM, cfg: LMConfig) -> nnx.Optimizer:
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Array) -> tuple[nnx.State, Array]:
-  """One Adam step of the split ``(model, optimizer)``; returns the new state and the loss."""
+def train_step(
+  graphdef: nnx.GraphDef, state: nnx.State, batch: Array, ffn_l1: float = 0.0
+) -> tuple[nnx.State, dict]:
+  """One Adam step of the split ``(model, optimizer)``; returns the new state and the loss
+  parts (`training_loss`)."""
   model, optimizer = nnx.merge(graphdef, state)
-  loss, grads = nnx.value_and_grad(lambda m: cross_entropy(m, batch))(model)
+  (_, parts), grads = nnx.value_and_grad(lambda m: training_loss(m, batch, ffn_l1), has_aux=True)(
+    model
+  )
   optimizer.update(model, grads)
-  return nnx.state((model, optimizer)), loss
+  return nnx.state((model, optimizer)), parts
 
 
-_train_step = jax.jit(train_step, static_argnums=0, donate_argnums=1)
+_train_step = jax.jit(train_step, static_argnums=(0, 3), donate_argnums=1)
 
 
 def train(
@@ -265,24 +306,30 @@ def train(
     while step < cfg.steps:
       rng = np.random.default_rng([cfg.seed, step])
       batch = jnp.asarray(windows(train_text, cfg.batch_size, cfg.context + 1, rng))
-      state, loss = _train_step(graphdef, state, batch)
-      losses.append(loss)
+      state, parts = _train_step(graphdef, state, batch, cfg.ffn_l1)
+      losses.append(parts)
       step += 1
       bar.update(1)
       if step % cfg.log_every == 0 or step == cfg.steps:
-        mean = float(np.mean(jax.device_get(losses)))
+        got = jax.device_get(losses)
+        mean = float(np.mean([p["cross_entropy"] for p in got]))
         losses = []
         record = {
           "step": step,
           "loss": mean,
           "bits_per_byte": mean / LN2,
+          "ffn_l1": float(np.mean([p["ffn_l1"] for p in got])),
+          "ffn_density": float(np.mean([p["density"] for p in got])),
           "seconds": time.perf_counter() - t0,
         }
         with metrics_path.open("a") as f:
           f.write(json.dumps(record) + "\n")
         bar.set_postfix(bpb=f"{mean / LN2:.3f}")
         if progress:
-          tqdm.tqdm.write(f"step {step}: train bits/byte {mean / LN2:.3f}")
+          tqdm.tqdm.write(
+            f"step {step}: train bits/byte {mean / LN2:.3f},"
+            f" FFN density {record['ffn_density']:.3f}"
+          )
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         ckpt.save(step, nnx.to_pure_dict(state), {"step": step})
     bar.close()
@@ -441,35 +488,19 @@ def _dense_ffn(h: Array, p: dict) -> Array:
   return jnp.square(jax.nn.relu(h @ p["w_in"] + p["b_in"][None])) @ p["w_out"] + p["b_out"][None]
 
 
-def decode_latency(model: ByteLM, cfg: LMConfig, setting: dict, *, repeats: int) -> dict:
-  """Batch-1 decode step, dense jit against `packed_ffn` in every block (jitted, interleaved).
-
-  The skip side packs each FFN with the estimator and thresholds of `setting` (already
-  fitted on `model`) and gives `packed_ffn` a static capacity per layer: the measured
-  computed fraction of that layer, rounded up to whole units (block size 1). It is timed
-  with ``strategy="auto"`` (which falls back to the dense products where `skip_pays` says
-  gathering does not pay) and with the gathers forced (``"gather"``).
-  """
-  w = _weights(model)
-  dense_ffns = [
-    {
-      "w_in": b.ffn.w_in[...],
-      "b_in": b.ffn.b_in[...],
-      "w_out": b.ffn.w_out[...],
-      "b_out": b.ffn.b_out[...],
-    }
-    for b in model.blocks
-  ]
-  packed = [b.ffn.pack() for b in model.blocks]
-  caps = [max(1, math.ceil(l["computed_fraction"] * cfg.d_ff)) for l in setting["layers"]]
-  thresholds = [b.ffn.threshold[...] for b in model.blocks]
-  d_head = cfg.d_model // cfg.n_heads
-  cache = 0.1 * jax.random.normal(
-    jax.random.key(1), (cfg.n_layers, 2, cfg.context, cfg.n_heads, d_head)
-  )
-  token, pos = jnp.int32(ord("e")), jnp.int32(cfg.context // 2)
-
-  skip_ffns = [(p, t) for p, t in zip(packed, thresholds)]
+def _time_decode(
+  w: dict,
+  dense_ffns: list[dict],
+  packed: list,
+  thresholds: list,
+  caps: list[int],
+  cache: Array,
+  *,
+  repeats: int,
+) -> dict:
+  """Interleaved batch-1 decode step: dense jit, `packed_ffn` "auto" and forced "gather"."""
+  token, pos = jnp.int32(ord("e")), jnp.int32(cache.shape[2] // 2)
+  skip_ffns = list(zip(packed, thresholds))
 
   def skip_fn(strategy):
     it = iter(caps)  # decode_step visits the blocks in order, once per trace
@@ -491,27 +522,152 @@ def decode_latency(model: ByteLM, cfg: LMConfig, setting: dict, *, repeats: int)
   }
   t = bench.time_interleaved(fns, repeats=repeats)
   return {
-    "setting": {k: setting[k] for k in ("method", "rank", "threshold", "recall")},
     "capacities": caps,
-    "block_size": 1,
     "auto_gathers": [bool(ffn_gathers(p, 1, c)) for p, c in zip(packed, caps)],
     **{f"{k}_ms": 1e3 * v for k, v in t.items()},
     "speedup_auto": t["dense"] / t["skip_auto"],
     "speedup_gather": t["dense"] / t["skip_gather"],
-    "flop_model_speedup": setting["flop_model_speedup"],
     "max_abs_logit_diff_gather_vs_dense": float(jnp.max(jnp.abs(got - want))),
   }
+
+
+def _ffn_arrays(ffn: ConditionalFFN) -> dict:
+  return {n: getattr(ffn, n)[...] for n in ("w_in", "b_in", "w_out", "b_out")}
+
+
+def _decode_cache(n_layers: int, context: int, n_heads: int, d_model: int) -> Array:
+  shape = (n_layers, 2, context, n_heads, d_model // n_heads)
+  return 0.1 * jax.random.normal(jax.random.key(1), shape)
+
+
+def decode_latency(model: ByteLM, cfg: LMConfig, setting: dict, *, repeats: int) -> dict:
+  """Batch-1 decode step of the trained model, dense jit against `packed_ffn` in every block.
+
+  The skip side packs each FFN with the estimator and thresholds of `setting` (already
+  fitted on `model`) and gives `packed_ffn` a static capacity per layer: the measured
+  computed fraction of that layer, rounded up to whole units (block size 1). It is timed
+  with ``strategy="auto"`` (dense products where `plan_ffn` says gathering does not pay,
+  which it says for an FFN this small) and with the gathers forced (``"gather"``).
+  """
+  packed = [b.ffn.pack() for b in model.blocks]
+  caps = [max(1, math.ceil(l["computed_fraction"] * cfg.d_ff)) for l in setting["layers"]]
+  timed = _time_decode(
+    _weights(model),
+    [_ffn_arrays(b.ffn) for b in model.blocks],
+    packed,
+    [b.ffn.threshold[...] for b in model.blocks],
+    caps,
+    _decode_cache(cfg.n_layers, cfg.context, cfg.n_heads, cfg.d_model),
+    repeats=repeats,
+  )
+  return {
+    "setting": {k: setting[k] for k in ("method", "rank", "threshold", "recall")},
+    "block_size": 1,
+    **timed,
+    "flop_model_speedup": setting["flop_model_speedup"],
+  }
+
+
+def random_decode_model(d_model: int, cfg: LMConfig, seed: int = 0) -> tuple[dict, list[dict]]:
+  """Random weights of the trained architecture at another width (d_ff = d_ff/d_model ×
+  d_model): the decode step's weights (`_weights` layout) and the FFNs' arrays.
+
+  Scaled as at initialisation (`1/sqrt(fan_in)`), so activations keep their size; only
+  shapes and bytes matter for timing.
+  """
+  d, d_ff = d_model, cfg.d_ff * d_model // cfg.d_model
+  keys = iter(jax.random.split(jax.random.key(seed), 8 * cfg.n_layers + 2))
+  normal = lambda shape, fan: jax.random.normal(next(keys), shape) / math.sqrt(fan)  # noqa: E731
+  ln = (jnp.ones((d,)), jnp.zeros((d,)))
+  w = {
+    "embed": 0.02 * jax.random.normal(next(keys), (256, d)),
+    "pos": 0.02 * jax.random.normal(next(keys), (cfg.context, d)),
+    "ln_f": ln,
+    "blocks": [
+      {"ln1": ln, "qkv": normal((d, 3 * d), d), "proj": normal((d, d), d), "ln2": ln}
+      for _ in range(cfg.n_layers)
+    ],
+  }
+  ffns = [
+    {
+      "w_in": normal((d, d_ff), d),
+      "b_in": 0.01 * jax.random.normal(next(keys), (d_ff,)),
+      "w_out": normal((d_ff, d), d_ff),
+      "b_out": jnp.zeros((d,)),
+    }
+    for _ in range(cfg.n_layers)
+  ]
+  return w, ffns
+
+
+def decode_width_sweep(
+  cfg: LMConfig, setting: dict, widths: tuple[int, ...], *, repeats: int
+) -> list[dict]:
+  """Batch-1 decode step at other widths: where `packed_ffn` starts beating dense.
+
+  Same architecture as the trained model (layers, heads, context, d_ff / d_model) at
+  `d_model` in `widths`, with random weights (`random_decode_model`); each layer computes
+  the trained model's measured fraction of its units (`setting["layers"]`), block size 1,
+  with an SVD estimator of the same rank per unit of width (`rank · d / cfg.d_model`) and
+  the threshold at -inf, so every row computes exactly its capacity. The FFN FLOP model
+  of each row is `ffn_flop_speedup` at those fractions.
+  """
+  rows = []
+  fractions = [l["computed_fraction"] for l in setting["layers"]]
+  for d in widths:
+    d_ff = cfg.d_ff * d // cfg.d_model
+    rank = max(1, setting["rank"] * d // cfg.d_model)
+    w, ffns = random_decode_model(d, cfg)
+    packed = [
+      jax.block_until_ready(
+        pack_ffn(**f, est=fit_svd(f["w_in"], rank, method="randomized"), block_size=1)
+      )
+      for f in ffns
+    ]
+    caps = [max(1, math.ceil(c * d_ff)) for c in fractions]
+    timed = _time_decode(
+      w,
+      ffns,
+      packed,
+      [jnp.float32(-jnp.inf)] * len(ffns),
+      caps,
+      _decode_cache(cfg.n_layers, cfg.context, cfg.n_heads, d),
+      repeats=repeats,
+    )
+    dense_flops = len(fractions) * ffn_dense_flops(d, d_ff)
+    cond = sum(ffn_conditional_flops(d, d_ff, rank, c / d_ff) for c in caps)
+    attention = len(fractions) * 4 * d * d  # qkv and output projections (the weights)
+    rows.append(
+      {
+        "d_model": d,
+        "d_ff": d_ff,
+        "rank": rank,
+        "ffn_weight_mb": len(ffns) * ffn_weight_bytes(packed[0]) / 2**20,
+        **timed,
+        "ffn_flop_model_speedup": dense_flops / cond,
+        # the whole step's weight multiply-adds: attention projections are not skipped
+        "step_flop_model_speedup": (dense_flops + attention) / (cond + attention),
+      }
+    )
+    del w, ffns, packed
+  return rows
 
 
 # --- the command ----------------------------------------------------------------------
 
 
-def plot(rows: list[dict], dense_bpb: float, path: pathlib.Path) -> None:
-  """Bits per byte against FFN FLOP-model speed-up, one series per estimator × threshold."""
+def plot(
+  rows: list[dict], dense_bpb: float, path: pathlib.Path, widths: list[dict] | None = None
+) -> None:
+  """Bits per byte against FFN FLOP-model speed-up, one series per estimator × threshold;
+  with `widths`, a second panel: decode-step speed-up over dense against d_model."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-  ax = fig.subplots()
+  fig = Figure(figsize=(11.5 if widths else 6.4, 4.2), layout="constrained")
+  axes = fig.subplots(1, 2 if widths else 1, squeeze=False)[0]
+  ax = axes[0]
+  if widths:
+    _plot_widths(axes[1], widths)
   series: dict[str, list[dict]] = {}
   for r in rows:
     series.setdefault(f"{r['method']}, {_threshold_name(r)}", []).append(r)
@@ -532,7 +688,7 @@ def plot(rows: list[dict], dense_bpb: float, path: pathlib.Path) -> None:
         xytext=(3, 3),
         textcoords="offset points",
       )
-  top = dense_bpb + 0.3  # the interesting range; worse settings are drawn on the edge
+  top = dense_bpb + 0.12  # the interesting range; worse settings are drawn on the edge
   off = [r for r in rows if r["bits_per_byte"] > top]
   if off:
     names = ", ".join(
@@ -554,6 +710,58 @@ def plot(rows: list[dict], dense_bpb: float, path: pathlib.Path) -> None:
   ax.set_title("byte LM on the Python stdlib: conditional ReLU² FFNs", fontsize=9)
   ax.legend(fontsize=7)
   fig.savefig(path, dpi=110)
+
+
+def _plot_widths(ax, widths: list[dict]) -> None:
+  d = [r["d_model"] for r in widths]
+  ax.plot(d, [r["speedup_gather"] for r in widths], "o-", label="packed_ffn, gathers forced")
+  ax.plot(d, [r["speedup_auto"] for r in widths], "s--", label='packed_ffn, "auto"')
+  ax.plot(
+    d, [r["ffn_flop_model_speedup"] for r in widths], ":", color="gray", label="FFN FLOP model"
+  )
+  ax.plot(
+    d,
+    [r["step_flop_model_speedup"] for r in widths],
+    "-.",
+    color="gray",
+    label="decode-step FLOP model (attention not skipped)",
+  )
+  ax.axhline(1.0, color="k", lw=1)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xticks(d, [str(v) for v in d])
+  ax.set_xlabel("d_model (d_ff = 4 d_model; random weights, trained fractions)")
+  ax.set_ylabel("batch-1 decode step: dense time / skip time")
+  ax.set_title("where skipping FFN units pays in a decode step", fontsize=9)
+  ax.legend(fontsize=7)
+
+
+def pays_from(widths: list[dict], key: str) -> int | None:
+  """The narrowest d_model from which `key` (a speed-up) exceeds 1 at every wider width."""
+  found = None
+  for row in sorted(widths, key=lambda r: r["d_model"], reverse=True):
+    if row[key] <= 1.0:
+      break
+    found = row["d_model"]
+  return found
+
+
+def format_width_table(widths: list[dict]) -> str:
+  lines = [
+    f"{'d_model':>7} {'d_ff':>6} {'FFN MB':>7} {'dense ms':>9} {'gather ms':>9} {'x':>6}"
+    f" {'auto ms':>8} {'x':>6} {'auto path':>10} {'FFN FLOP x':>10} {'step FLOP x':>11}"
+  ]
+  for r in widths:
+    path = (
+      "gather" if all(r["auto_gathers"]) else ("dense" if not any(r["auto_gathers"]) else "mixed")
+    )
+    lines.append(
+      f"{r['d_model']:>7} {r['d_ff']:>6} {r['ffn_weight_mb']:>7.1f} {r['dense_ms']:>9.3f}"
+      f" {r['skip_gather_ms']:>9.3f} {r['speedup_gather']:>6.2f} {r['skip_auto_ms']:>8.3f}"
+      f" {r['speedup_auto']:>6.2f} {path:>10} {r['ffn_flop_model_speedup']:>10.2f}"
+      f" {r['step_flop_model_speedup']:>11.2f}"
+    )
+  return "\n".join(lines)
 
 
 def _threshold_name(row: dict) -> str:
@@ -593,7 +801,7 @@ def run(
   config_path = workdir / "config.json"
   if config_path.exists():
     saved = json.loads(config_path.read_text())
-    changed = [k for k in TRAIN_FIELDS if saved.get(k) != config[k]]
+    changed = [k for k in TRAIN_FIELDS if saved.get(k, LEGACY_TRAIN_VALUES.get(k)) != config[k]]
     if changed:
       raise ValueError(
         f"{workdir} holds a run with other settings ({', '.join(changed)} in"
@@ -658,12 +866,18 @@ def run(
     recall=best["recall"],
   )
   latency = decode_latency(model, cfg, best, repeats=cfg.latency_repeats)
+  widths = decode_width_sweep(cfg, best, cfg.decode_widths, repeats=cfg.latency_repeats)
+  latency["widths"] = widths
+  latency["gather_pays_from_d_model"] = pays_from(widths, "speedup_gather")
+  latency["auto_pays_from_d_model"] = pays_from(widths, "speedup_auto")
   latency["note"] = (
     f"d_model={cfg.d_model}, d_ff={cfg.d_ff}: one FFN is {ffn_dense_flops(cfg.d_model, cfg.d_ff)} "
-    "multiply-adds (0.5 MB of f32 weights, cache resident), so a decode step is bound by "
-    "per-op overhead (attention, layer norms, top-k, gathers, dispatch), not by FFN arithmetic; "
-    "skipping FFN units cannot pay here. The FFN benchmark (bench --suite ffn) shows where it "
-    "does: batch 1 at d_model 2048, d_ff 8192, whose weights stream from memory."
+    "multiply-adds (0.5 MB of f32 weights, cache resident), so the trained model's decode step "
+    "is bound by per-op overhead (attention, layer norms, top-k, gathers, dispatch), not by FFN "
+    "arithmetic, and 'auto' runs its FFNs dense. 'widths' times the same architecture with "
+    "random weights at wider d_model (d_ff = 4 d_model), each layer computing the trained "
+    "model's fraction of its units: 'gather_pays_from_d_model' is the narrowest width from "
+    "which the gathered decode step beats dense at every wider one (None: at none)."
   )
   result = {
     "config": config,
@@ -685,7 +899,7 @@ def run(
   }
   out.mkdir(parents=True, exist_ok=True)
   path = bench.write_results("lm", result, out)
-  plot(rows, dense_bpb, path.with_suffix(".png"))
+  plot(rows, dense_bpb, path.with_suffix(".png"), widths)
   print(format_table(dense_bpb, rows))
   print(
     f"target (≤ +0.02 bits/byte at ≥ 3x FFN FLOP model): "
@@ -697,6 +911,11 @@ def run(
     f" skip auto {latency['skip_auto_ms']:.3f} ms (x{latency['speedup_auto']:.2f}),"
     f" skip gather {latency['skip_gather_ms']:.3f} ms (x{latency['speedup_gather']:.2f});"
     f" FLOP model x{latency['flop_model_speedup']:.2f}"
+  )
+  print(format_width_table(widths))
+  print(
+    f"gathered decode step beats dense from d_model={latency['gather_pays_from_d_model']};"
+    f" 'auto' from d_model={latency['auto_pays_from_d_model']}"
   )
   print(f"wrote {path} and {path.with_suffix('.png')}")
   return result

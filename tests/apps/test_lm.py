@@ -13,7 +13,7 @@ from lrcc_jax.apps import lm
 TINY = lm.LMConfig(
     d_model=32, n_layers=2, n_heads=2, d_ff=64, context=16, batch_size=4, steps=4,
     warmup=2, log_every=2, checkpoint_every=2, ranks=(4,), recalls=(0.9,), eval_windows=8,
-    calib_windows=8, latency_repeats=1,
+    calib_windows=8, latency_repeats=1, decode_widths=(32, 64), ffn_l1=0.01,
 )
 
 
@@ -54,8 +54,15 @@ def test_json_fields(first_run):
   assert len(lat["auto_gathers"]) == len(lat["capacities"]) == TINY.n_layers
   assert lat["max_abs_logit_diff_gather_vs_dense"] < 1e3
   assert "overhead" in lat["note"]
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [2, 4]
+  assert [w["d_model"] for w in lat["widths"]] == [32, 64]
+  for w in lat["widths"]:
+    assert w["d_ff"] == 2 * w["d_model"] and w["dense_ms"] > 0 and w["skip_gather_ms"] > 0
+    assert w["max_abs_logit_diff_gather_vs_dense"] < 1e3 and w["ffn_flop_model_speedup"] > 0
+    assert not any(w["auto_gathers"])  # far below MIN_GATHER_WEIGHT_BYTES: "auto" runs dense
+  assert "gather_pays_from_d_model" in lat
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [2, 4]
+  assert all(0 < l["ffn_density"] <= 1 and l["ffn_l1"] > 0 for l in lines)
   assert result["target"]["reached"] in (True, False)
 
 
@@ -95,3 +102,24 @@ def test_rerun_resumes(first_run, text_root):
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
   with pytest.raises(ValueError, match="steps"):
     lm.run(lm.LMConfig(**{**TINY.__dict__, "steps": 5}), workdir, progress=False, text_root=text_root)
+
+
+def test_pays_from_is_the_narrowest_width_that_pays_at_every_wider_one():
+  rows = lambda *xs: [{"d_model": 2**i, "s": x} for i, x in enumerate(xs)]
+  assert lm.pays_from(rows(0.5, 1.2, 0.9, 1.5, 3.0), "s") == 8
+  assert lm.pays_from(rows(0.5, 0.9), "s") is None
+  assert lm.pays_from(rows(1.1, 2.0), "s") == 1
+
+
+def test_l1_penalty_is_the_mean_relu_before_squaring(first_run, text_root):
+  workdir, _ = first_run
+  model, _ = lm.train(TINY, workdir, np.zeros(100, np.uint8), progress=False)
+  batch = jnp.asarray(np.arange(2 * 17).reshape(2, 17) % 256, jnp.int32)
+  loss0, parts0 = lm.training_loss(model, batch, 0.0)
+  loss1, parts1 = lm.training_loss(model, batch, 0.5)
+  _, hs = model(batch[:, :-1])
+  want = sum(float(jnp.mean(jnp.maximum(h @ b.ffn.w_in[...] + b.ffn.b_in[...][None, None], 0)))
+             for b, h in zip(model.blocks, hs))
+  assert float(parts0["ffn_l1"]) == pytest.approx(want, rel=1e-5)
+  assert float(loss0) == pytest.approx(float(parts0["cross_entropy"]), rel=1e-6)
+  assert float(loss1) == pytest.approx(float(parts1["cross_entropy"]) + 0.5 * want, rel=1e-5)
