@@ -41,3 +41,25 @@ def test_overlap_is_one_over_rows_for_identical_rows():
   assert [s["overlap"] for s in stats] == [0.25, 0.25]
   assert [s["union_blocks"] for s in stats] == [2, 2]
   assert stats[0]["independent_union_fraction"] == pytest.approx(1 - 0.75**4)
+
+
+def test_cli_passes_the_batch_options(tmp_path, monkeypatch):
+  from lrcc_jax.apps import cli
+
+  seen = {}
+
+  def fake(out, **kw):
+    seen.update(kw, out=out)
+    return out / "bench_batch.json"
+
+  monkeypatch.setattr(bench, "run_batch", fake)
+  argv = ["bench", "--suite", "batch", "--rows", "real", "--batches", "8", "--train-steps", "3"]
+  assert cli.main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+  assert (
+    seen["rows_kinds"] == ["real"] and list(seen["batches"]) == [8] and seen["train_steps"] == 3
+  )
+
+
+def test_unknown_row_kind_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="rows='fake'"):
+    bench.run_batch(tmp_path, rows_kinds=["fake"])
