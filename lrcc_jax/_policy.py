@@ -111,9 +111,12 @@ CPU_NATIVE = Policy(
   small_fraction=0.06,
   small_fraction_max_rows=64,
   source="measured on XLA:CPU, 2 cores",
-  # Shared mode (`batch_mode`): 4096 wide, 26 of 256 blocks of 16 per row, 8 independent
-  # rows (union 56% of the layer): 0.13-0.25 ms against 0.3-0.46 ms per row with sparse
-  # inputs, 1.7-3.7 ms against 7.7-10.7 ms dense with dense inputs (2 cores, loaded).
+  # Shared mode (`batch_mode`): one 4096 layer, 26 of 256 blocks of 16 per row, 8
+  # independent rows (union 56% of the layer): 0.13-0.25 ms against 0.3-0.46 ms per row
+  # with sparse inputs, 1.7-3.7 ms against 7.7-10.7 ms dense with dense inputs. The 4-layer
+  # 4096 MLP chain at 8 rows: 3.6-3.8x dense with independent rows, 4.5-7.3x with real
+  # digits; at 16 rows (union 80%) the policy falls back to dense (`lrcc-jax bench --suite
+  # batch`, 2 cores under a load of 7-13: noisy).
   shared_min_rows=2,
   max_union_fraction=0.6,
 )

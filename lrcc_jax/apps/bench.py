@@ -1228,10 +1228,11 @@ def bench_batch(
       )
     )
 
-  # Order matters a little: the thunk after "dense" runs on caches the dense product
-  # flushed (measured ~1.5-2x slower on a loaded machine although the untimed first call
-  # refills them), so "shared" goes there: the figures claimed for it are the pessimistic
-  # ones, and "auto" (same program as "shared" or "per_row" where it gathers) shows the gap.
+  # Order matters: the thunk right after "dense" measured slower on a loaded machine
+  # although the untimed first call refills the caches (batch 1, the same work: 17x dense
+  # in that slot against 27-33x later in the round). "shared" takes that slot, so its
+  # figures are the pessimistic ones; "auto" (the same program as "shared" or "per_row"
+  # where it gathers) shows the gap.
   fns = {
     "dense": jax.jit(dense),
     "shared": chain(shared),
