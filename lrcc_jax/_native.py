@@ -42,12 +42,22 @@ TARGET = "lrcc_tile_product"
 # The same kernel reading bf16 weights (f32 inputs, outputs and accumulation).
 TARGET_BF16 = "lrcc_tile_product_bf16"
 _TARGETS = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16}
+# The shared (block-major) mode: each block of the union of the rows' selections is read
+# once for all the (row, block) pairs that selected it; values bit-identical to the above.
+TARGET_SHARED = "lrcc_tile_product_shared"
+TARGET_SHARED_BF16 = "lrcc_tile_product_bf16_shared"
+_SHARED_TARGETS = {
+  jnp.dtype(jnp.float32): TARGET_SHARED,
+  jnp.dtype(jnp.bfloat16): TARGET_SHARED_BF16,
+}
 # Every FFI target of the library: name -> exported handler symbol. All sources in
 # `csrc/` are compiled into one shared library; adding a kernel is a new `.cc` file
 # and a line here.
 SYMBOLS = {
   TARGET: "LrccTileProduct",
   TARGET_BF16: "LrccTileProductBf16",
+  TARGET_SHARED: "LrccTileProductShared",
+  TARGET_SHARED_BF16: "LrccTileProductSharedBf16",
   "lrcc_ffn_rows_product": "LrccFfnRowsProduct",  # csrc/ffn.cc, used by `_ffn`
   "lrcc_ffn_rows_product_bf16": "LrccFfnRowsProductBf16",
 }
@@ -144,14 +154,15 @@ def usable(weight_dtype: jnp.dtype, *dtypes: jnp.dtype) -> bool:
 
 
 @functools.cache
-def _product(b_in: int, xla_product: Callable) -> Callable:
-  """`tile_product` for one static run length, with its JVP and batching rules."""
+def _product(b_in: int, xla_product: Callable, shared: bool = False) -> Callable:
+  """`tile_product` for one static run length and mode, with its JVP and batching rules."""
+  targets = _SHARED_TARGETS if shared else _TARGETS
 
   @jax.custom_batching.custom_vmap
   def call(weight, out_blocks, starts, values):
     rows, k = out_blocks.shape
     out = jax.ShapeDtypeStruct((rows, k, weight.shape[1]), jnp.float32)
-    target = _TARGETS[jnp.dtype(weight.dtype)]
+    target = targets[jnp.dtype(weight.dtype)]
     return jax.ffi.ffi_call(target, out)(weight, out_blocks, starts, values, b_in=np.int64(b_in))
 
   @call.def_vmap
@@ -187,13 +198,27 @@ def _product(b_in: int, xla_product: Callable) -> Callable:
 
 
 def tile_product(
-  weight: Array, out_blocks: Array, starts: Array, values: Array, b_in: int, xla_product: Callable
+  weight: Array,
+  out_blocks: Array,
+  starts: Array,
+  values: Array,
+  b_in: int,
+  xla_product: Callable,
+  *,
+  shared: bool = False,
 ) -> Array:
   """(rows, k, b_out) products of the native kernel.
 
   `xla_product(weight, out_blocks, starts, values, b_in=...)` computes the same values in
   XLA; it supplies the JVP and the batched-weight fallback.
+
+  `shared` (static) picks the block-major schedule: the kernel sorts the (row, block)
+  pairs by block and streams each block of the union of the rows' selections once for
+  every pair that selected it, instead of once per pair. Each output is summed by the same
+  code in the same order, so both modes give bit-identical values; with `rows` rows that
+  select `u` distinct blocks between them, the weight bytes read drop from `rows · k` to
+  `u` blocks (`_policy.batch_mode` decides when).
   """
-  return _product(b_in, xla_product)(
+  return _product(b_in, xla_product, bool(shared))(
     weight, out_blocks.astype(jnp.int32), starts.astype(jnp.int32), values
   )

@@ -88,12 +88,15 @@ def gathered_matvec(
       lambda platform: _policy.gather_kernel(
         platform, block_size, n_in, weight.dtype, x.dtype, policy
       ),
-      lambda k, weight, idx, x: gathered_matvec(weight, idx, x, kernel=k),
+      lambda k, weight, idx, x: gathered_matvec(weight, idx, x, kernel=k, policy=policy),
       (weight, idx, x),
     )
   if kernel == "native":
     starts = jnp.zeros((x.shape[0], 1), jnp.int32)
-    return _native.tile_product(weight, idx, starts, x, weight.shape[2], _dense_input_product)
+    shared = _policy.native_shared(idx.shape[0], weight.dtype, policy)
+    return _native.tile_product(
+      weight, idx, starts, x, weight.shape[2], _dense_input_product, shared=shared
+    )
   if kernel == "mosaic":
     return _pallas.differentiable_matvec(_pallas.gathered_matvec_tpu, _xla_gathered_matvec)(
       weight, idx, x
@@ -379,7 +382,9 @@ def packed_dense(
       z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
       return jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
     assert capacity is not None  # a plan without a capacity never gathers
-    idx, vals = gather_selected(xr, packed, scores, threshold, capacity, kernel=plan.kernel)
+    idx, vals = gather_selected(
+      xr, packed, scores, threshold, capacity, kernel=plan.kernel, policy=policy
+    )
     row_ids = jnp.arange(rows)[:, None]
     y = (
       jnp.zeros((rows, n_blocks, block_size), vals.dtype)

@@ -137,7 +137,7 @@ def sparse_packed_dense(
     )
   idx = _mask.top_blocks(scores, capacity)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
-  z = _tile_product(packed.weight, idx, x).astype(dtype) + packed.bias[idx].astype(dtype)
+  z = _tile_product(packed.weight, idx, x, policy).astype(dtype) + packed.bias[idx].astype(dtype)
   vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
   return SparseRows(
     _unit_indices(idx, block_size), jnp.reshape(vals, (idx.shape[0], -1)), block_size
@@ -169,7 +169,9 @@ def native_tiles(
   return _policy.tile_kernel(platform, b_in, weight_dtype, values_dtype, NATIVE_MIN_RUN) == "native"
 
 
-def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
+def _tile_product(
+  weight: Array, out_blocks: Array, x: SparseRows, policy: Policies = None
+) -> Array:
   """`z[r, o, j] = Σ_i W[out_blocks[r, o] * b_out + j, x.indices[r, i]] · x.values[r, i]`.
 
   The inputs come in runs of `b_in = x.block_size` units starting at `x.indices[:, ::b_in]`,
@@ -183,7 +185,10 @@ def _tile_product(weight: Array, out_blocks: Array, x: SparseRows) -> Array:
 
   def run(kernel: str, weight: Array, out_blocks: Array, starts: Array, values: Array) -> Array:
     if kernel == "native":
-      return _native.tile_product(weight, out_blocks, starts, values, b_in, _xla_tile_product)
+      shared = _policy.native_shared(out_blocks.shape[0], weight.dtype, policy)
+      return _native.tile_product(
+        weight, out_blocks, starts, values, b_in, _xla_tile_product, shared=shared
+      )
     return _xla_tile_product(weight, out_blocks, starts, values, b_in=b_in)
 
   return _policy.dispatch(

@@ -8,6 +8,7 @@ reported next to the FLOP model's figure, with the device, jax version and threa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -733,6 +734,16 @@ def run_command(args) -> int:
     plot_speedups(rows, out / "bench_mlp.png", f"4-layer 4096 MLP, rank {args.rank}, 10% computed")
   elif args.suite == "ffn":
     path = run_ffn(out, repeats=args.repeats, rank=args.rank)
+  elif args.suite == "batch":
+    path = run_batch(
+      out,
+      rows_kinds=getattr(args, "rows", None) or BATCH_ROWS,
+      batches=args.batches or (1, 2, 4, 8, 16),
+      rank=args.rank,
+      block_size=args.block_size,
+      repeats=args.repeats,
+      train_steps=getattr(args, "train_steps", 40),
+    )
   elif args.suite == "storage":
     rows = bench_storage(
       rank=args.rank,
@@ -1108,3 +1119,360 @@ def run_ffn(
     f"FFN d={d_model}, d_ff={d_ff}, batch 1, rank {rank}",
   )
   return path
+
+
+# --- batches whose rows share their gathers (`_policy.batch_mode`) ------------------------
+
+BATCH_ROWS = ("real", "random")
+"""Row kinds of ``--suite batch``: ``real`` feeds held-out mnist5k digits to an MLP trained
+on the other digits (rows from one distribution select overlapping blocks, as real
+activations do); ``random`` feeds independent Gaussian rows to the random-weight MLP of
+``--suite mlp`` (rows select nearly independent blocks: the pessimistic case)."""
+
+
+def _train_digit_weights(
+  width: int, depth: int, steps: int, batch: int, l1: float, lr: float, seed: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, dict]:
+  """A 784-`width`^depth-10 ReLU MLP trained briefly on mnist5k with an L1 activity penalty.
+
+  Loss: `CE + l1 · Σ_l mean_batch ‖a_l‖₁` (the training objective of `apps/train.py`), Adam
+  at `lr`, `steps` batches of `batch` training digits. Returns the (kernel, bias) layers
+  (head last), the normalized test digits and a summary (density per layer, test error).
+  """
+  import optax
+
+  from lrcc_jax.apps import data
+
+  ds = data.load_dataset("mnist5k", seed=seed)
+  x_train = data.normalize(ds.train_images)
+  x_test = data.normalize(ds.test_images)
+  widths = [x_train.shape[1]] + [width] * depth + [ds.num_classes]
+  keys = jax.random.split(jax.random.key(seed), len(widths) - 1)
+  params = [
+    (jax.random.normal(k, (a, b), jnp.float32) * np.sqrt(2.0 / a), jnp.zeros((b,), jnp.float32))
+    for k, a, b in zip(keys, widths, widths[1:])
+  ]
+
+  def forward(params, x):
+    acts = []
+    for w, b in params[:-1]:
+      x = jax.nn.relu(x @ w + b[None])
+      acts.append(x)
+    return x @ params[-1][0] + params[-1][1][None], acts
+
+  def loss(params, x, y):
+    logits, acts = forward(params, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + l1 * sum(jnp.abs(a).sum(axis=-1).mean() for a in acts)
+
+  opt = optax.adam(lr)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss)(params, x, y)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  rng = np.random.default_rng(seed)
+  labels = jnp.asarray(ds.train_labels)
+  for _ in range(steps):
+    pick = rng.choice(len(x_train), batch, replace=False)
+    params, state = step(params, state, jnp.asarray(x_train[pick]), labels[pick])
+  logits, acts = jax.jit(forward)(params, jnp.asarray(x_test))
+  info = {
+    "dataset": "mnist5k",
+    "train_steps": steps,
+    "train_batch": batch,
+    "l1": l1,
+    "learning_rate": lr,
+    "test_error": float(jnp.mean(jnp.argmax(logits, -1) != jnp.asarray(ds.test_labels))),
+    "density": [float(jnp.mean(a > 0)) for a in acts],
+  }
+  layers = [(np.asarray(w), np.asarray(b)) for w, b in params]
+  return layers, np.asarray(x_test), info
+
+
+def digit_mlp(
+  width: int = 4096,
+  depth: int = 4,
+  *,
+  rank: int = 64,
+  fraction: float = 0.1,
+  block_size: int = 16,
+  steps: int = 40,
+  batch: int = 128,
+  l1: float = 5e-4,
+  lr: float = 1e-3,
+  seed: int = 0,
+  cache: str | os.PathLike | None = None,
+):
+  """A `ConditionalMLP` with weights trained on real digits (`_train_digit_weights`).
+
+  Each hidden layer computes `fraction` of its units in blocks of `block_size`, with SVD
+  estimators of rank `rank` and threshold 0. The trained weights are kept in `cache` (an
+  ``.npz`` path) when given, so a rerun does not retrain. Returns the model, the test
+  digits (rows for the benchmark) and the training summary.
+  """
+  from flax import nnx
+
+  from lrcc_jax.nn import ConditionalMLP
+
+  path = Path(cache) if cache is not None else None
+  if path is not None and path.exists():
+    saved = np.load(path, allow_pickle=False)
+    n = (len(saved.files) - 2) // 2
+    layers = [(saved[f"w{i}"], saved[f"b{i}"]) for i in range(n)]
+    x_test, info = saved["x_test"], json.loads(str(saved["info"]))
+  else:
+    layers, x_test, info = _train_digit_weights(width, depth, steps, batch, l1, lr, seed)
+    if path is not None:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      arrays = {f"w{i}": w for i, (w, _) in enumerate(layers)}
+      arrays.update({f"b{i}": b for i, (_, b) in enumerate(layers)})
+      arrays.update(x_test=x_test, info=np.asarray(json.dumps(info)))
+      np.savez(path, **cast(dict[str, Any], arrays))
+  model = ConditionalMLP(
+    layers[0][0].shape[0],
+    [w.shape[1] for w, _ in layers[:-1]],
+    layers[-1][0].shape[1],
+    ranks=rank,
+    capacities=capacity_blocks(fraction, width, block_size),
+    block_sizes=block_size,
+    rngs=nnx.Rngs(seed),
+  )
+  for layer, (w, b) in zip(model.layers, layers[:-1]):
+    layer.kernel[...] = jnp.asarray(w)
+    layer.bias[...] = jnp.asarray(b)
+  model.head.kernel[...] = jnp.asarray(layers[-1][0])
+  head_bias = model.head.bias
+  assert head_bias is not None
+  head_bias[...] = jnp.asarray(layers[-1][1])
+  model.refit()
+  return model, x_test, info
+
+
+def selection_overlap(packed, x, thresholds, capacities) -> list[dict]:
+  """How much the rows' selected blocks overlap, per hidden layer, on rows `x`.
+
+  `overlap = |union| / (rows · k)`: 1 when the rows select disjoint blocks, `1 / rows` when
+  they all select the same ones; the shared mode reads `|union|` blocks where the per-row
+  mode reads `rows · k`. Also the union's share of the layer, next to its expectation for
+  independent rows (`_policy.union_fraction`).
+  """
+  from lrcc_jax import _policy
+  from lrcc_jax._sparse import sparse_packed_dense
+
+  sp = x
+  out = []
+  for layer, t, c in zip(packed.layers, thresholds, capacities):
+    sp = sparse_packed_dense(sp, layer, threshold=t, capacity=c)
+    blocks = np.asarray(sp.indices[:, :: layer.block_size]) // layer.block_size
+    rows, n_blocks = blocks.shape[0], layer.weight.shape[0]
+    union = len(np.unique(blocks))
+    out.append(
+      {
+        "union_blocks": union,
+        "overlap": union / (rows * c),
+        "union_fraction": union / n_blocks,
+        "independent_union_fraction": _policy.union_fraction(rows, c / n_blocks),
+      }
+    )
+  return out
+
+
+def bench_batch(
+  model,
+  x_pool: np.ndarray | None,
+  batches: Sequence[int] = (1, 2, 4, 8, 16),
+  *,
+  rows_kind: str = "real",
+  repeats: int = 9,
+  seed: int = 0,
+) -> list[dict]:
+  """Dense jit against the sparse chain with per-row and shared gathers, in one interleaved run.
+
+  Four thunks per batch: ``dense`` (jitted dense network), ``auto`` (`packed_mlp` as
+  shipped: the policy picks per-row, shared or dense), ``per_row`` and ``shared`` (the
+  sparse chain forced, with the native kernel's mode forced by a policy override). Rows
+  are drawn without replacement from `x_pool` (real data), or Gaussian when it is None.
+  Each row reports the selection overlap (`selection_overlap`) next to the times.
+  """
+  from lrcc_jax import _policy, packed_mlp
+
+  model.eval()
+  packed = jax.block_until_ready(model.pack())
+  thresholds, capacities = model.thresholds, [l.capacity for l in model.layers]
+  kernels = [(l.kernel[...], l.bias[...]) for l in model.layers]
+  head = (model.head.kernel[...], model.head.bias[...])
+  base = _policy.policy_for("cpu", "native", jnp.float32)
+  per_row = dataclasses.replace(base, shared_min_rows=0)
+  shared = dataclasses.replace(base, shared_min_rows=1)
+
+  def dense(x):
+    for k, b in kernels:
+      x = jax.nn.relu(x @ k + b[None])
+    return x @ head[0] + head[1][None]
+
+  def chain(policy):
+    return jax.jit(
+      lambda x: packed_mlp(
+        x, packed, thresholds=thresholds, capacities=capacities, strategy="sparse", policy=policy
+      )
+    )
+
+  # Order matters: the thunk right after "dense" measured slower on a loaded machine
+  # although the untimed first call refills the caches (batch 1, the same work: 17x dense
+  # in that slot against 27-33x later in the round). "shared" takes that slot, so its
+  # figures are the pessimistic ones; "auto" (the same program as "shared" or "per_row"
+  # where it gathers) shows the gap.
+  fns = {
+    "dense": jax.jit(dense),
+    "shared": chain(shared),
+    "per_row": chain(per_row),
+    "auto": jax.jit(lambda x: packed_mlp(x, packed, thresholds=thresholds, capacities=capacities)),
+  }
+  rng = np.random.default_rng(seed)
+  n_in = kernels[0][0].shape[0]
+  rows = []
+  for batch in batches:
+    if x_pool is not None:
+      x = jnp.asarray(x_pool[rng.choice(len(x_pool), batch, replace=False)])
+    else:
+      x = jnp.asarray(rng.standard_normal((batch, n_in)), jnp.float32)
+    ref = np.asarray(model(x, mode="mask"))
+    outs = {name: np.asarray(fn(x)) for name, fn in fns.items() if name != "dense"}
+    for name, got in outs.items():
+      np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3, err_msg=name)
+    np.testing.assert_array_equal(outs["per_row"], outs["shared"])  # same sums, same order
+    thunks: dict[str, Callable[[], Any]] = {n: functools.partial(f, x) for n, f in fns.items()}
+    t = time_interleaved(thunks, repeats=repeats)
+    overlap = selection_overlap(packed, x, thresholds, capacities)
+    mode = [
+      _policy.batch_mode(
+        base, batch, c, l.weight.shape[0], l.weight.shape[1] * l.weight.shape[2] * 4
+      )
+      for c, l in zip(capacities, packed.layers)
+    ]
+    rows.append(
+      {
+        "rows": rows_kind,
+        "batch": batch,
+        "widths": [n_in] + [int(k.shape[1]) for k, _ in kernels],
+        "capacities": capacities,
+        "block_sizes": [l.block_size for l in model.layers],
+        "policy_mode": mode,
+        "overlap": [o["overlap"] for o in overlap],
+        "mean_overlap": float(np.mean([o["overlap"] for o in overlap])),
+        "union_fraction": [o["union_fraction"] for o in overlap],
+        "independent_union_fraction": [o["independent_union_fraction"] for o in overlap],
+        **{f"{name}_ms": 1e3 * s for name, s in t.items()},
+        **{f"{name}_speedup": t["dense"] / t[name] for name in ("auto", "per_row", "shared")},
+      }
+    )
+  return rows
+
+
+def format_batch_table(rows: list[dict]) -> str:
+  headers = (
+    "rows",
+    "batch",
+    "overlap",
+    "union",
+    "dense ms",
+    "per-row",
+    "shared",
+    "auto",
+    "policy",
+  )
+  body = [
+    (
+      r["rows"],
+      r["batch"],
+      f"{r['mean_overlap']:.2f}",
+      f"{np.mean(r['union_fraction']):.0%}",
+      f"{r['dense_ms']:.2f}",
+      f"{r['per_row_speedup']:.2f}x",
+      f"{r['shared_speedup']:.2f}x",
+      f"{r['auto_speedup']:.2f}x",
+      ",".join(sorted(set(r["policy_mode"]))),
+    )
+    for r in rows
+  ]
+  legend = (
+    "overlap: mean over layers of |union of the rows' selected blocks| / (rows * k);"
+    " union: its share of the layer; per-row / shared: the sparse chain with each native"
+    " gather mode forced; auto: packed_mlp as shipped (policy: its batch_mode per layer);"
+    " speed-ups are dense jit time / time, one interleaved run."
+  )
+  return _format_table(headers, body) + "\n" + legend
+
+
+def run_batch(
+  out: Path,
+  *,
+  rows_kinds: Sequence[str] = BATCH_ROWS,
+  batches: Sequence[int] = (1, 2, 4, 8, 16),
+  rank: int = 64,
+  block_size: int = 16,
+  repeats: int = 9,
+  width: int = 4096,
+  train_steps: int = 40,
+) -> Path:
+  """``lrcc-jax bench --suite batch``: both row kinds, one table and one JSON."""
+  rows, info = [], None
+  for kind in rows_kinds:
+    if kind == "real":
+      model, x_test, info = digit_mlp(
+        width,
+        rank=rank,
+        block_size=block_size,
+        steps=train_steps,
+        cache=out / f"digit_mlp_{width}x4_steps{train_steps}.npz",
+      )
+      rows += bench_batch(model, x_test, batches, rows_kind="real", repeats=repeats)
+    elif kind == "random":
+      model = random_mlp(
+        width, 4, rank, capacity_blocks(0.1, width, block_size), block_size=block_size
+      )
+      rows += bench_batch(model, None, batches, rows_kind="random", repeats=repeats)
+    else:
+      raise ValueError(f"rows={kind!r} must be one of {', '.join(BATCH_ROWS)}.")
+  print(format_batch_table(rows))
+  if info is not None:
+    print(f"trained digit MLP: {info}")
+  path = write_results(
+    "bench_batch", {"environment": environment(), "trained": info, "rows": rows}, out
+  )
+  plot_batch(
+    rows,
+    out / "bench_batch.png",
+    f"4-layer {width} MLP, 10% per layer, blocks of {block_size}: real and random rows",
+  )
+  return path
+
+
+def plot_batch(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+  """Speed-up over dense against batch size: one colour per row kind, one style per mode."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=(5.5, 4), layout="constrained")
+  ax = fig.subplots()
+  for i, kind in enumerate(sorted({r["rows"] for r in rows})):
+    sel = sorted((r for r in rows if r["rows"] == kind), key=lambda r: r["batch"])
+    for mode, style in (("per_row", ":"), ("shared", "--"), ("auto", "o-")):
+      ax.plot(
+        [r["batch"] for r in sel],
+        [r[f"{mode}_speedup"] for r in sel],
+        style,
+        color=f"C{i}",
+        label=f"{kind} rows, {mode.replace('_', '-')}",
+      )
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("speed-up over dense jit")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.savefig(path, dpi=110)

@@ -651,13 +651,26 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--suite",
-    choices=("layer", "mlp", "module", "storage", "ffn", "full"),
+    choices=("layer", "mlp", "module", "storage", "ffn", "full", "batch"),
     default="layer",
     help=(
       "layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer"
       " in skip mode; storage: bf16 vs f32 weights; ffn: transformer FFN d=2048, d_ff=8192;"
-      " full: widths x batches x fractions"
+      " full: widths x batches x fractions; batch: 4-layer 4096 MLP with per-row and"
+      " shared gathers, on real digits (trained MLP) and independent random rows"
     ),
+  )
+  parser.add_argument(
+    "--rows",
+    type=lambda s: [k.strip() for k in s.split(",") if k.strip()],
+    default=None,
+    help="row kinds for --suite batch: real,random (default both)",
+  )
+  parser.add_argument(
+    "--train-steps",
+    type=positive_int,
+    default=40,
+    help="Adam steps training the digit MLP of --suite batch (default 40; cached in --out)",
   )
   parser.add_argument(
     "--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)"
