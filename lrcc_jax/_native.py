@@ -42,12 +42,15 @@ TARGET = "lrcc_tile_product"
 # The same kernel reading bf16 weights (f32 inputs, outputs and accumulation).
 TARGET_BF16 = "lrcc_tile_product_bf16"
 _TARGETS = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16}
+# The dense fallback's epilogue (`csrc/select.cc`, called by `_mask.masked_relu`).
+MASKED_RELU = "lrcc_masked_relu"
 # Every FFI target of the library: name -> exported handler symbol. All sources in
 # `csrc/` are compiled into one shared library; adding a kernel is a new `.cc` file
 # and a line here.
 SYMBOLS = {
   TARGET: "LrccTileProduct",
   TARGET_BF16: "LrccTileProductBf16",
+  MASKED_RELU: "LrccMaskedRelu",
 }
 _SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")

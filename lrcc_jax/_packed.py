@@ -373,11 +373,10 @@ def packed_dense(
   def run(
     plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense
   ) -> Array:
-    bias_flat = jnp.reshape(packed.bias, (1, n_out)).astype(xr.dtype)
     if not plan.gather:
-      keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
-      z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
-      return jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
+      z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in)))
+      bias = jnp.reshape(packed.bias, (n_out,)).astype(xr.dtype)
+      return _mask.masked_relu(z, scores, bias, threshold, capacity, kernel=plan.epilogue)
     assert capacity is not None  # a plan without a capacity never gathers
     idx, vals = gather_selected(xr, packed, scores, threshold, capacity, kernel=plan.kernel)
     row_ids = jnp.arange(rows)[:, None]

@@ -243,17 +243,29 @@ def _policy_platform(platform: str) -> str:
   return platform if platform in PLATFORMS else "cuda"
 
 
+def epilogue_kernel(platform: str, x_dtype: jnp.dtype) -> str:
+  """The dense fallback's epilogue (`_mask.masked_relu`) on `platform`: "native" or "xla".
+
+  The native one (`csrc/select.cc`) on CPU for f32 products when the library is built;
+  XLA's ops elsewhere.
+  """
+  if platform == "cpu" and _native.usable(jnp.float32, x_dtype):
+    return "native"
+  return "xla"
+
+
 class Plan(NamedTuple):
   """What one platform's branch of a skipping layer does."""
 
   gather: bool
   kernel: str  # the gather kernel (meaningless when not gathering)
   policy: Policy | None
+  epilogue: str = "xla"  # the dense fallback's epilogue kernel (meaningless when gathering)
 
   @property
   def key(self) -> tuple[bool, str | None]:
     """What the branch computes: equal keys stage the same code."""
-    return (self.gather, self.kernel if self.gather else None)
+    return (self.gather, self.kernel if self.gather else self.epilogue)
 
 
 def plan_layer(
@@ -269,13 +281,14 @@ def plan_layer(
   """`packed_dense`'s choice on `platform`: gather or dense, and with which kernel."""
   n_blocks, block_size, n_in = weight_shape
   kernel = gather_kernel(platform, block_size, n_in, weight_dtype, x_dtype, policy)
+  epilogue = epilogue_kernel(platform, x_dtype)
   if capacity is None or strategy == "dense":
-    return Plan(False, kernel, None)
+    return Plan(False, kernel, None, epilogue)
   if strategy == "gather":
-    return Plan(True, kernel, None)
+    return Plan(True, kernel, None, epilogue)
   pol = policy_for(_policy_platform(platform), kernel, weight_dtype, policy)
   bytes_ = block_size * n_in * jnp.dtype(weight_dtype).itemsize
-  return Plan(gather_pays(pol, rows, capacity, n_blocks, bytes_), kernel, pol)
+  return Plan(gather_pays(pol, rows, capacity, n_blocks, bytes_), kernel, pol, epilogue)
 
 
 def plan_chain(
