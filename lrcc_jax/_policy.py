@@ -232,6 +232,13 @@ def policy_for(
   for p in tuned_policies():
     if p.platform == platform and p.kernel == kernel and p.weight_dtype in ("any", dtype):
       return p
+  return default_policy(platform, kernel, weight_dtype)
+
+
+def default_policy(platform: str, kernel: str, weight_dtype: jnp.dtype) -> Policy:
+  """The shipped default for (platform, kernel, weight dtype), ignoring tuned files."""
+  kernel = "pallas" if kernel in ("triton", "mosaic") else kernel
+  dtype = jnp.dtype(weight_dtype).name
   for p in DEFAULTS:
     if p.platform == platform and p.kernel == kernel and p.weight_dtype in ("any", dtype):
       return p
