@@ -55,7 +55,9 @@ class Policy:
     (past it the gathers thrash the cache), and
   - blocks are at least `min_batched_block_bytes` once there are more than
     `small_block_max_rows` rows (many small per-row gathers lose), and
-  - one row: `f <= max_fraction_one_row`; several: the rows together read at most
+  - one row: `f <= max_fraction_one_row`, and `f <= small_block_max_fraction_one_row`
+    for blocks under `min_batched_block_bytes` (hundreds of tiny gathers cost more per
+    byte than tens of large ones); several: the rows together read at most
     `max_gathered_layers` layers (`rows · f`), or each row reads at most `small_fraction`
     of the layer and there are at most `small_fraction_max_rows` rows (past a few rows a
     dense product is bound by flops, so a small fraction keeps paying longer).
@@ -83,6 +85,7 @@ class Policy:
   device_kind: str = "any"
   weight_dtype: str = "any"
   source: str = "default"
+  small_block_max_fraction_one_row: float = 1.0
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
@@ -93,7 +96,12 @@ class Policy:
 
 # CPU, native kernel: the `_packed.NATIVE_*` measurements (it streams each selected block
 # once on every core; one row pays up to 60% of the blocks). Any weight dtype the kernel
-# runs (`_native.usable` decides which).
+# runs (`_native.usable` decides which). Single-unit blocks (4-16 KiB at 1024-4096 wide)
+# lose against the dense fallback (native epilogue) past 16 rows even at 5% (`lrcc-jax
+# bench --suite full` and `tune`, 2 cores: 0.83-0.89x at 64 rows of 2048/4096, 0.5-0.8x at
+# 32-128 rows), and at one row past a quarter of the layer (1024 wide, 50%: 0.39-0.78x; 25%:
+# 0.96-1.05x), while blocks of 16 (64 KiB and more) keep winning there (64 rows x 5%:
+# 1.4-1.6x; one row x 50%: 1.1-2.3x): hence the small-block limits.
 CPU_NATIVE = Policy(
   "cpu",
   "native",
@@ -101,7 +109,10 @@ CPU_NATIVE = Policy(
   max_gathered_layers=0.6,
   small_fraction=0.06,
   small_fraction_max_rows=64,
+  min_batched_block_bytes=32 * 2**10,
+  small_block_max_rows=16,
   source="measured on XLA:CPU, 2 cores",
+  small_block_max_fraction_one_row=0.25,
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(
@@ -150,7 +161,9 @@ def gather_pays(
   if rows > policy.small_block_max_rows and block_bytes < policy.min_batched_block_bytes:
     return False
   if rows == 1:
-    return fraction <= policy.max_fraction_one_row
+    small = block_bytes < policy.min_batched_block_bytes
+    limit = min(policy.max_fraction_one_row, policy.small_block_max_fraction_one_row)
+    return fraction <= (limit if small else policy.max_fraction_one_row)
   return rows * fraction <= policy.max_gathered_layers or (
     fraction <= policy.small_fraction and rows <= policy.small_fraction_max_rows
   )

@@ -15,6 +15,12 @@ def _old_skip_pays(rows, capacity, n_blocks, block_bytes, native):
     return False
   if native:
     fraction = capacity / n_blocks
+    small = block_bytes < _packed.NATIVE_MIN_BATCHED_BLOCK_BYTES
+    if small and rows > _packed.NATIVE_SMALL_BLOCK_MAX_ROWS:
+      return False
+    if rows == 1:
+      limit = _packed.NATIVE_SMALL_BLOCK_MAX_FRACTION_ONE_ROW if small else _packed.NATIVE_MAX_GATHERED_LAYERS
+      return fraction <= limit
     return rows * fraction <= _packed.NATIVE_MAX_GATHERED_LAYERS or (
         fraction <= _packed.NATIVE_SMALL_FRACTION and rows <= _packed.NATIVE_SMALL_FRACTION_MAX_ROWS
     )
@@ -29,9 +35,9 @@ def _old_skip_pays(rows, capacity, n_blocks, block_bytes, native):
 
 def test_cpu_defaults_decide_as_the_measured_constants():
   grid = itertools.product(
-      [1, 2, 3, 4, 8, 16, 64, 65, 128],  # rows
+      [1, 2, 3, 4, 8, 16, 17, 64, 65, 128],  # rows
       [None, 1, 5, 13, 26, 64, 102, 128, 153, 154, 200, 256],  # capacity of 256 blocks
-      [4096 * 4, 16 * 4096 * 4, 32 * 8192 * 4],  # block bytes
+      [1024 * 4, 4096 * 4, 8192 * 4, 16 * 1024 * 4, 16 * 4096 * 4, 32 * 8192 * 4],  # block bytes
       [True, False],
   )
   for rows, cap, bb, native in grid:
@@ -92,6 +98,13 @@ def test_cpu_native_decisions_at_key_shapes():
     assert not _policy.gather_pays(p, p.small_fraction_max_rows + 1, small, n, bb)
     assert not _policy.gather_pays(p, p.small_fraction_max_rows, small + 1, n, bb)
   assert not _policy.gather_pays(p, 128, 128, 256, bb)  # 128 rows x 50%: dense
+  # Single units (16 KiB at 4096 wide): up to 16 rows, and one row up to a quarter.
+  unit = 4096 * 4
+  assert unit < p.min_batched_block_bytes <= 16 * 1024 * 4
+  assert _policy.gather_pays(p, 16, 205, 4096, unit) and not _policy.gather_pays(p, 17, 205, 4096, unit)
+  assert _policy.gather_pays(p, 17, 13, 256, bb)  # blocks of 16 keep gathering
+  assert _policy.gather_pays(p, 1, 1024, 4096, unit) and not _policy.gather_pays(p, 1, 1025, 4096, unit)
+  assert _policy.gather_pays(p, 1, 128, 256, bb)  # one row x 50% of blocks of 16: gathers
 
 
 def test_cpu_xla_decisions_at_key_shapes():

@@ -9,9 +9,9 @@ it on this device kind with this jax (`lrcc_jax.policy_status()` says which file
 platforms keep the shipped defaults.
 
 The fit starts from the shipped default for the kernel and searches the policy's
-fractions (`max_fraction_one_row`, `max_gathered_layers`, `small_fraction`,
-`small_fraction_max_rows`) over the values measured, keeping the one that loses the least
-time against the better strategy of each measured case (sum of log time ratios). The
+fractions (`max_fraction_one_row`, `small_block_max_fraction_one_row`,
+`max_gathered_layers`, `small_fraction`, `small_fraction_max_rows`) over the values
+measured, keeping the one that loses the least time against the better strategy of each measured case (sum of log time ratios). The
 default's own values are candidates and win ties, so on the measured grid the tuned policy
 is never worse than the shipped one; the byte limits are kept from the default. The
 default grid is `lrcc-jax bench --suite full`'s (widths 1024-4096, blocks of 1 and 16,
@@ -139,9 +139,18 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
     one = [r for r in mine if r["batch"] == 1]
     many = [r for r in mine if r["batch"] > 1]
     fractions = sorted({r["fraction"] for r in mine})
-    # One row: only max_fraction_one_row decides (beyond the byte limits, kept).
+    # One row: only the one-row fractions decide (beyond the byte limits, kept).
     tuned, _ = _search(
-      base, one, {"max_fraction_one_row": [base.max_fraction_one_row, 0.0, *fractions]}
+      base,
+      one,
+      {
+        "max_fraction_one_row": [base.max_fraction_one_row, 0.0, *fractions],
+        "small_block_max_fraction_one_row": [
+          base.small_block_max_fraction_one_row,
+          1.0,
+          *fractions,
+        ],
+      },
     )
     # Several rows: the layers read, and the small-fraction rule.
     tuned, _ = _search(
