@@ -11,9 +11,10 @@ platforms keep the shipped defaults.
 The fit starts from the shipped default for the kernel and searches the policy's
 fractions (`max_fraction_one_row`, `small_block_max_fraction_one_row`,
 `max_gathered_layers`, `small_fraction`, `small_fraction_max_rows`) over the values
-measured, keeping the one that loses the least time against the better strategy of each measured case (sum of log time ratios). The
-default's own values are candidates and win ties, so on the measured grid the tuned policy
-is never worse than the shipped one; the byte limits are kept from the default. The
+measured, keeping the one that loses the least time against the better strategy of each
+measured case (sum of log time ratios). The default's own values are candidates and win
+ties, so on the measured grid the tuned policy is never worse than the shipped one; the
+byte limits are kept from the default. The
 default grid is `lrcc-jax bench --suite full`'s (widths 1024-4096, blocks of 1 and 16,
 batches 1-128, 5-50% computed, rank 64): tune on the shapes you serve.
 """
