@@ -34,12 +34,10 @@ NATIVE_MAX_GATHERED_LAYERS = 0.6
 # 1.4x at 64 rows, 1.5-2.4x at 16-32; 10%: 1.2x at 16 rows, 0.7-0.95x at 32-64).
 NATIVE_SMALL_FRACTION = 0.06
 NATIVE_SMALL_FRACTION_MAX_ROWS = 64
-# Blocks under 32 KiB (single units up to 8192 wide) gather only up to 16 rows, and one row
-# only up to a quarter of the layer: against the native dense fallback, single units of
-# 2048-4096 lost at 64 rows x 5% (0.83-0.89x) and of 1024 at one row x 50% (0.4-0.8x).
+# Blocks under 32 KiB (single units up to 8192 wide) gather only up to 16 rows: against
+# the native dense fallback, single units of 2048-4096 lost at 64 rows x 5% (0.83-0.89x).
 NATIVE_MIN_BATCHED_BLOCK_BYTES = 32 * 2**10
 NATIVE_SMALL_BLOCK_MAX_ROWS = 16
-NATIVE_SMALL_BLOCK_MAX_FRACTION_ONE_ROW = 0.25
 #
 # With XLA's gathers (no native kernel: not on CPU, not f32, or no compiler):
 # - one row: up to 40% of the blocks; one gathered weight row costs about 2.5 dense rows.

@@ -19,8 +19,7 @@ def _old_skip_pays(rows, capacity, n_blocks, block_bytes, native):
     if small and rows > _packed.NATIVE_SMALL_BLOCK_MAX_ROWS:
       return False
     if rows == 1:
-      limit = _packed.NATIVE_SMALL_BLOCK_MAX_FRACTION_ONE_ROW if small else _packed.NATIVE_MAX_GATHERED_LAYERS
-      return fraction <= limit
+      return fraction <= 0.6
     return rows * fraction <= _packed.NATIVE_MAX_GATHERED_LAYERS or (
         fraction <= _packed.NATIVE_SMALL_FRACTION and rows <= _packed.NATIVE_SMALL_FRACTION_MAX_ROWS
     )
@@ -98,13 +97,23 @@ def test_cpu_native_decisions_at_key_shapes():
     assert not _policy.gather_pays(p, p.small_fraction_max_rows + 1, small, n, bb)
     assert not _policy.gather_pays(p, p.small_fraction_max_rows, small + 1, n, bb)
   assert not _policy.gather_pays(p, 128, 128, 256, bb)  # 128 rows x 50%: dense
-  # Single units (16 KiB at 4096 wide): up to 16 rows, and one row up to a quarter.
+  # Single units (16 KiB at 4096 wide): up to 16 rows; blocks of 16 keep gathering past.
   unit = 4096 * 4
   assert unit < p.min_batched_block_bytes <= 16 * 1024 * 4
   assert _policy.gather_pays(p, 16, 205, 4096, unit) and not _policy.gather_pays(p, 17, 205, 4096, unit)
-  assert _policy.gather_pays(p, 17, 13, 256, bb)  # blocks of 16 keep gathering
-  assert _policy.gather_pays(p, 1, 1024, 4096, unit) and not _policy.gather_pays(p, 1, 1025, 4096, unit)
+  assert _policy.gather_pays(p, 17, 13, 256, bb)
   assert _policy.gather_pays(p, 1, 128, 256, bb)  # one row x 50% of blocks of 16: gathers
+
+
+def test_small_block_one_row_limit():
+  """Guards the optional one-row limit for small blocks (off in the shipped defaults)."""
+  import dataclasses
+
+  p = dataclasses.replace(_policy.CPU_NATIVE, small_block_max_fraction_one_row=0.25)
+  unit, big = 4096 * 4, 16 * 4096 * 4
+  assert _policy.gather_pays(p, 1, 1024, 4096, unit) and not _policy.gather_pays(p, 1, 1025, 4096, unit)
+  assert _policy.gather_pays(p, 1, 128, 256, big)  # large blocks keep max_fraction_one_row
+  assert _policy.CPU_NATIVE.small_block_max_fraction_one_row == 1.0
 
 
 def test_cpu_xla_decisions_at_key_shapes():
