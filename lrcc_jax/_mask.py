@@ -8,9 +8,14 @@ scores. Every shape here is static, and there is no control flow.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from lrcc_jax import _native
 
 Array = jax.Array
 
@@ -100,3 +105,85 @@ def expand_blocks(block_mask: Array, block_size: int) -> Array:
   shape = block_mask.shape
   wide = jnp.broadcast_to(block_mask[..., None], shape + (block_size,))
   return jnp.reshape(wide, shape[:-1] + (shape[-1] * block_size,))
+
+
+def masked_relu(
+  z: Array,
+  scores: Array,
+  bias: Array,
+  threshold: float | Array,
+  capacity: int | None,
+  *,
+  kernel: str = "xla",
+) -> Array:
+  """The dense fallback's epilogue: `where(M, relu(z + bias), 0)` with `M` the contract's mask.
+
+  `z` (rows, n_out) is the dense product without bias, `scores` (rows, n_blocks) the block
+  scores of the estimate, `bias` (n_out,). `M` expands `block_selection(scores, threshold,
+  capacity)` over each block's units.
+
+  `kernel="native"` (XLA:CPU, f32 only; staged in CPU lowerings only) runs
+  `csrc/select.cc`: one pass over `z` per row that finds the capacity's k-th highest key
+  with a linear-time selection instead of XLA's `top_k` + scatter or the 32-step bisection,
+  and applies the bias, ReLU and mask while reading `z` once. Same values as the XLA form,
+  which supplies its JVP and its batching rule.
+  """
+  if kernel == "native":
+    if not _native.available():
+      raise ValueError(f"kernel='native' needs the native library: {_native.status()['reason']}")
+    return _native_masked_relu(capacity)(z, scores, bias, jnp.asarray(threshold, jnp.float32))
+  if kernel != "xla":
+    raise ValueError(f"kernel={kernel!r} must be 'native' or 'xla'.")
+  return _xla_masked_relu(z, scores, bias, threshold, capacity=capacity)
+
+
+def _xla_masked_relu(
+  z: Array, scores: Array, bias: Array, threshold: float | Array, *, capacity: int | None
+) -> Array:
+  block_size = z.shape[-1] // scores.shape[-1]
+  keep = expand_blocks(block_selection(scores, threshold, capacity), block_size)
+  zb = z + jnp.reshape(bias, (1,) * (z.ndim - 1) + bias.shape).astype(z.dtype)
+  return jnp.where(keep, jax.nn.relu(zb), jnp.zeros((), zb.dtype))
+
+
+@functools.cache
+def _native_masked_relu(capacity: int | None):
+  """`masked_relu`'s native call for one static capacity, with JVP and batching rules."""
+  xla = functools.partial(_xla_masked_relu, capacity=capacity)
+
+  @jax.custom_batching.custom_vmap
+  def call(z, scores, bias, threshold):
+    out = jax.ShapeDtypeStruct(z.shape, jnp.float32)
+    cap = np.int64(0 if capacity is None else capacity)
+    return jax.ffi.ffi_call(_native.MASKED_RELU, out)(z, scores, bias, threshold, capacity=cap)
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, z, scores, bias, threshold):
+    if in_batched[2] or in_batched[3]:  # per-example bias or threshold: the XLA form
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(xla, in_axes=in_axes)(z, scores, bias, threshold), True
+    z, scores = (
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip((z, scores), in_batched[:2])
+    )
+    y = call(
+      jnp.reshape(z, (-1, z.shape[-1])),
+      jnp.reshape(scores, (-1, scores.shape[-1])),
+      bias,
+      threshold,
+    )
+    return jnp.reshape(y, z.shape), True
+
+  @jax.custom_jvp
+  def masked(z, scores, bias, threshold):
+    return call(z, scores, bias, threshold)
+
+  @masked.defjvp
+  def _jvp(primals, tangents):
+    z, scores, bias, threshold = primals
+    dz, _, db, _ = tangents
+    y = masked(*primals)
+    _, dy = jax.jvp(lambda z, b: xla(z, scores, b, threshold), (z, bias), (dz, db))
+    return y, dy
+
+  return masked

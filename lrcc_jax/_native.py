@@ -50,6 +50,8 @@ _SHARED_TARGETS = {
   jnp.dtype(jnp.float32): TARGET_SHARED,
   jnp.dtype(jnp.bfloat16): TARGET_SHARED_BF16,
 }
+# The dense fallback's epilogue (`csrc/select.cc`, called by `_mask.masked_relu`).
+MASKED_RELU = "lrcc_masked_relu"
 # Every FFI target of the library: name -> exported handler symbol. All sources in
 # `csrc/` are compiled into one shared library; adding a kernel is a new `.cc` file
 # and a line here.
@@ -60,6 +62,7 @@ SYMBOLS = {
   TARGET_SHARED_BF16: "LrccTileProductSharedBf16",
   "lrcc_ffn_rows_product": "LrccFfnRowsProduct",  # csrc/ffn.cc, used by `_ffn`
   "lrcc_ffn_rows_product_bf16": "LrccFfnRowsProductBf16",
+  MASKED_RELU: "LrccMaskedRelu",
 }
 _SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")

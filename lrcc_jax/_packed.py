@@ -34,6 +34,10 @@ NATIVE_MAX_GATHERED_LAYERS = 0.6
 # 1.4x at 64 rows, 1.5-2.4x at 16-32; 10%: 1.2x at 16 rows, 0.7-0.95x at 32-64).
 NATIVE_SMALL_FRACTION = 0.06
 NATIVE_SMALL_FRACTION_MAX_ROWS = 64
+# Blocks under 32 KiB (single units up to 8192 wide) gather only up to 16 rows: against
+# the native dense fallback, single units of 2048-4096 lost at 64 rows x 5% (0.83-0.89x).
+NATIVE_MIN_BATCHED_BLOCK_BYTES = 32 * 2**10
+NATIVE_SMALL_BLOCK_MAX_ROWS = 16
 #
 # With XLA's gathers (no native kernel: not on CPU, not f32, or no compiler):
 # - one row: up to 40% of the blocks; one gathered weight row costs about 2.5 dense rows.
@@ -326,8 +330,12 @@ def packed_dense(
 
   `strategy="auto"` decides from static shapes: when `rows · k` is so large that the
   gathers would read more than the dense product (`_policy.gather_pays`), it computes
-  densely and masks, which gives the same values and never loses much to dense. `"gather"`
-  and `"dense"` force a path (for benchmarks and tests).
+  densely and masks, which gives the same values. That fallback costs the dense product
+  (`unit_major_product`), the estimator (`r (n_in + n_out)` multiply-adds per row: 12.5%
+  of a 1024-wide layer's at rank 64, 6% of a 2048-wide one's) and one epilogue pass
+  (`_mask.masked_relu`: selection, bias, ReLU and mask; on CPU the native
+  `csrc/select.cc`), which sets its floor against a dense jit. `"gather"` and `"dense"`
+  force a path (for benchmarks and tests).
 
   The decision and the gather kernel belong to the platform the program is lowered for
   (`_policy.plan_layer`, staged by `_policy.dispatch`): the native kernel on CPU, the
@@ -376,11 +384,10 @@ def packed_dense(
   def run(
     plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense
   ) -> Array:
-    bias_flat = jnp.reshape(packed.bias, (1, n_out)).astype(xr.dtype)
     if not plan.gather:
-      keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), block_size)
-      z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in))) + bias_flat
-      return jnp.where(keep, jax.nn.relu(z), jnp.zeros((), z.dtype))
+      z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in)))
+      bias = jnp.reshape(packed.bias, (n_out,)).astype(xr.dtype)
+      return _mask.masked_relu(z, scores, bias, threshold, capacity, kernel=plan.epilogue)
     assert capacity is not None  # a plan without a capacity never gathers
     idx, vals = gather_selected(
       xr, packed, scores, threshold, capacity, kernel=plan.kernel, policy=policy

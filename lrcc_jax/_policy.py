@@ -55,7 +55,9 @@ class Policy:
     (past it the gathers thrash the cache), and
   - blocks are at least `min_batched_block_bytes` once there are more than
     `small_block_max_rows` rows (many small per-row gathers lose), and
-  - one row: `f <= max_fraction_one_row`; several: the rows together read at most
+  - one row: `f <= max_fraction_one_row`, and `f <= small_block_max_fraction_one_row`
+    for blocks under `min_batched_block_bytes` (hundreds of tiny gathers cost more per
+    byte than tens of large ones); several: the rows together read at most
     `max_gathered_layers` layers (`rows · f`), or each row reads at most `small_fraction`
     of the layer and there are at most `small_fraction_max_rows` rows (past a few rows a
     dense product is bound by flops, so a small fraction keeps paying longer).
@@ -92,6 +94,7 @@ class Policy:
   source: str = "default"
   shared_min_rows: int = 0
   max_union_fraction: float = 0.0
+  small_block_max_fraction_one_row: float = 1.0
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
@@ -102,7 +105,13 @@ class Policy:
 
 # CPU, native kernel: the `_packed.NATIVE_*` measurements (it streams each selected block
 # once on every core; one row pays up to 60% of the blocks). Any weight dtype the kernel
-# runs (`_native.usable` decides which).
+# runs (`_native.usable` decides which). Single-unit blocks (4-16 KiB at 1024-4096 wide)
+# lose against the dense fallback (native epilogue) past 16 rows even at 5% (`lrcc-jax
+# bench --suite full` and `tune`, 2 cores: 0.83-0.89x at 64 rows of 2048/4096, 0.5-0.8x at
+# 32-128 rows) while blocks of 16 (64 KiB and more) keep winning there (64 rows x 5%:
+# 1.4-1.6x): hence the small-block row limit. One row of single units of 1024 also lost at
+# 50% (0.39-0.78x; 25%: 0.96-1.05x); `small_block_max_fraction_one_row` can express that,
+# but it stays off here until a quiet-machine run confirms it (measured under load).
 CPU_NATIVE = Policy(
   "cpu",
   "native",
@@ -110,6 +119,8 @@ CPU_NATIVE = Policy(
   max_gathered_layers=0.6,
   small_fraction=0.06,
   small_fraction_max_rows=64,
+  min_batched_block_bytes=32 * 2**10,
+  small_block_max_rows=16,
   source="measured on XLA:CPU, 2 cores",
   # Shared mode (`batch_mode`): one 4096 layer, 26 of 256 blocks of 16 per row, 8
   # independent rows (union 56% of the layer): 0.13-0.25 ms against 0.3-0.46 ms per row
@@ -167,7 +178,9 @@ def gather_pays(
   if rows > policy.small_block_max_rows and block_bytes < policy.min_batched_block_bytes:
     return False
   if rows == 1:
-    return fraction <= policy.max_fraction_one_row
+    small = block_bytes < policy.min_batched_block_bytes
+    limit = min(policy.max_fraction_one_row, policy.small_block_max_fraction_one_row)
+    return fraction <= (limit if small else policy.max_fraction_one_row)
   return rows * fraction <= policy.max_gathered_layers or (
     fraction <= policy.small_fraction and rows <= policy.small_fraction_max_rows
   )
@@ -288,6 +301,13 @@ def policy_for(
   for p in tuned_policies():
     if p.platform == platform and p.kernel == kernel and p.weight_dtype in ("any", dtype):
       return p
+  return default_policy(platform, kernel, weight_dtype)
+
+
+def default_policy(platform: str, kernel: str, weight_dtype: jnp.dtype) -> Policy:
+  """The shipped default for (platform, kernel, weight dtype), ignoring tuned files."""
+  kernel = "pallas" if kernel in ("triton", "mosaic") else kernel
+  dtype = jnp.dtype(weight_dtype).name
   for p in DEFAULTS:
     if p.platform == platform and p.kernel == kernel and p.weight_dtype in ("any", dtype):
       return p
@@ -299,17 +319,29 @@ def _policy_platform(platform: str) -> str:
   return platform if platform in PLATFORMS else "cuda"
 
 
+def epilogue_kernel(platform: str, x_dtype: jnp.dtype) -> str:
+  """The dense fallback's epilogue (`_mask.masked_relu`) on `platform`: "native" or "xla".
+
+  The native one (`csrc/select.cc`) on CPU for f32 products when the library is built;
+  XLA's ops elsewhere.
+  """
+  if platform == "cpu" and _native.usable(jnp.float32, x_dtype):
+    return "native"
+  return "xla"
+
+
 class Plan(NamedTuple):
   """What one platform's branch of a skipping layer does."""
 
   gather: bool
   kernel: str  # the gather kernel (meaningless when not gathering)
   policy: Policy | None
+  epilogue: str = "xla"  # the dense fallback's epilogue kernel (meaningless when gathering)
 
   @property
   def key(self) -> tuple[bool, str | None]:
     """What the branch computes: equal keys stage the same code."""
-    return (self.gather, self.kernel if self.gather else None)
+    return (self.gather, self.kernel if self.gather else self.epilogue)
 
 
 def plan_layer(
@@ -325,13 +357,14 @@ def plan_layer(
   """`packed_dense`'s choice on `platform`: gather or dense, and with which kernel."""
   n_blocks, block_size, n_in = weight_shape
   kernel = gather_kernel(platform, block_size, n_in, weight_dtype, x_dtype, policy)
+  epilogue = epilogue_kernel(platform, x_dtype)
   if capacity is None or strategy == "dense":
-    return Plan(False, kernel, None)
+    return Plan(False, kernel, None, epilogue)
   if strategy == "gather":
-    return Plan(True, kernel, None)
+    return Plan(True, kernel, None, epilogue)
   pol = policy_for(_policy_platform(platform), kernel, weight_dtype, policy)
   bytes_ = block_size * n_in * jnp.dtype(weight_dtype).itemsize
-  return Plan(batch_mode(pol, rows, capacity, n_blocks, bytes_) != "dense", kernel, pol)
+  return Plan(batch_mode(pol, rows, capacity, n_blocks, bytes_) != "dense", kernel, pol, epilogue)
 
 
 def plan_chain(

@@ -14,8 +14,9 @@ from lrcc_jax.apps import lowering_table as T
 
 NATIVE = "native FFI" if _native.available() else "XLA gather"
 PALLAS = {"cuda": "Pallas Triton", "tpu": "Pallas Mosaic TPU"}
-FOREIGN = {"cpu": ("Pallas Triton", "Pallas Mosaic TPU"), "cuda": ("native FFI", "Pallas Mosaic TPU"),
-           "tpu": ("native FFI", "Pallas Triton")}
+FOREIGN = {"cpu": ("Pallas Triton", "Pallas Mosaic TPU"),
+           "cuda": ("native FFI", "native epilogue", "Pallas Mosaic TPU"),
+           "tpu": ("native FFI", "native epilogue", "Pallas Triton")}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,15 @@ def test_each_platform_lowers_its_own_kernel_and_no_conditional(table, platform)
     assert _expected(name, platform) in row["kernels"], (name, row)
     assert not set(FOREIGN[platform]) & set(row["kernels"]), (name, row)
     assert not row["control_flow"], (name, row)  # the platform switch is resolved at lowering
+
+
+def test_the_dense_fallback_runs_the_native_epilogue_only_on_cpu(table):
+  """The dense fallback's selection + bias + ReLU + mask kernel (`csrc/select.cc`) is a CPU
+  kernel: it is in the CPU lowering of a falling-back layer and in no other."""
+  row = table[("packed_dense auto, 64 rows", "cpu")]
+  assert ("native epilogue" in row["kernels"]) == _native.available(), row
+  for platform in ("cuda", "tpu"):
+    assert table[("packed_dense auto, 64 rows", platform)]["kernels"] == ["dense"]
 
 
 def test_one_program_lowers_for_all_platforms_at_once(table):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import lrcc_jax as L
 from helpers import int_layers, np_block_mask, np_estimate, np_unit_mask, scaled_examples
-from lrcc_jax import _mask
+from lrcc_jax import _mask, _native
 
 # Few distinct values, so every row has ties, values equal to the thresholds below, NaN
 # and infinities in single entries, both signed zeros, and neighbours one float32 ulp
@@ -120,3 +120,84 @@ def test_unit_mask_defaults_are_threshold_zero_no_capacity_single_units():
   np.testing.assert_array_equal(
       np.asarray(L.unit_mask(z_hat)), [[True, False, False, True], [True, True, False, False]]
   )
+
+
+# --- The dense fallback's epilogue (`masked_relu`), native (`csrc/select.cc`) and XLA. ---
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native library not built")
+
+
+def _np_masked_relu(z, scores, bias, threshold, capacity):
+  block_size = z.shape[-1] // scores.shape[-1]
+  keep = np.repeat(np_block_mask(scores, threshold, capacity, 1), block_size, axis=-1)
+  v = z.astype(np.float32) + bias.astype(np.float32)
+  return np.where(keep, np.where(np.isnan(v), v, np.maximum(v, 0)), 0).astype(np.float32)
+
+
+@st.composite
+def epilogue_cases(draw):
+  scores, threshold, capacity = draw(score_rows())
+  block_size = draw(st.sampled_from([1, 4]))
+  capacity = draw(st.sampled_from([None, capacity, scores.shape[1]]))
+  rows, n_blocks = scores.shape
+  z = draw(st.lists(st.sampled_from([-1.5, -0.0, 0.0, 0.25, 3.0, np.nan]),
+                    min_size=rows * n_blocks * block_size, max_size=rows * n_blocks * block_size))
+  z = np.array(z, np.float32).reshape(rows, n_blocks * block_size)
+  bias = np.linspace(-1, 1, n_blocks * block_size, dtype=np.float32)
+  return z, scores, bias, threshold, capacity
+
+
+@needs_native
+@given(epilogue_cases())
+def test_native_epilogue_equals_xla_and_numpy_at_ties_thresholds_and_nan(case):
+  """Guards the native selection (bisection with early stop, ties to the lower index, NaN
+  ranked first and selected, `>` at the threshold, capacity None / binding / n_blocks) and
+  the bias + ReLU + mask pass, against the XLA form and numpy."""
+  z, scores, bias, threshold, capacity = case
+  args = (jnp.asarray(z), jnp.asarray(scores), jnp.asarray(bias), threshold, capacity)
+  got = np.asarray(_mask.masked_relu(*args, kernel="native"))
+  want = np.asarray(_mask.masked_relu(*args, kernel="xla"))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got, _np_masked_relu(z, scores, bias, threshold, capacity))
+
+
+@needs_native
+@pytest.mark.parametrize("capacity", [1, 3, 51, 500, 1023])
+def test_native_epilogue_at_real_sizes_with_massive_ties(capacity):
+  """Guards the bisection's exact stop and the tie pass on 1024-wide rows whose scores take
+  a few values (ties straddle the boundary) or are all distinct (the early stop)."""
+  rng = np.random.default_rng(capacity)
+  few = rng.integers(-3, 4, (6, 1024)).astype(np.float32)
+  few[rng.random(few.shape) < 0.01] = np.nan
+  distinct = rng.standard_normal((6, 1024)).astype(np.float32)
+  for scores in (few, distinct, np.zeros((2, 1024), np.float32) + 1.0):
+    z = rng.standard_normal(scores.shape).astype(np.float32)
+    bias = rng.standard_normal(1024).astype(np.float32)
+    got = jax.jit(lambda z, s, b: _mask.masked_relu(z, s, b, 0.0, capacity, kernel="native"))(z, scores, bias)
+    np.testing.assert_array_equal(np.asarray(got), _np_masked_relu(z, scores, bias, 0.0, capacity))
+
+
+@needs_native
+def test_native_epilogue_gradients_vmap_and_traced_threshold():
+  """Guards the native call's JVP (the XLA form's), its batching rule (rows folded, or the
+  XLA form for a batched bias) and a traced threshold."""
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((3, 4, 32)), jnp.float32)
+  s = jnp.asarray(rng.standard_normal((3, 4, 8)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((3, 32)), jnp.float32)
+
+  def loss(kernel, z, b, t):
+    return jnp.sum(_mask.masked_relu(z, s[0], b, t, 3, kernel=kernel) ** 2)
+
+  for argnums in (1, 2):
+    got = jax.grad(loss, argnums=argnums)("native", z[0], b[0], 0.1)
+    want = jax.grad(loss, argnums=argnums)("xla", z[0], b[0], 0.1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+  for in_axes in ((0, 0, None), (0, None, None), (0, 0, 0)):
+    f = lambda kernel: jax.jit(jax.vmap(
+        lambda z, s, b: _mask.masked_relu(z, s, b, 0.2, 3, kernel=kernel), in_axes=in_axes))
+    bb = b if in_axes[2] == 0 else b[0]
+    ss = s if in_axes[1] == 0 else s[0]
+    np.testing.assert_array_equal(np.asarray(f("native")(z, ss, bb)), np.asarray(f("xla")(z, ss, bb)))
+  t = jax.jit(lambda t: _mask.masked_relu(z[0], s[0], b[0], t, 3, kernel="native"))
+  np.testing.assert_array_equal(np.asarray(t(0.5)), np.asarray(_mask.masked_relu(z[0], s[0], b[0], 0.5, 3)))

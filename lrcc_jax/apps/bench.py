@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrcc_jax import _native
+from lrcc_jax import _native, _policy
 from lrcc_jax._estimator import estimate, fit_svd
 from lrcc_jax._flops import LayerCost, network_costs, theoretical_speedup
 from lrcc_jax._layers import masked_dense, unit_mask
@@ -58,7 +58,15 @@ def environment() -> dict:
     "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
     # whether the skip paths ran the native CPU kernel (`lrcc_jax._native`) or pure XLA
     "native_cpu_kernel": _native.status() if dev.platform == "cpu" else None,
+    # the "auto" strategy's policy: a tuned file (`lrcc-jax tune`) or the shipped defaults
+    "policy": _policy_record(),
   }
+
+
+def _policy_record() -> dict:
+  status = _policy.policy_status()
+  status["policies"] = {k: dataclasses.asdict(p) for k, p in status["policies"].items()}
+  return status
 
 
 def latency_mode() -> bool:
@@ -396,21 +404,16 @@ def format_mlp_table(rows: list[dict]) -> str:
 
 def format_suite_table(rows: list[dict]) -> str:
   """The ``--suite full`` table, with a legend."""
-  header = [
-    "width",
-    "batch",
-    "cap",
-    "path",
-    "dense ms",
-    "mask ms",
-    "skip ms",
-    "skip speedup",
-    "mask speedup",
-    "model",
-  ]
-  lines = [
-    [
+  tuned = "skip_default_ms" in rows[0]
+  header = ["width", "bs", "batch", "cap", "path", "dense ms", "mask ms", "skip ms"]
+  header += ["skip speedup", "mask speedup", "model"]
+  if tuned:
+    header += ["default path", "default speedup"]
+  lines = []
+  for r in rows:
+    line = [
       str(r["width"]),
+      str(r["block_size"]),
       str(r["batch"]),
       f"{r['capacity_fraction']:.0%}",
       r["path"],
@@ -421,14 +424,17 @@ def format_suite_table(rows: list[dict]) -> str:
       f"{r['mask_speedup']:.2f}x",
       f"{r['flop_model_speedup']:.2f}x",
     ]
-    for r in rows
-  ]
+    if tuned:
+      line += [r["default_path"], f"{r['default_speedup']:.2f}x"]
+    lines.append(line)
   legend = (
     LEGEND[0],
-    "skip / mask speedup: dense jit time / time of packed_dense (skip) or of the dense"
-    " product then the mask (mask), measured here; model: the FLOP model, not a time.",
+    "skip / mask speedup: dense jit time / time of packed_dense (skip, the auto strategy) or"
+    " of the dense product then the mask (mask), measured here; model: the FLOP model, not a"
+    " time; default: skip under the shipped default policy, timed in the same run.",
   )
-  return _format_table(header, lines, right=[True, True, True, False] + [True] * 6, legend=legend)
+  right = [True, True, True, True, False] + [True] * 6 + ([False, True] if tuned else [])
+  return _format_table(header, lines, right=right, legend=legend)
 
 
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike = DEFAULT_OUT) -> Path:
@@ -556,32 +562,58 @@ def memory_report(width_in: int, width_out: int, rank: int, packed, skip_fn, x) 
   }
 
 
+# The floor targets of `--suite full` (dense jit time / `packed_dense` time, "auto"): the
+# fallback costs the dense product plus the estimator, whose r (n_in + n_out) multiply-adds
+# per row are 12.5% of a 1024-wide layer's at rank 64, 6% of a 2048-wide one's and 3% of a
+# 4096-wide one's.
+FLOOR_TARGETS = ((1024, 0.85), (2048, 0.92), (4096, 0.95))
+
+
+def floor_target(width: int) -> float:
+  """The smallest acceptable `skip_speedup` at `width` (the widest target below it)."""
+  return max((t for w, t in FLOOR_TARGETS if w <= width), default=FLOOR_TARGETS[0][1])
+
+
 def bench_suite(
-  widths: Sequence[int] = (1024, 4096, 8192),
+  widths: Sequence[int] = (1024, 2048, 4096),
   batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
   fractions: Sequence[float] = (0.05, 0.10, 0.25, 0.50),
   *,
   rank: int = 64,
-  block_size: int = 1,
+  block_sizes: Sequence[int] = (1, 16),
   repeats: int = 7,
+  compare_default: bool = False,
   progress: bool = True,
 ) -> list[dict]:
   """Single layers: dense jit vs mask (dense product, then mask) vs skip (`packed_dense`).
 
-  A capacity fraction `f` selects `round(f · width / block_size)` blocks per row.
+  A capacity fraction `f` selects `round(f · width / block_size)` blocks per row. "skip" is
+  the "auto" strategy under the policy in use (`environment()["policy"]`: a tuned file or
+  the shipped defaults). With `compare_default` and a tuned policy in use, "skip_default"
+  (the same layer under the shipped default policy) is timed in the same interleaved run.
   """
   from lrcc_jax._layers import conditional_dense
 
+  tuned = bool(_policy.tuned_policies()) and compare_default
   rows = []
-  grid = [(w, b, f) for w in widths for b in batches for f in fractions]
+  grid = [(w, bs, b, f) for w in widths for bs in block_sizes for b in batches for f in fractions]
   bar = None
   if progress:
     import tqdm
 
     bar = tqdm.tqdm(total=len(grid), desc="bench", file=sys.stderr, disable=None)
-  for width in widths:
+  platform = _policy.current_platform()
+  for width, block_size in itertools.product(widths, block_sizes):
     k_w, k_b, k_x = jax.random.split(jax.random.key(width), 3)
     kernel, bias, est, packed, dense_fn = _random_layer(k_w, k_b, width, rank, block_size)
+    gather_kernel = _policy.gather_kernel(
+      platform, block_size, width, packed.weight.dtype, jnp.float32
+    )
+    default = _policy.default_policy(
+      _policy._policy_platform(platform),  # pylint: disable=protected-access
+      gather_kernel,
+      packed.weight.dtype,
+    )
     for batch in batches:
       x = jax.random.normal(k_x, (batch, width), jnp.float32)
       for frac in fractions:
@@ -593,10 +625,17 @@ def bench_suite(
             x, kernel, bias, est, capacity=cap, block_size=block_size
           )
         )
-        t = time_interleaved(
-          {"dense": lambda: dense_fn(x), "mask": lambda: mask_fn(x), "skip": lambda: skip_fn(x)},
-          repeats=repeats,
-        )
+        fns: dict[str, Callable[[], Any]] = {
+          "dense": lambda: dense_fn(x),
+          "mask": lambda: mask_fn(x),
+          "skip": lambda: skip_fn(x),
+        }
+        if tuned:
+          default_fn = jax.jit(
+            lambda x, cap=cap: packed_dense(x, packed, capacity=cap, policy=default)
+          )
+          fns["skip_default"] = lambda: default_fn(x)
+        t = time_interleaved(fns, repeats=repeats)
         gathered = auto_gathers(packed, batch, cap)
         model = theoretical_speedup([LayerCost(width, width, rank, computed)])
         row: dict[str, Any] = {
@@ -608,7 +647,14 @@ def bench_suite(
           "mask_speedup": t["dense"] / t["mask"],
           "flop_model_speedup": model,
           "fraction_of_model": t["dense"] / t["skip"] / model,
+          "floor_target": floor_target(width),
         }
+        if tuned:
+          default_gathers = auto_gathers(packed, batch, cap, policy=default)
+          row["default_path"] = "gather" if default_gathers else "dense+mask"
+          row["skip_default_ms"] = 1e3 * t["skip_default"]
+          row["default_speedup"] = t["dense"] / t["skip_default"]
+          row["tuned_over_default"] = t["skip_default"] / t["skip"]
         if batch == 1:
           row["memory"] = memory_report(width, width, rank, packed, skip_fn, x)
         rows.append(row)
@@ -619,38 +665,100 @@ def bench_suite(
   return rows
 
 
-def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
-  """Speed-up of skip over dense against batch size, one panel per width."""
-  import matplotlib
+def suite_summary(rows: list[dict]) -> list[dict]:
+  """Per (width, block size): the floor (smallest skip speed-up) overall and on the dense
+  fallback, where it occurred, the target, and (with a tuned policy compared) the tuned
+  policy's smallest and geometric-mean time ratio against the shipped defaults."""
+  out = []
+  for width, bs in dict.fromkeys((r["width"], r["block_size"]) for r in rows):
+    sel = [r for r in rows if r["width"] == width and r["block_size"] == bs]
+    low = min(sel, key=lambda r: r["skip_speedup"])
+    fall = [r for r in sel if r["path"] == "dense+mask"]
+    entry: dict[str, Any] = {
+      "width": width,
+      "block_size": bs,
+      "min_skip_speedup": low["skip_speedup"],
+      "min_at": {"batch": low["batch"], "capacity_fraction": low["capacity_fraction"]},
+      "min_fallback_speedup": min((r["skip_speedup"] for r in fall), default=None),
+      "floor_target": floor_target(width),
+      "meets_target": low["skip_speedup"] >= floor_target(width),
+    }
+    if "tuned_over_default" in sel[0]:
+      ratios = [r["tuned_over_default"] for r in sel]
+      entry["min_tuned_over_default"] = min(ratios)
+      entry["geomean_tuned_over_default"] = float(np.exp(np.mean(np.log(ratios))))
+    out.append(entry)
+  return out
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+
+def format_summary_table(summary: list[dict]) -> str:
+  """The floor of ``--suite full``: the smallest speed-up per width and block size."""
+  tuned = any("min_tuned_over_default" in s for s in summary)
+  header = ["width", "bs", "min skip x", "at batch, cap", "min fallback x", "target", "met"]
+  if tuned:
+    header += ["tuned/default min", "geomean"]
+  lines = []
+  for s in summary:
+    fb = s["min_fallback_speedup"]
+    line = [
+      str(s["width"]),
+      str(s["block_size"]),
+      f"{s['min_skip_speedup']:.2f}x",
+      f"{s['min_at']['batch']}, {s['min_at']['capacity_fraction']:.0%}",
+      "-" if fb is None else f"{fb:.2f}x",
+      f"{s['floor_target']:.2f}x",
+      "yes" if s["meets_target"] else "NO",
+    ]
+    if tuned:
+      line += [f"{s['min_tuned_over_default']:.2f}x", f"{s['geomean_tuned_over_default']:.2f}x"]
+    lines.append(line)
+  legend = (
+    "min skip x: the smallest dense jit time / packed_dense time over batches and capacities;"
+    " min fallback x: the same over the cells where auto fell back to dense+mask; target: the"
+    " floor the estimator's cost allows; tuned/default: skip time under the shipped default"
+    " policy / under the tuned one (>= 1: the tuned policy is no worse).",
+  )
+  return _format_table(
+    header,
+    lines,
+    right=[True, True, True, False, True, True, False] + [True] * (len(header) - 7),
+    legend=legend,
+  )
+
+
+def plot_suite(rows: list[dict], path: str | os.PathLike) -> None:
+  """The floor: skip speed-up against batch, one panel per (block size, width), one line
+  per capacity, with the width's target dashed."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   widths = sorted({r["width"] for r in rows})
-  fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False)
-  for ax, width in zip(axes[0], widths):
-    for frac in sorted({r["capacity_fraction"] for r in rows}):
-      sel = [r for r in rows if r["width"] == width and r["capacity_fraction"] == frac]
+  sizes = sorted({r["block_size"] for r in rows})
+  fig = Figure(figsize=(4.5 * len(widths), 3.6 * len(sizes)), layout="constrained")
+  axes = fig.subplots(len(sizes), len(widths), squeeze=False)
+  for (i, bs), (j, width) in itertools.product(enumerate(sizes), enumerate(widths)):
+    ax = axes[i][j]
+    cell = [r for r in rows if r["width"] == width and r["block_size"] == bs]
+    for c, frac in enumerate(sorted({r["capacity_fraction"] for r in cell})):
+      sel = sorted((r for r in cell if r["capacity_fraction"] == frac), key=lambda r: r["batch"])
       ax.plot(
-        [r["batch"] for r in sel], [r["skip_speedup"] for r in sel], "o-", label=f"skip, {frac:.0%}"
+        [r["batch"] for r in sel],
+        [r["skip_speedup"] for r in sel],
+        "o-",
+        color=f"C{c}",
+        ms=3,
+        label=f"{frac:.0%}",
       )
-    mask = [r for r in rows if r["width"] == width and r["capacity_fraction"] == 0.1]
-    ax.plot(
-      [r["batch"] for r in mask],
-      [r["mask_speedup"] for r in mask],
-      "k--",
-      label="mask after dense, 10%",
-    )
+      fb = [r for r in sel if r["path"] == "dense+mask"]
+      ax.plot([r["batch"] for r in fb], [r["skip_speedup"] for r in fb], "x", color=f"C{c}")
     ax.axhline(1.0, color="gray", lw=0.8)
+    ax.axhline(floor_target(width), color="red", ls="--", lw=0.8, label="target")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    ax.set_title(f"{width}x{width} layer, rank {rows[0]['rank']}")
+    ax.set_title(f"{width}², blocks of {bs}, rank {cell[0]['rank']}", fontsize=9)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("speed-up over dense jit")
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+    ax.set_ylabel("dense jit / packed_dense (x: fell back)")
+    ax.legend(fontsize=6, title="computed", title_fontsize=6)
+  fig.savefig(path, dpi=100)
 
 
 def plot_speedups(rows: list[dict], path: str | os.PathLike, title: str) -> None:
@@ -807,15 +915,20 @@ def run_command(args) -> int:
     )
   else:
     rows = bench_suite(
-      widths=args.widths or (1024, 4096, 8192),
+      widths=args.widths or (1024, 2048, 4096),
       batches=args.batches or (1, 2, 4, 8, 16, 32, 64, 128),
+      fractions=args.fractions or (0.05, 0.10, 0.25, 0.50),
       rank=args.rank,
-      block_size=args.block_size,
+      block_sizes=args.block_sizes or (1, 16),
       repeats=args.repeats,
+      compare_default=args.compare_default,
       progress=progress,
     )
+    summary = suite_summary(rows)
     print(format_suite_table(rows))
-    path = write_results("bench_suite", {"environment": env, "rows": rows}, out)
+    print(format_summary_table(summary))
+    payload = {"environment": env, "summary": summary, "rows": rows}
+    path = write_results("bench_suite", payload, out)
     plot_suite(rows, out / "bench_suite.png")
   print(f"wrote {path} and {path.with_suffix('.png')}")
   return 0

@@ -71,6 +71,17 @@ def int_list(text: str) -> tuple[int, ...]:
   return values
 
 
+def float_list(text: str) -> tuple[float, ...]:
+  """``"0.05,0.5"`` -> ``(0.05, 0.5)``; fractions in (0, 1] only."""
+  try:
+    values = tuple(float(s) for s in _split(text))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+  if any(not 0 < v <= 1 for v in values):
+    raise argparse.ArgumentTypeError(f"expected fractions in (0, 1], got {text!r}")
+  return values
+
+
 def int_or_list(text: str) -> int | tuple[int, ...]:
   """``"50"`` -> ``50`` (every layer); ``"50,35,25"`` -> ``(50, 35, 25)`` (one per layer)."""
   values = int_list(text)
@@ -673,7 +684,25 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     help="Adam steps training the digit MLP of --suite batch (default 40; cached in --out)",
   )
   parser.add_argument(
-    "--widths", type=int_list, default=None, help="widths for --suite full (default 1024,4096,8192)"
+    "--widths", type=int_list, default=None, help="widths for --suite full (default 1024,2048,4096)"
+  )
+  parser.add_argument(
+    "--block-sizes",
+    type=int_list,
+    default=None,
+    help="block sizes for --suite full (default 1,16; the other suites take --block-size)",
+  )
+  parser.add_argument(
+    "--fractions",
+    type=float_list,
+    default=None,
+    help="computed fractions for --suite full (default 0.05,0.1,0.25,0.5)",
+  )
+  parser.add_argument(
+    "--compare-default",
+    action="store_true",
+    help="--suite full: with a tuned policy in use, also time the shipped default policy in"
+    " the same interleaved run (columns 'default path', 'default speedup')",
   )
   parser.add_argument(
     "--batches", type=int_list, default=None, help="batch sizes (default depends on the suite)"

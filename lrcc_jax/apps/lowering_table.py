@@ -5,11 +5,12 @@ shapes, lowers it for ("cpu",), ("cuda",), ("tpu",) and all three at once (no de
 needed: lowering is compilation's first half), and prints a Markdown table of the kernels
 found in the text, with any control flow left in it:
 
-- ``native FFI``: the CPU kernel's custom call (`lrcc_tile_product`);
+- ``native FFI``: a native CPU gather kernel's custom call (`lrcc_tile_product`, ...);
+- ``native epilogue``: the dense fallback's native CPU epilogue (`lrcc_masked_relu`);
 - ``Pallas Triton``: ``__gpu$xla.gpu.triton``; ``Pallas Mosaic TPU``: ``tpu_custom_call``;
   ``Pallas Mosaic GPU``: ``mosaic_gpu`` (none expected);
 - ``XLA gather``: a ``stablehlo.gather`` reading a packed weight;
-- ``dense``: none of these (the dense-and-mask path).
+- ``dense``: no gather kernel (the dense-and-mask path, with or without the epilogue).
 
 `tests/test_lowering.py` asserts on the same findings.
 """
@@ -33,7 +34,8 @@ from lrcc_jax import _native
 PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cpu", "cuda", "tpu"))
 # Each kernel's custom-call target names (any of them marks the kernel as present).
 KERNEL_MARKERS = {
-  "native FFI": tuple(_native.SYMBOLS),
+  "native FFI": tuple(t for t in _native.SYMBOLS if t != _native.MASKED_RELU),
+  "native epilogue": (_native.MASKED_RELU,),
   "Pallas Triton": ("__gpu$xla.gpu.triton",),
   "Pallas Mosaic TPU": ("tpu_custom_call",),
   "Pallas Mosaic GPU": ("mosaic_gpu",),
@@ -136,7 +138,9 @@ def kernels_in(text: str, weight_shapes) -> list[str]:
   found = [name for name, markers in KERNEL_MARKERS.items() if any(m in text for m in markers)]
   if _gathers_weight(text, weight_shapes):
     found.append("XLA gather")
-  return found or ["dense"]
+  if not set(found) - {"native epilogue"}:
+    found.insert(0, "dense")
+  return found
 
 
 def control_flow_in(text: str) -> list[str]:

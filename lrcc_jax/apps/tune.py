@@ -8,16 +8,24 @@ device runs (`_policy.gather_kernel`), and writes it to
 it on this device kind with this jax (`lrcc_jax.policy_status()` says which file); other
 platforms keep the shipped defaults.
 
-The fit is conservative: one row gathers up to the largest measured fraction below which
-every measured case won, several rows up to the largest `rows · fraction` (layers read)
-below which every measured case won. The byte and small-fraction limits of the shipped
-CPU policy are not fitted (left off), so tune on the shapes you serve.
+The fit starts from the shipped default for the kernel and searches the policy's
+fractions (`max_fraction_one_row`, `small_block_max_fraction_one_row`,
+`max_gathered_layers`, `small_fraction`, `small_fraction_max_rows`) over the values
+measured, keeping the one that loses the least time against the better strategy of each
+measured case (sum of log time ratios). The default's own values are candidates and win
+ties, so on the measured grid the tuned policy is never worse than the shipped one; the
+byte limits are kept from the default. The
+default grid is `lrcc-jax bench --suite full`'s (widths 1024-4096, blocks of 1 and 16,
+batches 1-128, 5-50% computed, rank 64): tune on the shapes you serve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
+import itertools
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +44,7 @@ def measure(
   batches: Sequence[int],
   fractions: Sequence[float],
   *,
-  rank: int = 16,
+  rank: int = 64,
   repeats: int = 5,
   progress: bool = True,
 ) -> list[dict]:
@@ -46,7 +54,7 @@ def measure(
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
 
-    bar = tqdm.tqdm(total=len(grid), desc="tune", file=sys.stderr)
+    bar = tqdm.tqdm(total=len(grid), desc="tune", file=sys.stderr, disable=None)
   rows = []
   platform = _policy.current_platform()
   for width in widths:
@@ -72,6 +80,8 @@ def measure(
               "block_size": block_size,
               "batch": batch,
               "capacity": cap,
+              "n_blocks": n_blocks,
+              "block_bytes": block_size * width * packed.weight.dtype.itemsize,
               "fraction": cap / n_blocks,
               "kernel": kernel,
               "gather_ms": 1e3 * t["gather"],
@@ -86,51 +96,117 @@ def measure(
   return rows
 
 
-def _largest_winning(points: list[tuple[float, bool]]) -> float:
-  """The largest measured value v with every point at or below v winning (0 if none)."""
-  best = 0.0
-  for value, _ in sorted(points):
-    if all(win for v, win in points if v <= value):
-      best = value
-  return best
+def _loss(policy: _policy.Policy, rows: list[dict]) -> float:
+  """Time lost against the better strategy of each row: sum of log(chosen / best)."""
+  total = 0.0
+  for r in rows:
+    gather = _policy.gather_pays(policy, r["batch"], r["capacity"], r["n_blocks"], r["block_bytes"])
+    chosen = r["gather_ms"] if gather else r["dense_ms"]
+    total += math.log(chosen / min(r["gather_ms"], r["dense_ms"]))
+  return total
+
+
+def _search(
+  base: _policy.Policy, rows: list[dict], grid: dict[str, list]
+) -> tuple[_policy.Policy, float]:
+  """The candidate with the least `_loss`; `base` (listed first) wins ties."""
+  best, best_loss = base, _loss(base, rows)
+  for values in itertools.product(*grid.values()):
+    candidate = dataclasses.replace(best, **dict(zip(grid, values)))
+    loss = _loss(candidate, rows)
+    if loss < best_loss - 1e-12:
+      best, best_loss = candidate, loss
+  return best, best_loss
 
 
 def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
-  """One tuned policy per gather kernel measured."""
+  """One tuned policy per gather kernel measured (see the module docstring)."""
   policies = []
+  plat = platform if platform in _policy.PLATFORMS else "cuda"
   for kernel in dict.fromkeys(r["kernel"] for r in rows):
     mine = [r for r in rows if r["kernel"] == kernel]
-    one = [(r["fraction"], r["speedup"] >= 1.0) for r in mine if r["batch"] == 1]
-    many = [(r["batch"] * r["fraction"], r["speedup"] >= 1.0) for r in mine if r["batch"] > 1]
-    policies.append(
-      _policy.Policy(
-        platform=platform if platform in _policy.PLATFORMS else "cuda",
-        kernel="pallas" if kernel in ("triton", "mosaic") else kernel,
-        max_fraction_one_row=_largest_winning(one),
-        max_gathered_layers=_largest_winning(many),
-        device_kind=kind,
-        weight_dtype="float32",
-        source=(
-          f"tuned by lrcc-jax tune on {kind}, {datetime.date.today().isoformat()},"
-          f" {len(mine)} cases"
-        ),
-      )
+    name = "pallas" if kernel in ("triton", "mosaic") else kernel
+    base = _policy.default_policy(plat, name, jnp.float32)
+    base = dataclasses.replace(
+      base,
+      platform=plat,
+      kernel=name,
+      device_kind=kind,
+      weight_dtype="float32",
+      source=(
+        f"tuned by lrcc-jax tune on {kind}, {datetime.date.today().isoformat()}, {len(mine)} cases"
+      ),
     )
+    one = [r for r in mine if r["batch"] == 1]
+    many = [r for r in mine if r["batch"] > 1]
+    fractions = sorted({r["fraction"] for r in mine})
+    # One row: only the one-row fractions decide (beyond the byte limits, kept).
+    tuned, _ = _search(
+      base,
+      one,
+      {
+        "max_fraction_one_row": [base.max_fraction_one_row, 0.0, *fractions],
+        "small_block_max_fraction_one_row": [
+          base.small_block_max_fraction_one_row,
+          1.0,
+          *fractions,
+        ],
+      },
+    )
+    # Several rows: the layers read, and the small-fraction rule.
+    tuned, _ = _search(
+      tuned,
+      many,
+      {
+        "max_gathered_layers": [
+          tuned.max_gathered_layers,
+          0.0,
+          *sorted({r["batch"] * r["fraction"] for r in many}),
+        ],
+        "small_fraction": [tuned.small_fraction, 0.0, *fractions],
+        "small_fraction_max_rows": [
+          tuned.small_fraction_max_rows,
+          0,
+          *sorted({r["batch"] for r in many}),
+        ],
+      },
+    )
+    policies.append(tuned)
   return policies
 
 
+WIDTHS, BLOCK_SIZES, BATCHES = (1024, 2048, 4096), (1, 16), (1, 2, 4, 8, 16, 32, 64, 128)
+FRACTIONS = (0.05, 0.1, 0.25, 0.5)
+DEFAULT_GRID: dict[str, tuple] = {
+  "widths": WIDTHS,
+  "block_sizes": BLOCK_SIZES,
+  "batches": BATCHES,
+  "fractions": FRACTIONS,
+}
+# `--quick`: a tiny grid for tests and a first look (seconds, not minutes).
+QUICK_GRID: dict[str, tuple] = {
+  "widths": (256,),
+  "block_sizes": (16,),
+  "batches": (1, 2),
+  "fractions": (0.25, 0.5),
+}
+
+
 def run(
-  widths: Sequence[int] = (1024, 4096),
-  block_sizes: Sequence[int] = (1, 16),
-  batches: Sequence[int] = (1, 2, 4, 8, 16),
-  fractions: Sequence[float] = (0.05, 0.1, 0.25, 0.5),
+  widths: Sequence[int] = WIDTHS,
+  block_sizes: Sequence[int] = BLOCK_SIZES,
+  batches: Sequence[int] = BATCHES,
+  fractions: Sequence[float] = FRACTIONS,
   *,
+  rank: int = 64,
   repeats: int = 5,
   progress: bool = True,
 ) -> tuple[Path, list[_policy.Policy], list[dict]]:
   """Measures, fits and writes the current device's policy file; returns its path."""
   kind = _policy.device_kind()
-  rows = measure(widths, block_sizes, batches, fractions, repeats=repeats, progress=progress)
+  rows = measure(
+    widths, block_sizes, batches, fractions, rank=rank, repeats=repeats, progress=progress
+  )
   policies = fit(rows, _policy.current_platform(), kind)
   path = _policy.policy_path(kind)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +218,13 @@ def run(
 
 
 def run_command(args) -> int:
-  path, policies, rows = run(
-    args.widths,
-    args.block_sizes,
-    args.batches,
-    args.fractions,
-    repeats=args.repeats,
-    progress=not args.no_progress,
-  )
+  grid = dict(QUICK_GRID if args.quick else DEFAULT_GRID)
+  for key in grid:
+    if getattr(args, key) is not None:
+      grid[key] = getattr(args, key)
+  repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+  rank = args.rank if args.rank is not None else (16 if args.quick else 64)
+  path, policies, rows = run(**grid, rank=rank, repeats=repeats, progress=not args.no_progress)
   print(
     f"{'width':>6} {'bs':>3} {'batch':>5} {'frac':>6} {'kernel':>7} {'dense ms':>9}"
     f" {'gather ms':>9} {'x':>6}"
@@ -161,36 +236,50 @@ def run_command(args) -> int:
     )
   for p in policies:
     print(
-      f"{p.platform}/{p.kernel}: one row up to {p.max_fraction_one_row:.3f} of the blocks,"
-      f" several rows up to {p.max_gathered_layers:.3f} layers read"
+      f"{p.platform}/{p.kernel}: one row up to {p.max_fraction_one_row:.3f} of the blocks;"
+      f" several rows up to {p.max_gathered_layers:.3f} layers read, or up to"
+      f" {p.small_fraction:.3f} of the blocks at up to {p.small_fraction_max_rows} rows"
     )
   print(f"wrote {path}")
   return 0
 
 
-def _floats(text: str) -> list[float]:
-  return [float(t) for t in text.split(",") if t]
-
-
 def add_arguments(parser) -> None:
-  from lrcc_jax.apps.cli import int_list  # pylint: disable=g-import-not-at-top
+  from lrcc_jax.apps.cli import float_list, int_list, positive_int  # pylint: disable=g-import-not-at-top
+
+  def grid(key: str) -> str:
+    return ",".join(str(v) for v in DEFAULT_GRID[key])
 
   parser.add_argument(
-    "--widths", type=int_list, default=[1024, 4096], help="layer widths (default 1024,4096)"
+    "--widths", type=int_list, default=None, help=f"layer widths (default {grid('widths')})"
   )
   parser.add_argument(
-    "--block-sizes", type=int_list, default=[1, 16], help="block sizes (default 1,16)"
+    "--block-sizes",
+    type=int_list,
+    default=None,
+    help=f"block sizes (default {grid('block_sizes')})",
   )
   parser.add_argument(
-    "--batches", type=int_list, default=[1, 2, 4, 8, 16], help="batch sizes (default 1,2,4,8,16)"
+    "--batches", type=int_list, default=None, help=f"batch sizes (default {grid('batches')})"
   )
   parser.add_argument(
     "--fractions",
-    type=_floats,
-    default=[0.05, 0.1, 0.25, 0.5],
-    help="computed fractions (default 0.05,0.1,0.25,0.5)",
+    type=float_list,
+    default=None,
+    help=f"computed fractions (default {grid('fractions')})",
   )
   parser.add_argument(
-    "--repeats", type=int, default=5, help="interleaved repeats; the median is kept (default 5)"
+    "--rank", type=positive_int, default=None, help="estimator rank (default 64; --quick 16)"
+  )
+  parser.add_argument(
+    "--repeats",
+    type=positive_int,
+    default=None,
+    help="interleaved repeats; the median is kept (default 5; --quick 2)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="a tiny grid (one 256-wide layer, batches 1-2) for tests; explicit options win",
   )
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -7,27 +7,8 @@ from lrcc_jax._packed import skip_pays
 
 
 def test_bench_full_suite_end_to_end(tmp_path, capsys):
-  assert (
-    cli.main(
-      [
-        "bench",
-        "--suite",
-        "full",
-        "--widths",
-        "64",
-        "--batches",
-        "1,4",
-        "--repeats",
-        "1",
-        "--rank",
-        "8",
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-      ]
-    )
-    == 0
-  )
+  assert cli.main(["bench", "--suite", "full", "--widths", "64", "--batches", "1,4", "--block-sizes", "16",
+                   "--repeats", "1", "--rank", "8", "--out", str(tmp_path), "--no-progress"]) == 0
   payload = json.loads((tmp_path / "bench_suite.json").read_text())
   assert payload["environment"]["jax_version"]
   # JAX had started before the command ran, so the dispatch mode stayed as it was.
@@ -43,6 +24,38 @@ def test_bench_full_suite_end_to_end(tmp_path, capsys):
   assert all(m["packed_over_dense_plus_factors"] <= 1.1 for m in mem)
   assert (tmp_path / "bench_suite.png").stat().st_size > 0
   assert "wrote" in capsys.readouterr().out
+  (summary,) = payload["summary"]
+  assert summary["min_skip_speedup"] == min(r["skip_speedup"] for r in rows)
+  assert summary["floor_target"] == 0.85 and summary["block_size"] == 16
+  assert "policies" in payload["environment"]["policy"]
+
+
+def test_bench_full_compares_a_tuned_policy_with_the_defaults(tmp_path, monkeypatch):
+  """Guards `--compare-default`: with a tuned policy in use (here one that never gathers),
+  each row also times the shipped default, whose path follows the default policy."""
+  import dataclasses
+
+  from lrcc_jax import _policy
+
+  monkeypatch.setenv("LRCC_JAX_CACHE", str(tmp_path))
+  monkeypatch.delenv("LRCC_JAX_TUNED", raising=False)
+  kind = _policy.device_kind()
+  never = [dataclasses.replace(p, max_fraction_one_row=0.0, max_gathered_layers=0.0, small_fraction=0.0,
+                               device_kind=kind, source="test")
+           for p in (_policy.CPU_NATIVE, _policy.CPU_XLA)]
+  _policy.policy_path(kind).write_text(_policy.policy_to_json(never, kind))
+  _policy.forget_tuned()
+  try:
+    rows = bench.bench_suite([64], [1], [0.25], rank=8, block_sizes=[16], repeats=1,
+                             compare_default=True, progress=False)
+    summary = bench.suite_summary(rows)
+  finally:
+    _policy.forget_tuned()
+  (r,) = rows
+  assert r["path"] == "dense+mask" and r["default_path"] == "gather"
+  assert r["tuned_over_default"] == pytest.approx(r["skip_default_ms"] / r["skip_ms"])
+  assert summary[0]["min_tuned_over_default"] == r["tuned_over_default"]
+  assert "default path" in bench.format_suite_table(rows)
 
 
 def test_bench_mlp_checks_values_and_reports_model(tmp_path):

@@ -46,14 +46,46 @@ def test_corrupt_or_foreign_policy_file_warns_and_uses_defaults(cache, content):
   assert "ignored" in _policy.policy_status()["reason"]
 
 
-def test_fit_is_conservative():
+def _row(batch, fraction, gather_ms, dense_ms, kernel="native"):
+  n_blocks = 64
+  return {"kernel": kernel, "batch": batch, "capacity": round(fraction * n_blocks), "n_blocks": n_blocks,
+          "block_bytes": 16 * 1024 * 4, "fraction": round(fraction * n_blocks) / n_blocks,
+          "gather_ms": gather_ms, "dense_ms": dense_ms}
+
+
+def test_fit_picks_the_least_time_lost_and_is_no_worse_than_the_default():
+  """Guards the fit: one row gathers up to the largest fraction where gathering wins, several
+  rows up to the layers-read value that loses least, and the fitted policy's decisions lose
+  no more time on the measured rows than the shipped default's."""
   from lrcc_jax.apps import tune
 
-  rows = [
-      {"kernel": "native", "batch": 1, "fraction": f, "speedup": s}
-      for f, s in [(0.05, 3.0), (0.1, 2.0), (0.25, 0.9), (0.5, 1.1)]
-  ] + [{"kernel": "native", "batch": 4, "fraction": 0.05, "speedup": 1.5},
-       {"kernel": "native", "batch": 4, "fraction": 0.25, "speedup": 0.5}]
+  rows = [_row(1, f, g, 1.0) for f, g in [(0.0625, 0.3), (0.125, 0.5), (0.25, 0.8), (0.5, 1.4)]]
+  rows += [_row(b, f, g, 1.0) for b, f, g in [(4, 0.0625, 0.6), (4, 0.25, 1.5), (16, 0.0625, 2.0),
+                                                 (2, 0.125, 0.9), (2, 0.5, 1.2), (64, 0.0625, 3.0)]]
   (p,) = tune.fit(rows, "cpu", "test cpu")
-  assert p.max_fraction_one_row == 0.1  # 0.5 won but 0.25 lost below it
-  assert p.max_gathered_layers == pytest.approx(0.2)
+  assert p.kernel == "native" and p.platform == "cpu" and p.source.startswith("tuned by")
+  assert p.max_fraction_one_row == 0.25  # 0.5 loses (1.4 ms against 1.0)
+  assert tune._loss(p, rows) == 0.0  # every measured case takes its faster strategy
+  assert tune._loss(p, rows) <= tune._loss(_policy.CPU_NATIVE, rows)
+  for r in rows:
+    assert _policy.gather_pays(p, r["batch"], r["capacity"], 64, r["block_bytes"]) == (r["gather_ms"] < r["dense_ms"])
+
+
+def test_fit_keeps_the_default_where_the_measurements_do_not_decide():
+  """Guards the tie rule: cases where both strategies take the same time leave the shipped
+  default's values (and its byte limits) in place."""
+  from lrcc_jax.apps import tune
+
+  rows = [_row(1, 0.25, 1.0, 1.0, "xla"), _row(8, 0.25, 2.0, 2.0, "xla")]
+  (p,) = tune.fit(rows, "cpu", "test cpu")
+  keys = ("max_fraction_one_row", "max_gathered_layers", "small_fraction", "small_fraction_max_rows",
+          "max_gather_bytes", "min_batched_block_bytes")
+  assert {k: getattr(p, k) for k in keys} == {k: getattr(_policy.CPU_XLA, k) for k in keys}
+
+
+def test_tune_quick_writes_a_valid_file(cache, capsys):
+  """Guards `--quick` (the tiny grid) end to end: the file loads back as this device's policy."""
+  assert cli.main(["tune", "--quick", "--repeats", "1", "--no-progress"]) == 0
+  (policy,) = _policy.load_policy_file(_policy.policy_path(), _policy.device_kind())
+  assert policy.platform == _policy.current_platform() and policy.weight_dtype == "float32"
+  assert "256" in capsys.readouterr().out
