@@ -48,6 +48,11 @@ _TARGETS = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16
 SYMBOLS = {
   TARGET: "LrccTileProduct",
   TARGET_BF16: "LrccTileProductBf16",
+  # csrc/fused_layer.cc: one whole conditional layer per call (`_fused`).
+  "lrcc_fused_layer": "LrccFusedLayer",
+  "lrcc_fused_layer_bf16": "LrccFusedLayerBf16",
+  "lrcc_fused_sparse_layer": "LrccFusedSparseLayer",
+  "lrcc_fused_sparse_layer_bf16": "LrccFusedSparseLayerBf16",
 }
 _SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
