@@ -92,6 +92,7 @@ def chooses(
 
 def upgrade(
   plan: Plan,
+  strategy: str,
   platform: str,
   rows: int,
   capacity: int | None,
@@ -99,11 +100,19 @@ def upgrade(
   weight_dtype: jnp.dtype,
   x_dtype: jnp.dtype,
 ) -> Plan:
-  """`packed_dense`'s `plan` with kernel "fused" where `chooses` says so (a CPU plan that
-  gathers with the native kernel); other plans unchanged."""
-  if plan.gather and plan.kernel == "native" and capacity is not None:
-    if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2]):
-      return plan._replace(kernel="fused")
+  """`packed_dense`'s `plan` with kernel "fused" where `chooses` says so.
+
+  Only plans whose kernel is the native one (CPU, f32 or bf16 weights, not a caller's
+  `kernel="xla"` policy). Under "auto" at one row the fused kernel also replaces the dense
+  fallback: it reads `capacity` blocks once, never more bytes than the dense product, in
+  one call. Several rows keep the plan's gather-or-dense decision; "dense" stays dense.
+  """
+  if capacity is None or plan.kernel != "native" or strategy == "dense":
+    return plan
+  if not plan.gather and rows > 1:  # several rows: a dense product reads the weights once
+    return plan
+  if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2]):
+    return plan._replace(gather=True, kernel="fused")
   return plan
 
 

@@ -157,19 +157,21 @@ def _layer_path(
   sparse: bool,
   policy: Policies,
 ) -> str:
-  """`sparse_packed_dense`'s path on `platform`: "dense", "fused" or "gather".
+  """`sparse_packed_dense`'s path on `platform`: "fused", "gather" or "dense".
 
-  "dense" where gathering does not pay (`_policy.plan_layer`'s "auto"); "fused" where
-  the fused native kernel runs (`_fused.chooses`); "gather" otherwise (XLA selection,
-  then the gather or tile kernel of the platform).
+  "fused" where the fused native kernel runs (`_fused.chooses`: CPU, small products) and
+  either gathering pays or there is one row (the kernel then reads at most the dense
+  product's bytes, in one call);
+  else "gather" (XLA selection, then the platform's gather or tile kernel) where
+  `_policy.plan_layer`'s "auto" gathers, and "dense" (dense product, then the selected
+  units' values) where it does not.
   """
   shape, w_dtype = packed.weight.shape, packed.weight.dtype
   plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
-  if not plan.gather:
-    return "dense"
-  if plan.kernel != "xla" and _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m):
+  fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m)
+  if plan.kernel != "xla" and (plan.gather or rows == 1) and fits:
     return "fused"
-  return "gather"
+  return "gather" if plan.gather else "dense"
 
 
 def _run_layer(

@@ -651,12 +651,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--suite",
-    choices=("layer", "mlp", "module", "storage", "ffn", "full"),
+    choices=("layer", "mlp", "module", "storage", "ffn", "full", "paper"),
     default="layer",
     help=(
       "layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer"
       " in skip mode; storage: bf16 vs f32 weights; ffn: transformer FFN d=2048, d_ff=8192;"
-      " full: widths x batches x fractions"
+      " full: widths x batches x fractions; paper: the 784-1000-600-400 net trained on"
+      " mnist5k, batch 1 on test digits"
     ),
   )
   parser.add_argument(

@@ -328,24 +328,41 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
       }
     }
   }
+  // Single-element sparse inputs covering a quarter of the row or more are scattered into a
+  // dense row: streaming whole weight rows then beats one gathered load per input.
+  const bool densify = sparse && L.b_in == 1 && 4 * m >= L.n_in;
+  std::vector<float> dense_x;
+  if (densify) {
+    dense_x.assign(rows * L.n_in, 0.f);
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t i = 0; i < m; ++i) {
+        dense_x[row * L.n_in + Clamp(L.xi[row * m + i], L.n_in - 1)] += L.x[row * m + i];
+      }
+    }
+  }
+  const bool dense_rows = !sparse || densify;
+  const float* xs_base = densify ? dense_x.data() : L.x;
+  const int64_t x_stride = densify ? L.n_in : m;
+  const int64_t n_runs = dense_rows ? 1 : runs;
+  if (densify) std::fill(starts.begin(), starts.end(), 0);
   const int64_t pairs = rows * k;
   const int64_t per_pair = bs * m;
   const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
   const int64_t chunk = std::max<int64_t>(1, pairs / (4 * threads));
   const int64_t n_chunks = (pairs + chunk - 1) / chunk;
-  const int64_t b = sparse ? L.b_in : L.n_in;
+  const int64_t b = dense_rows ? L.n_in : L.b_in;
   ParallelFor(pool, n_chunks, pairs * per_pair, [&](int64_t c) {
     const int64_t end = std::min(pairs, (c + 1) * chunk);
     Pending<W> pend;
     int64_t pend_row = -1;
     auto flush = [&]() {
       const int64_t* st = starts.data() + pend_row * runs;
-      const float* xr = L.x + pend_row * m;
+      const float* xr = xs_base + pend_row * x_stride;
       if (pend.n == kRows) {
-        DotsFor<kRows, W>(L.b_in, sparse, pend.w, st, runs, b, xr, pend.out);
+        DotsFor<kRows, W>(L.b_in, !dense_rows, pend.w, st, n_runs, b, xr, pend.out);
       } else {
         for (int q = 0; q < pend.n; ++q) {
-          DotsFor<1, W>(L.b_in, sparse, pend.w + q, st, runs, b, xr, pend.out + q);
+          DotsFor<1, W>(L.b_in, !dense_rows, pend.w + q, st, n_runs, b, xr, pend.out + q);
         }
       }
       pend.n = 0;
