@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _policy
+from lrcc_jax import _fused, _policy
 from lrcc_jax._estimator import add_bias
 from lrcc_jax._packed import PackedDense, packed_dense
 from lrcc_jax._policy import Policies
@@ -31,6 +31,46 @@ class PackedMLP(NamedTuple):
   head_bias: Array
 
 
+ChainPath = Literal["sparse", "layerwise", "dense"]
+
+
+def chain_path(
+  platform: str,
+  rows: int,
+  layers: Sequence[tuple[tuple[int, ...], jnp.dtype]],
+  capacities: Sequence[int | None],
+  dtype: jnp.dtype,
+  policy: Policies = None,
+) -> ChainPath:
+  """`packed_mlp`'s "auto" on `platform`, from static shapes: the one chain decision.
+
+  - "sparse" (activations as `SparseRows`) when every layer has a capacity and either every
+    layer runs the fused CPU kernel (`_fused.chooses`, with the previous layer's
+    `capacity · block_size` active inputs) or gathering pays for every layer under the tile
+    product's policy (`_policy.plan_chain`);
+  - else "layerwise" when some layer skips (its `packed_dense` gathers or runs fused);
+  - else "dense": no layer can skip profitably, so every layer runs its dense product
+    (and the mask), with no per-layer decision left to make.
+  """
+  plans = [
+    _policy.plan_layer(platform, "auto", rows, c, shape, w_dtype, dtype, policy)
+    for (shape, w_dtype), c in zip(layers, capacities)
+  ]
+  fused, m = [], layers[0][0][2] if layers else 0
+  for (shape, w_dtype), c, plan in zip(layers, capacities, plans):
+    fits = c is not None and _fused.chooses(platform, rows, c, shape, w_dtype, dtype, m)
+    fused.append(fits and plan.kernel != "xla" and (plan.gather or rows == 1))
+    m = shape[1] * c if c is not None else shape[0] * shape[1]
+  if all(c is not None for c in capacities) and (
+    all(fused)
+    or _policy.plan_chain(platform, rows, layers, capacities, dtype, NATIVE_MIN_RUN, policy)
+  ):
+    return "sparse"
+  if any(fused) or any(plan.gather for plan in plans):
+    return "layerwise"
+  return "dense"
+
+
 def sparse_chain_pays(
   rows: int,
   packed: PackedMLP,
@@ -42,13 +82,24 @@ def sparse_chain_pays(
 ) -> bool:
   """Whether `packed_mlp`'s "auto" keeps activations sparse for `rows` rows of `dtype`.
 
-  `_policy.plan_chain` on `platform` (default: the current device's), as `packed_mlp`
-  decides in that platform's branch: every layer needs a capacity that pays under the tile
-  product's policy (the native one on CPU when every layer's tiles run the native kernel).
+  `chain_path(...) == "sparse"` on `platform` (default: the current device's).
   """
+  return auto_path(rows, packed, capacities, dtype, platform=platform, policy=policy) == "sparse"
+
+
+def auto_path(
+  rows: int,
+  packed: PackedMLP,
+  capacities: Sequence[int | None],
+  dtype: jnp.dtype = jnp.float32,
+  *,
+  platform: str | None = None,
+  policy: Policies = None,
+) -> ChainPath:
+  """`chain_path` of a packed network on `platform` (default: the current device's)."""
   platform = _policy.current_platform() if platform is None else platform
   layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
-  return _policy.plan_chain(platform, rows, layers, capacities, dtype, NATIVE_MIN_RUN, policy)
+  return chain_path(platform, rows, layers, capacities, dtype, policy)
 
 
 def packed_mlp(
@@ -58,7 +109,7 @@ def packed_mlp(
   thresholds: Sequence[float | Array],
   capacities: Sequence[int | None],
   return_activations: bool = False,
-  strategy: Literal["auto", "sparse", "layerwise"] = "auto",
+  strategy: Literal["auto", "sparse", "layerwise", "dense"] = "auto",
   policy: Policies = None,
 ) -> Array | tuple[Array, list[Array]]:
   """Skip-mode inference of a packed `ConditionalMLP`.
@@ -67,8 +118,9 @@ def packed_mlp(
   layer reads only the estimator rows and weights of its active inputs (input sparsity,
   `sparse_packed_dense`); it needs a capacity on every hidden layer. ``"layerwise"`` runs
   `packed_dense` layer by layer on dense activations. ``"auto"`` picks ``"sparse"`` when
-  every layer has a capacity and gathering pays at this batch size (`sparse_chain_pays`),
-  else ``"layerwise"`` (whose layers fall back to dense products at large batches). All
+  every layer has a capacity and skipping pays at this batch size, ``"layerwise"`` when
+  some layer skips, else ``"dense"`` (every layer's dense product and mask): `chain_path`
+  decides from static shapes. All
   give the same values. The choice, like the layers' kernels, belongs to the platform the
   program is lowered for (`_policy.dispatch`).
 
@@ -89,8 +141,8 @@ def packed_mlp(
       f"{len(packed.layers)} layers need as many thresholds and capacities, got"
       f" {len(thresholds)} and {len(capacities)}."
     )
-  if strategy not in ("auto", "sparse", "layerwise"):
-    raise ValueError(f"strategy={strategy!r} must be 'auto', 'sparse' or 'layerwise'.")
+  if strategy not in ("auto", "sparse", "layerwise", "dense"):
+    raise ValueError(f"strategy={strategy!r} must be 'auto', 'sparse', 'layerwise' or 'dense'.")
   rows = math.prod(x.shape[:-1])
   sparse_ok = all(c is not None for c in capacities)
   if strategy == "sparse" and not sparse_ok:
@@ -98,17 +150,13 @@ def packed_mlp(
   if strategy == "auto":
     layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
     return _policy.dispatch(
-      lambda platform: _policy.plan_chain(
-        platform, rows, layers, capacities, x.dtype, NATIVE_MIN_RUN, policy
-      ),
-      lambda sparse, x, packed, thresholds: _run_mlp(
-        x, packed, thresholds, capacities, return_activations, sparse, policy
+      lambda platform: chain_path(platform, rows, layers, capacities, x.dtype, policy),
+      lambda path, x, packed, thresholds: _run_mlp(
+        x, packed, thresholds, capacities, return_activations, path, policy
       ),
       (x, packed, list(thresholds)),
     )
-  return _run_mlp(
-    x, packed, thresholds, capacities, return_activations, strategy == "sparse", policy
-  )
+  return _run_mlp(x, packed, thresholds, capacities, return_activations, strategy, policy)
 
 
 def _run_mlp(
@@ -117,12 +165,12 @@ def _run_mlp(
   thresholds: Sequence[float | Array],
   capacities: Sequence[int | None],
   return_activations: bool,
-  sparse: bool,
+  path: str,
   policy: Policies,
 ) -> Array | tuple[Array, list[Array]]:
-  """`packed_mlp` with its strategy decided: sparse chain or layer by layer."""
+  """`packed_mlp` with its path decided: sparse chain, layer by layer, or all dense."""
   acts = []
-  if sparse:
+  if path == "sparse":
     lead = x.shape[:-1]
     sp: Array | SparseRows = jnp.reshape(x, (-1, x.shape[-1]))
     for layer, t, c in zip(packed.layers, thresholds, capacities):
@@ -136,7 +184,10 @@ def _run_mlp(
 
   h = x
   for layer, t, c in zip(packed.layers, thresholds, capacities):
-    h = packed_dense(h, layer, threshold=t, capacity=c, policy=policy)
+    if path == "dense":
+      h = packed_dense(h, layer, threshold=t, capacity=c, strategy="dense", policy=policy)
+    else:
+      h = packed_dense(h, layer, threshold=t, capacity=c, policy=policy)
     acts.append(h)
   logits = add_bias(h @ packed.head_kernel, packed.head_bias)
   return (logits, acts) if return_activations else logits

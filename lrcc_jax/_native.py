@@ -63,6 +63,11 @@ SYMBOLS = {
   "lrcc_ffn_rows_product": "LrccFfnRowsProduct",  # csrc/ffn.cc, used by `_ffn`
   "lrcc_ffn_rows_product_bf16": "LrccFfnRowsProductBf16",
   MASKED_RELU: "LrccMaskedRelu",
+  # csrc/fused_layer.cc: one whole conditional layer per call (`_fused`).
+  "lrcc_fused_layer": "LrccFusedLayer",
+  "lrcc_fused_layer_bf16": "LrccFusedLayerBf16",
+  "lrcc_fused_sparse_layer": "LrccFusedSparseLayer",
+  "lrcc_fused_sparse_layer_bf16": "LrccFusedSparseLayerBf16",
 }
 _SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _checks, _mask, _native, _pallas, _policy
+from lrcc_jax import _checks, _fused, _mask, _native, _pallas, _policy
 from lrcc_jax._estimator import LowRankEstimator
 from lrcc_jax._policy import Policies
 
@@ -377,9 +377,11 @@ def packed_dense(
   scores = _mask.block_scores(z_hat, block_size)
 
   def plan_of(platform: str) -> _policy.Plan:
-    return _policy.plan_layer(
+    plan = _policy.plan_layer(
       platform, strategy, rows, capacity, packed.weight.shape, packed.weight.dtype, xr.dtype, policy
     )
+    shape, w_dtype = packed.weight.shape, packed.weight.dtype
+    return _fused.upgrade(plan, strategy, platform, rows, capacity, shape, w_dtype, xr.dtype)
 
   def run(
     plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense
@@ -389,9 +391,21 @@ def packed_dense(
       bias = jnp.reshape(packed.bias, (n_out,)).astype(xr.dtype)
       return _mask.masked_relu(z, scores, bias, threshold, capacity, kernel=plan.epilogue)
     assert capacity is not None  # a plan without a capacity never gathers
-    idx, vals = gather_selected(
-      xr, packed, scores, threshold, capacity, kernel=plan.kernel, policy=policy
-    )
+    if plan.kernel == "fused":  # the whole layer in one native call (estimate included)
+      idx, vals = _fused.dense_layer(
+        xr,
+        packed.weight,
+        packed.bias,
+        packed.u,
+        packed.v,
+        threshold,
+        capacity,
+        _xla_gathered_matvec,
+      )
+    else:
+      idx, vals = gather_selected(
+        xr, packed, scores, threshold, capacity, kernel=plan.kernel, policy=policy
+      )
     row_ids = jnp.arange(rows)[:, None]
     y = (
       jnp.zeros((rows, n_blocks, block_size), vals.dtype)

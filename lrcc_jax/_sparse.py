@@ -23,8 +23,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _checks, _mask, _native, _policy
-from lrcc_jax._packed import PackedDense, gather_selected, group_bounds
+from lrcc_jax import _checks, _fused, _mask, _native, _policy
+from lrcc_jax._packed import (
+  PackedDense,
+  _xla_gathered_matvec,
+  gather_selected,
+  group_bounds,
+  unit_major_product,
+)
 from lrcc_jax._policy import Policies
 
 Array = jax.Array
@@ -116,32 +122,114 @@ def sparse_packed_dense(
   if checked is None:
     raise ValueError("sparse_packed_dense needs a capacity: it fixes the output size.")
   capacity = checked
-  bias = jnp.reshape(packed.bias, (n_out,))
+  sparse = isinstance(x, SparseRows)
   if isinstance(x, SparseRows):
     _check_sparse_input(x, n_in)
-    dtype = x.values.dtype
-    u_rows = packed.u[x.indices].astype(dtype)  # (rows, m, r)
-    z_hat = jnp.einsum("rm,rmq->rq", x.values, u_rows) @ packed.v
+    rows, m, dtype = x.values.shape[0], x.values.shape[1], x.values.dtype
+    b_in = x.block_size
+    operands: tuple = (x.indices, x.values)
   else:
     _checks.check_features(x, n_in, "packed layer")
     if x.ndim != 2:
       raise ValueError(f"x has shape {tuple(x.shape)}: sparse chaining takes (rows, n_in).")
-    dtype = x.dtype
-    z_hat = (x @ packed.u) @ packed.v
-  z_hat = jax.lax.stop_gradient(z_hat + bias[None].astype(dtype))
-  scores = _mask.block_scores(z_hat, block_size)
-  if not isinstance(x, SparseRows):
-    idx, vals = gather_selected(x, packed, scores, threshold, capacity, policy=policy)
-    return SparseRows(
-      _unit_indices(idx, block_size), jnp.reshape(vals, (x.shape[0], -1)), block_size
+    rows, m, dtype, b_in = x.shape[0], n_in, x.dtype, 1
+    operands = (x,)
+
+  def plan_of(platform: str) -> str:
+    return _layer_path(platform, rows, capacity, packed, dtype, m, b_in, sparse, policy)
+
+  def run(path: str, operands: tuple, packed: PackedDense, threshold: Array) -> tuple:
+    return _run_layer(path, operands, packed, threshold, capacity, b_in, policy)
+
+  with jax.named_scope("lrcc_sparse_packed_dense"):
+    idx, vals = _policy.dispatch(plan_of, run, (operands, packed, threshold))
+  return SparseRows(_unit_indices(idx, block_size), jnp.reshape(vals, (rows, -1)), block_size)
+
+
+def _layer_path(
+  platform: str,
+  rows: int,
+  capacity: int,
+  packed: PackedDense,
+  dtype: jnp.dtype,
+  m: int,
+  b_in: int,
+  sparse: bool,
+  policy: Policies,
+) -> str:
+  """`sparse_packed_dense`'s path on `platform`: "fused", "gather" or "dense".
+
+  "fused" where the fused native kernel runs (`_fused.chooses`: CPU, small products) and
+  either gathering pays or there is one row (the kernel then reads at most the dense
+  product's bytes, in one call);
+  else "gather" (XLA selection, then the platform's gather or tile kernel) where
+  `_policy.plan_layer`'s "auto" gathers, and "dense" (dense product, then the selected
+  units' values) where it does not.
+  """
+  shape, w_dtype = packed.weight.shape, packed.weight.dtype
+  plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
+  fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m)
+  if plan.kernel != "xla" and (plan.gather or rows == 1) and fits:
+    return "fused"
+  return "gather" if plan.gather else "dense"
+
+
+def _run_layer(
+  path: str,
+  operands: tuple,
+  packed: PackedDense,
+  threshold: Array,
+  capacity: int,
+  b_in: int,
+  policy: Policies,
+) -> tuple[Array, Array]:
+  """`(idx, vals)` of `sparse_packed_dense` on one path (see `_layer_path`)."""
+  n_blocks, block_size, n_in = packed.weight.shape
+  sparse = len(operands) == 2
+  if path == "fused":
+    if sparse:
+      return _fused.sparse_layer(
+        operands[0],
+        operands[1],
+        b_in,
+        packed.weight,
+        packed.bias,
+        packed.u,
+        packed.v,
+        threshold,
+        capacity,
+        _xla_tile_product,
+      )
+    return _fused.dense_layer(
+      operands[0],
+      packed.weight,
+      packed.bias,
+      packed.u,
+      packed.v,
+      threshold,
+      capacity,
+      _xla_gathered_matvec,
     )
+  indices = operands[0] if sparse else None
+  values = operands[-1]
+  scores = _fused.xla_scores(values, indices, packed.u, packed.v, packed.bias, block_size)
+  if path == "dense":  # dense product, then the selected units' values (same values)
+    rows = values.shape[0]
+    xd = densify(SparseRows(operands[0], operands[1], b_in), n_in) if sparse else values
+    z = unit_major_product(xd, jnp.reshape(packed.weight, (n_blocks * block_size, n_in)))
+    z = jnp.reshape(z, (rows, n_blocks, block_size)) + packed.bias[None].astype(z.dtype)
+    idx = _mask.top_blocks(scores, capacity)
+    keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
+    z = jnp.take_along_axis(z, idx[..., None], axis=1)
+    return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+  if not sparse:
+    return gather_selected(values, packed, scores, threshold, capacity, policy=policy)
+  x = SparseRows(operands[0], operands[1], b_in)
   idx = _mask.top_blocks(scores, capacity)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
+  dtype = values.dtype
   z = _tile_product(packed.weight, idx, x, policy).astype(dtype) + packed.bias[idx].astype(dtype)
-  vals = jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
-  return SparseRows(
-    _unit_indices(idx, block_size), jnp.reshape(vals, (idx.shape[0], -1)), block_size
-  )
+  return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
 
 
 def _check_sparse_input(x: SparseRows, n_in: int) -> None:

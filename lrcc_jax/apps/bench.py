@@ -840,6 +840,17 @@ def run_command(args) -> int:
     print(format_mlp_table(rows))
     path = write_results("bench_mlp", {"environment": env, "rows": rows}, out)
     plot_speedups(rows, out / "bench_mlp.png", f"4-layer 4096 MLP, rank {args.rank}, 10% computed")
+  elif args.suite == "paper":
+    rows = bench_paper(workdir=out / "train", repeats=args.repeats)
+    for r in rows:
+      print(
+        f"l1 {r['l1']:g}: capacities {r['capacities']}"
+        f" ({', '.join(f'{f:.0%}' for f in r['capacity_fraction'])});"
+        f" dense {r['dense_ms']:.3f} ms; layerwise {r['layerwise_speedup']:.2f}x,"
+        f" sparse {r['sparse_speedup']:.2f}x, dense path {r['dense_speedup']:.2f}x,"
+        f" auto ({r['auto_path']}) {r['auto_speedup']:.2f}x"
+      )
+    path = write_results("bench_paper", {"environment": env, "rows": rows}, out)
   elif args.suite == "ffn":
     path = run_ffn(out, repeats=args.repeats, rank=args.rank)
   elif args.suite == "batch":
@@ -1589,3 +1600,106 @@ def plot_batch(rows: list[dict], path: str | os.PathLike, title: str) -> None:
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   fig.savefig(path, dpi=110)
+
+
+# --- the paper's network on real digits (``--suite paper``) --------------------------------
+
+
+def paper_model(l1: float, workdir: str | os.PathLike, *, epochs: int = 4, rank: int = 25):
+  """The 784-1000-600-400 net trained on mnist5k with an L1 penalty `l1`, with data-aware
+  rank-`rank` estimators, thresholds calibrated to 99% recall and 99th-percentile
+  capacities (the sweep's recipe). Returns (model, test images normalised)."""
+  from lrcc_jax.apps import data, evaluate, train  # pylint: disable=g-import-not-at-top
+
+  cfg = train.TrainConfig(
+    dataset="mnist5k",
+    hidden_sizes=(1000, 600, 400),
+    dropout_rate=0.2,
+    l1=l1,
+    learning_rate=1e-3,
+    batch_size=64,
+    epochs=epochs,
+    seed=0,
+    refit_every=100,
+  )
+  run_dir = Path(workdir) / f"paper_l1_{l1:g}_e{epochs}"
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  with contextlib.redirect_stdout(sys.stderr):
+    train.train_and_evaluate(cfg, run_dir, progress=False)
+  model = train.load_model(run_dir)[0]
+  model.eval()
+  dataset = data.load_dataset("mnist5k", seed=0)
+  calib = jnp.asarray(evaluate.calibration_subset(dataset, 1000, 0))
+  evaluate.fit_estimators(
+    model, calib, estimator="data_aware", ranks=[rank] * 3, recall=0.99, seed=0
+  )
+  model.set_capacities(None)
+  model.calibrate(calib, recall=0.99)
+  model.set_capacities(evaluate.selection_capacities(model, calib, quantile=0.99))
+  return model, np.asarray(data.normalize(dataset.test_images), np.float32)
+
+
+def bench_paper(
+  l1s: Sequence[float] = (1e-4, 7e-4),
+  *,
+  workdir: str | os.PathLike = "runs/bench_paper",
+  epochs: int = 4,
+  repeats: int = 9,
+  seed: int = 0,
+) -> list[dict]:
+  """Batch-1 latency of the paper's network on real test digits, per L1 setting.
+
+  Dense jit against `packed_mlp` with each strategy ("layerwise", "sparse", "dense" and
+  "auto", whose choice `_mlp.auto_path` reports), interleaved in one process; 16 test
+  digits in turn, so the selections change between calls as in a stream of inputs.
+  """
+  from lrcc_jax import packed_mlp  # pylint: disable=g-import-not-at-top
+  from lrcc_jax._mlp import auto_path  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  for l1 in l1s:
+    model, x_test = paper_model(l1, workdir, epochs=epochs)
+    packed = jax.block_until_ready(model.pack())
+    thresholds, caps = model.thresholds, [l.capacity for l in model.layers]
+    kernels = [(l.kernel[...], l.bias[...]) for l in model.layers]
+    head = (model.head.kernel[...], model.head.bias[...])
+
+    def dense(x, kernels=kernels, head=head):
+      for k, b in kernels:
+        x = jax.nn.relu(x @ k + b[None])
+      return x @ head[0] + head[1][None]
+
+    rng = np.random.default_rng(seed)
+    xs = [jnp.asarray(x_test[i : i + 1]) for i in rng.choice(len(x_test), 16, replace=False)]
+    fns = {"dense": jax.jit(dense)}
+    for strategy in ("layerwise", "sparse", "dense", "auto"):
+      fns[strategy] = jax.jit(
+        lambda x, s=strategy, packed=packed, t=thresholds, c=caps: packed_mlp(
+          x, packed, thresholds=t, capacities=c, strategy=s
+        )
+      )
+    ref = model(xs[0], mode="mask")
+    for name, fn in fns.items():
+      if name != "dense":
+        np.testing.assert_allclose(np.asarray(fn(xs[0])), np.asarray(ref), rtol=1e-3, atol=1e-3)
+
+    def stream(fn: Callable) -> Callable[[], Any]:
+      inputs = itertools.cycle(xs)
+      return lambda: fn(next(inputs))
+
+    t = time_interleaved({name: stream(fn) for name, fn in fns.items()}, repeats=repeats)
+    n_out = [int(k.shape[1]) for k, _ in kernels]
+    row = {
+      "l1": l1,
+      "epochs": epochs,
+      "capacities": caps,
+      "capacity_fraction": [c * l.block_size / n for c, l, n in zip(caps, model.layers, n_out)],
+      "auto_path": auto_path(1, packed, caps),
+      "dense_ms": 1e3 * t["dense"],
+    }
+    for name in ("layerwise", "sparse", "dense", "auto"):
+      row[f"{name}_ms"] = 1e3 * t[name]
+      row[f"{name}_speedup"] = t["dense"] / t[name]
+    rows.append(row)
+  return rows

@@ -662,13 +662,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--suite",
-    choices=("layer", "mlp", "module", "storage", "ffn", "full", "batch"),
+    choices=("layer", "mlp", "module", "storage", "ffn", "full", "batch", "paper"),
     default="layer",
     help=(
       "layer: one 4096 layer at batch 1/8/64; mlp: 4-layer 4096 MLP; module: the NNX layer"
       " in skip mode; storage: bf16 vs f32 weights; ffn: transformer FFN d=2048, d_ff=8192;"
       " full: widths x batches x fractions; batch: 4-layer 4096 MLP with per-row and"
-      " shared gathers, on real digits (trained MLP) and independent random rows"
+      " shared gathers, on real digits (trained MLP) and independent random rows;"
+      " paper: the 784-1000-600-400 net trained on"
+      " mnist5k, batch 1 on test digits"
     ),
   )
   parser.add_argument(

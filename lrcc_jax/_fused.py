@@ -1,0 +1,266 @@
+r"""One conditional layer in one native XLA:CPU call (`csrc/fused_layer.cc`).
+
+At batch 1 a conditional layer written in XLA ops is a string of small ops (the two
+estimator products, block scores, `top_k`, a sort, a gather of the scores, the tile or
+gather product, the bias gather, relu, the selection), and XLA:CPU pays a few
+microseconds of fixed cost per op. The fused kernel does all of it in one call, per row:
+
+- the estimate `ẑ = (x U) V + b` (dense rows), or `ẑ = (Σ_{i ∈ A} x_i U_i) V + b` over the
+  active inputs `A` of `SparseRows`;
+- block scores `s_B = max_{j ∈ B} ẑ_j` (NaN when any unit of the block is NaN);
+- the `k` best blocks exactly as `_mask.top_blocks`: NaN ranks as `+inf`, `-0` below `+0`,
+  ties go to the lower block index, and the chosen indices come out ascending;
+- `keep_B = ¬(s_B ≤ t)` (`_mask.above`: a NaN score is kept);
+- for every kept block `relu(W_B x + b_B)` from the unit-major weights (dense rows read
+  whole rows of `W_B`; sparse rows only the columns in `A`, runs of `b_in` at a time); a
+  block not kept is zero and is not computed.
+
+It returns `idx` (rows, k) int32 and `vals` (rows, k, block_size) f32, the values of
+`_packed.gather_selected` (and of the sparse path of `_sparse.sparse_packed_dense`) up to
+f32 rounding of the sums. The threshold is an operand (a traced scalar never recompiles);
+the capacity is a static attribute.
+
+Differentiation: the selection is a constant (the estimate is under `stop_gradient` in
+every path), so the JVP of `vals` is that of `where(keep, relu(W_idx x + b_idx), 0)` with
+the kernel's `idx`, computed in XLA ops by the caller-supplied product. Under `vmap`, batch
+axes of the inputs fold into rows; batched weights, factors or thresholds run the XLA form.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrcc_jax import _mask, _native
+
+if TYPE_CHECKING:
+  from lrcc_jax._policy import Plan
+
+Array = jax.Array
+
+# (sparse input, weight dtype) -> FFI target of csrc/fused_layer.cc.
+_TARGETS = {
+  (False, jnp.dtype(jnp.float32)): "lrcc_fused_layer",
+  (False, jnp.dtype(jnp.bfloat16)): "lrcc_fused_layer_bf16",
+  (True, jnp.dtype(jnp.float32)): "lrcc_fused_sparse_layer",
+  (True, jnp.dtype(jnp.bfloat16)): "lrcc_fused_sparse_layer_bf16",
+}
+
+# The fused kernel runs a layer for at most this many rows; more rows take the XLA
+# selection with the tile/gather kernel (`_native.tile_product`), whose row ordering is
+# tuned for batches. Measured on the 2-core machine (`lrcc-jax bench --suite layer/mlp`,
+# see `usable`'s callers): at 1-8 rows the fused call is faster than the op string.
+MAX_ROWS = 8
+MAX_PRODUCT = 2**20
+
+# Products as `product(weight, idx, x) -> (rows, k, block_size)` in XLA ops.
+Product = Callable[[Array, Array, Array], Array]
+
+
+def usable(rows: int, weight_dtype: jnp.dtype, x_dtype: jnp.dtype) -> bool:
+  """f32 inputs, f32 or bf16 weights (`_native.usable`), the library built, at most
+  `MAX_ROWS` rows."""
+  return rows <= MAX_ROWS and _native.usable(weight_dtype, x_dtype)
+
+
+def chooses(
+  platform: str,
+  rows: int,
+  capacity: int,
+  weight_shape: tuple[int, ...],
+  weight_dtype: jnp.dtype,
+  x_dtype: jnp.dtype,
+  m: int,
+) -> bool:
+  """The one static rule: does a gathering layer run the fused kernel on `platform`?
+
+  On CPU, where `usable`, while the exact products are at most `MAX_PRODUCT` multiply-adds
+  (`rows · capacity · block_size · m` for `m` inputs per row): there the fixed cost of the
+  op string is a large share of the layer. Larger products run the XLA selection and the
+  tile/gather kernel (`_native.tile_product`), which streams big selections faster.
+  """
+  if platform != "cpu" or not usable(rows, weight_dtype, x_dtype):
+    return False
+  _, block_size, _ = weight_shape
+  return rows * capacity * block_size * m <= MAX_PRODUCT
+
+
+def upgrade(
+  plan: Plan,
+  strategy: str,
+  platform: str,
+  rows: int,
+  capacity: int | None,
+  weight_shape: tuple[int, ...],
+  weight_dtype: jnp.dtype,
+  x_dtype: jnp.dtype,
+) -> Plan:
+  """`packed_dense`'s `plan` with kernel "fused" where `chooses` says so.
+
+  Only plans whose kernel is the native one (CPU, f32 or bf16 weights, not a caller's
+  `kernel="xla"` policy). Under "auto" at one row the fused kernel also replaces the dense
+  fallback: it reads `capacity` blocks once, never more bytes than the dense product, in
+  one call. Several rows keep the plan's gather-or-dense decision; "dense" stays dense.
+  """
+  if capacity is None or plan.kernel != "native" or strategy == "dense":
+    return plan
+  if not plan.gather and rows > 1:  # several rows: a dense product reads the weights once
+    return plan
+  if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2]):
+    return plan._replace(gather=True, kernel="fused")
+  return plan
+
+
+def _f32(a: Array) -> Array:
+  return jnp.asarray(a).astype(jnp.float32)
+
+
+def xla_scores(
+  x: Array, indices: Array | None, u: Array, v: Array, bias: Array, block_size: int
+) -> Array:
+  """Block scores of the estimate in XLA ops (dense rows, or sparse when `indices`)."""
+  if indices is None:
+    z = (x @ u) @ v
+  else:
+    z = jnp.einsum("rm,rmq->rq", x, u[indices].astype(x.dtype)) @ v
+  z = jax.lax.stop_gradient(z + jnp.reshape(bias, (1, -1)).astype(x.dtype))
+  return _mask.block_scores(z, block_size)
+
+
+def _xla_values(
+  product: Callable[..., Array],
+  idx: Array,
+  x: Any,
+  weight: Array,
+  bias: Array,
+  scores: Array,
+  threshold: Array,
+) -> Array:
+  """`where(keep, relu(W_idx x + b_idx), 0)` for given blocks, in XLA ops."""
+  keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
+  z = product(weight, idx, x)
+  z = z + bias[idx].astype(z.dtype)
+  return jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
+
+
+def _unfold(a: Array, axis_size: int) -> Array:
+  return jnp.reshape(a, (axis_size, a.shape[0] // axis_size) + a.shape[1:])
+
+
+@functools.cache
+def _layer(capacity: int, b_in: int, sparse: bool, product: Callable[..., Array]) -> Callable:
+  """The fused layer for static (capacity, b_in, input kind), with JVP and vmap rules.
+
+  Arguments of the returned function: `indices` (rows, m) int32 (ignored for dense rows),
+  `x` (rows, m), `weight`, `bias` (n_blocks, bs), `u`, `v`, `threshold` ().
+  """
+
+  def prod(w: Array, idx: Array, xin: Any) -> Array:
+    if sparse:  # the tile product on (indices, values) in runs of b_in
+      return product(w, idx, xin[0][:, ::b_in], xin[1], b_in=b_in)
+    return product(w, idx, xin)
+
+  def xla_layer(indices, x, weight, bias, u, v, threshold):
+    scores = xla_scores(x, indices if sparse else None, u, v, bias, weight.shape[1])
+    idx = _mask.top_blocks(scores, capacity).astype(jnp.int32)
+    xin = (indices, x) if sparse else x
+    return idx, _xla_values(prod, idx, xin, weight, bias, scores, threshold)
+
+  @jax.custom_batching.custom_vmap
+  def call(indices, x, weight, bias, u, v, threshold):
+    rows = x.shape[0]
+    _, bs, _ = weight.shape
+    out = (
+      jax.ShapeDtypeStruct((rows, capacity), jnp.int32),
+      jax.ShapeDtypeStruct((rows, capacity, bs), jnp.float32),
+    )
+    target = _TARGETS[(sparse, jnp.dtype(weight.dtype))]
+    operands = [_f32(u), _f32(v), _f32(jnp.reshape(bias, (-1,))), weight, _f32(threshold)]
+    if sparse:
+      return jax.ffi.ffi_call(target, out)(
+        indices, x, *operands, capacity=np.int64(capacity), b_in=np.int64(b_in)
+      )
+    return jax.ffi.ffi_call(target, out)(x, *operands, capacity=np.int64(capacity))
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, indices, x, weight, bias, u, v, threshold):
+    if any(in_batched[2:]):  # batched weights, factors or threshold: the XLA form
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(xla_layer, in_axes=in_axes)(indices, x, weight, bias, u, v, threshold), (
+        True,
+        True,
+      )
+    args = [
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip((indices, x), in_batched[:2])
+    ]
+    flat = [jnp.reshape(a, (a.shape[0] * a.shape[1],) + a.shape[2:]) for a in args]
+    idx, vals = call(*flat, weight, bias, u, v, threshold)
+    return (_unfold(idx, axis_size), _unfold(vals, axis_size)), (True, True)
+
+  @jax.custom_jvp
+  def layer(indices, x, weight, bias, u, v, threshold):
+    return call(indices, x, weight, bias, u, v, threshold)
+
+  @layer.defjvp
+  def _jvp(primals, tangents):
+    indices, x, weight, bias, u, v, threshold = primals
+    _, dx, dw, db, _, _, _ = tangents
+    idx, vals = layer(*primals)
+    scores = xla_scores(x, indices if sparse else None, u, v, bias, weight.shape[1])
+    xin = (lambda x: (indices, x)) if sparse else (lambda x: x)
+    _, dvals = jax.jvp(
+      lambda x, w, b: _xla_values(prod, idx, xin(x), w, b, scores, threshold),
+      (x, weight, bias),
+      (dx, dw, db),
+    )
+    return (idx, vals), (np.zeros(idx.shape, jax.dtypes.float0), dvals)
+
+  return layer
+
+
+def dense_layer(
+  x: Array,
+  weight: Array,
+  bias: Array,
+  u: Array,
+  v: Array,
+  threshold: float | Array,
+  capacity: int,
+  product: Product,
+) -> tuple[Array, Array]:
+  """The fused layer on dense rows `x` (rows, n_in): `(idx, vals)`.
+
+  `product(weight, idx, x)` is the gathered product in XLA ops (JVP and vmap fallback).
+  """
+  indices = jnp.zeros((x.shape[0], 0), jnp.int32)  # unused by the dense kernel
+  return _layer(capacity, 1, False, product)(
+    indices, x, weight, bias, u, v, jnp.asarray(threshold, jnp.float32)
+  )
+
+
+def sparse_layer(
+  indices: Array,
+  values: Array,
+  b_in: int,
+  weight: Array,
+  bias: Array,
+  u: Array,
+  v: Array,
+  threshold: float | Array,
+  capacity: int,
+  product: Callable[..., Array],
+) -> tuple[Array, Array]:
+  """The fused layer on sparse rows (`indices`, `values`, runs of `b_in`): `(idx, vals)`.
+
+  `product(weight, idx, starts, values, b_in=b_in)` is the tile product in XLA ops, with
+  `starts = indices[:, ::b_in]` (`_sparse._xla_tile_product`).
+  """
+  return _layer(capacity, b_in, True, product)(
+    indices.astype(jnp.int32), values, weight, bias, u, v, jnp.asarray(threshold, jnp.float32)
+  )
