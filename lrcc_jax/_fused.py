@@ -51,12 +51,16 @@ _TARGETS = {
   (True, jnp.dtype(jnp.bfloat16)): "lrcc_fused_sparse_layer_bf16",
 }
 
-# The fused kernel runs a layer for at most this many rows; more rows take the XLA
-# selection with the tile/gather kernel (`_native.tile_product`), whose row ordering is
-# tuned for batches. Measured on the 2-core machine (`lrcc-jax bench --suite layer/mlp`,
-# see `usable`'s callers): at 1-8 rows the fused call is faster than the op string.
+# `chooses`' limits (measured on the 2-core machine, interleaved against the XLA op string
+# with the tile kernel, on a loaded machine, so roughly): at most this many rows (the tile
+# kernel's row ordering is tuned for batches); products up to 2^20 multiply-adds (paper net
+# 784x1000 at 60%, one row: 56 against 120 us; 4096^2 at 10% in blocks of 16: 0.5 ms fused
+# against 0.13 ms, the tile kernel streaming on both cores); the estimator's V up to 2^17
+# numbers (4096-wide rank-64 sparse layers: 4-layer MLP 0.70-1.38 ms fused, 0.55-0.63 ms
+# without).
 MAX_ROWS = 8
 MAX_PRODUCT = 2**20
+MAX_ESTIMATE = 2**17
 
 # Products as `product(weight, idx, x) -> (rows, k, block_size)` in XLA ops.
 Product = Callable[[Array, Array, Array], Array]
@@ -76,18 +80,23 @@ def chooses(
   weight_dtype: jnp.dtype,
   x_dtype: jnp.dtype,
   m: int,
+  rank: int,
 ) -> bool:
   """The one static rule: does a gathering layer run the fused kernel on `platform`?
 
   On CPU, where `usable`, while the exact products are at most `MAX_PRODUCT` multiply-adds
-  (`rows · capacity · block_size · m` for `m` inputs per row): there the fixed cost of the
-  op string is a large share of the layer. Larger products run the XLA selection and the
-  tile/gather kernel (`_native.tile_product`), which streams big selections faster.
+  (`rows · capacity · block_size · m` for `m` inputs per row) and the estimator's second
+  factor at most `MAX_ESTIMATE` numbers (`rank · n_out`): there the fixed cost of the op
+  string is a large share of the layer, and the kernel, which runs these on one thread,
+  is faster. Larger layers run the XLA selection (XLA's products use every core) and the
+  tile/gather kernel (`_native.tile_product`), which streams big selections on every core.
   """
   if platform != "cpu" or not usable(rows, weight_dtype, x_dtype):
     return False
-  _, block_size, _ = weight_shape
-  return rows * capacity * block_size * m <= MAX_PRODUCT
+  n_blocks, block_size, _ = weight_shape
+  return (
+    rows * capacity * block_size * m <= MAX_PRODUCT and rank * n_blocks * block_size <= MAX_ESTIMATE
+  )
 
 
 def upgrade(
@@ -99,6 +108,7 @@ def upgrade(
   weight_shape: tuple[int, ...],
   weight_dtype: jnp.dtype,
   x_dtype: jnp.dtype,
+  rank: int,
 ) -> Plan:
   """`packed_dense`'s `plan` with kernel "fused" where `chooses` says so.
 
@@ -111,7 +121,7 @@ def upgrade(
     return plan
   if not plan.gather and rows > 1:  # several rows: a dense product reads the weights once
     return plan
-  if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2]):
+  if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2], rank):
     return plan._replace(gather=True, kernel="fused")
   return plan
 

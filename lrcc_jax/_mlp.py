@@ -41,6 +41,7 @@ def chain_path(
   capacities: Sequence[int | None],
   dtype: jnp.dtype,
   policy: Policies = None,
+  ranks: Sequence[int] | None = None,
 ) -> ChainPath:
   """`packed_mlp`'s "auto" on `platform`, from static shapes: the one chain decision.
 
@@ -51,14 +52,18 @@ def chain_path(
   - else "layerwise" when some layer skips (its `packed_dense` gathers or runs fused);
   - else "dense": no layer can skip profitably, so every layer runs its dense product
     (and the mask), with no per-layer decision left to make.
+
+  `ranks` (the estimators' ranks, one per layer) enter `_fused.chooses`; without them the
+  estimator is taken as free.
   """
   plans = [
     _policy.plan_layer(platform, "auto", rows, c, shape, w_dtype, dtype, policy)
     for (shape, w_dtype), c in zip(layers, capacities)
   ]
   fused, m = [], layers[0][0][2] if layers else 0
-  for (shape, w_dtype), c, plan in zip(layers, capacities, plans):
-    fits = c is not None and _fused.chooses(platform, rows, c, shape, w_dtype, dtype, m)
+  ranks = [0] * len(layers) if ranks is None else ranks
+  for (shape, w_dtype), c, plan, r in zip(layers, capacities, plans, ranks):
+    fits = c is not None and _fused.chooses(platform, rows, c, shape, w_dtype, dtype, m, r)
     fused.append(fits and plan.kernel != "xla" and (plan.gather or rows == 1))
     m = shape[1] * c if c is not None else shape[0] * shape[1]
   if all(c is not None for c in capacities) and (
@@ -99,7 +104,8 @@ def auto_path(
   """`chain_path` of a packed network on `platform` (default: the current device's)."""
   platform = _policy.current_platform() if platform is None else platform
   layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
-  return chain_path(platform, rows, layers, capacities, dtype, policy)
+  ranks = [l.u.shape[1] for l in packed.layers]
+  return chain_path(platform, rows, layers, capacities, dtype, policy, ranks)
 
 
 def packed_mlp(
@@ -149,8 +155,9 @@ def packed_mlp(
     raise ValueError(f"strategy='sparse' needs a capacity on every layer, got {list(capacities)}.")
   if strategy == "auto":
     layers = [(l.weight.shape, l.weight.dtype) for l in packed.layers]
+    ranks = [l.u.shape[1] for l in packed.layers]
     return _policy.dispatch(
-      lambda platform: chain_path(platform, rows, layers, capacities, x.dtype, policy),
+      lambda platform: chain_path(platform, rows, layers, capacities, x.dtype, policy, ranks),
       lambda path, x, packed, thresholds: _run_mlp(
         x, packed, thresholds, capacities, return_activations, path, policy
       ),

@@ -381,7 +381,9 @@ def packed_dense(
       platform, strategy, rows, capacity, packed.weight.shape, packed.weight.dtype, xr.dtype, policy
     )
     shape, w_dtype = packed.weight.shape, packed.weight.dtype
-    return _fused.upgrade(plan, strategy, platform, rows, capacity, shape, w_dtype, xr.dtype)
+    return _fused.upgrade(
+      plan, strategy, platform, rows, capacity, shape, w_dtype, xr.dtype, packed.u.shape[1]
+    )
 
   def run(
     plan: _policy.Plan, xr: Array, scores: Array, threshold: Array, packed: PackedDense

@@ -168,7 +168,7 @@ def _layer_path(
   """
   shape, w_dtype = packed.weight.shape, packed.weight.dtype
   plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
-  fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m)
+  fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m, packed.u.shape[1])
   if plan.kernel != "xla" and (plan.gather or rows == 1) and fits:
     return "fused"
   return "gather" if plan.gather else "dense"

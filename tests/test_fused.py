@@ -18,6 +18,9 @@ needs_native = pytest.mark.skipif(
     not _native.available(), reason=f"native kernel unavailable: {_native.status()['reason']}"
 )
 XLA = Policy("cpu", "xla", max_fraction_one_row=1.0, max_gathered_layers=64.0)  # always gathers, in XLA
+# Always gathers with the native kernels (the shipped policy runs several rows of these
+# half-selected toy layers densely), so the fused kernel is what runs.
+NATIVE = Policy("cpu", "native", max_fraction_one_row=1.0, max_gathered_layers=64.0)
 
 
 def _fused_dense(x, p, threshold, capacity):
@@ -88,7 +91,8 @@ def test_random_layers_match_the_xla_path(n_in, n_out, bs, k, rows, sparse_in, d
     eye = jnp.eye(n_in, dtype=jnp.float32)
     up = L.pack(eye, jnp.zeros(n_in), L.fit_svd(eye, 4), block_size=b_up)
     x = L.sparse_packed_dense(x, up, threshold=-1.0, capacity=max(1, n_in // (3 * b_up)), policy=XLA)
-  got = jax.jit(lambda x, t: L.densify(L.sparse_packed_dense(x, p, threshold=t, capacity=k), p.n_out))
+  got = jax.jit(lambda x, t: L.densify(L.sparse_packed_dense(x, p, threshold=t, capacity=k, policy=NATIVE),
+                                       p.n_out))
   want = jax.jit(lambda x, t: L.densify(L.sparse_packed_dense(x, p, threshold=t, capacity=k, policy=XLA),
                                         p.n_out))
   for t in (0.0, -0.05, 0.1):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lrcc_jax as L
-from lrcc_jax import _native, _packed, _policy, _sparse
+from lrcc_jax import _fused, _native, _packed, _policy, _sparse
 from lrcc_jax.apps import lowering_table as T
 
 needs_native = pytest.mark.skipif(
@@ -181,9 +181,13 @@ def test_public_paths_give_identical_values_in_both_modes(block_size):
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
 def test_shared_target_lowers_for_cpu_only(platform):
   packed, caps = _mlp()
-  x = jnp.zeros((8, 128), jnp.float32)
+  # More rows than the fused kernel takes (`_fused.MAX_ROWS`), and a policy that gathers.
+  x = jnp.zeros((_fused.MAX_ROWS + 1, 128), jnp.float32)
+  gathers = dataclasses.replace(SHARED, max_gathered_layers=64.0, max_union_fraction=1.0)
   text = T.lowered_text(
-    lambda x: L.packed_mlp(x, packed, thresholds=[0.0] * 3, capacities=caps, strategy="sparse"),
+    lambda x: L.packed_mlp(
+      x, packed, thresholds=[0.0] * 3, capacities=caps, strategy="sparse", policy=gathers
+    ),
     x,
     (platform,),
   )
