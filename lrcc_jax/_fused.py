@@ -113,13 +113,11 @@ def upgrade(
   """`packed_dense`'s `plan` with kernel "fused" where `chooses` says so.
 
   Only plans whose kernel is the native one (CPU, f32 or bf16 weights, not a caller's
-  `kernel="xla"` policy). Under "auto" at one row the fused kernel also replaces the dense
-  fallback: it reads `capacity` blocks once, never more bytes than the dense product, in
-  one call. Several rows keep the plan's gather-or-dense decision; "dense" stays dense.
+  `kernel="xla"` policy) that gather: where the policy falls back to dense, the fused
+  kernel is no substitute (paper net at 70-82% computed, one row: 0.6-0.7x of dense for
+  the fused chain, 1.0x for the dense path; `lrcc-jax bench --suite paper`).
   """
-  if capacity is None or plan.kernel != "native" or strategy == "dense":
-    return plan
-  if not plan.gather and rows > 1:  # several rows: a dense product reads the weights once
+  if capacity is None or plan.kernel != "native" or not plan.gather:
     return plan
   if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2], rank):
     return plan._replace(gather=True, kernel="fused")

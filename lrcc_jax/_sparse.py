@@ -159,9 +159,8 @@ def _layer_path(
 ) -> str:
   """`sparse_packed_dense`'s path on `platform`: "fused", "gather" or "dense".
 
-  "fused" where the fused native kernel runs (`_fused.chooses`: CPU, small products) and
-  either gathering pays or there is one row (the kernel then reads at most the dense
-  product's bytes, in one call);
+  "fused" where gathering pays and the fused native kernel runs (`_fused.chooses`: CPU,
+  small products);
   else "gather" (XLA selection, then the platform's gather or tile kernel) where
   `_policy.plan_layer`'s "auto" gathers, and "dense" (dense product, then the selected
   units' values) where it does not.
@@ -169,7 +168,7 @@ def _layer_path(
   shape, w_dtype = packed.weight.shape, packed.weight.dtype
   plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
   fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m, packed.u.shape[1])
-  if plan.kernel != "xla" and (plan.gather or rows == 1) and fits:
+  if plan.kernel != "xla" and plan.gather and fits:
     return "fused"
   return "gather" if plan.gather else "dense"
 

@@ -683,7 +683,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     "--train-steps",
     type=positive_int,
     default=40,
-    help="Adam steps training the digit MLP of --suite batch (default 40; cached in --out)",
+    help=(
+      "Adam steps training the digit MLP of --suite batch (default 40; its weights are"
+      " cached under runs/bench_batch/)"
+    ),
   )
   parser.add_argument(
     "--widths", type=int_list, default=None, help="widths for --suite full (default 1024,2048,4096)"

@@ -121,6 +121,43 @@ def _mlp(res: dict[str, Any]) -> list[Row]:
   ]
 
 
+def _batch(res: dict[str, Any]) -> list[Row]:
+  rows = res["bench_batch"]["rows"]
+  real, rand = _pick(rows, rows="real", batch=8), _pick(rows, rows="random", batch=8)
+  return [
+    (
+      "same MLP shape, 8 rows: held-out digits through a digit-trained MLP / independent"
+      f" random rows (overlap {real['mean_overlap']:.2f} / {rand['mean_overlap']:.2f};"
+      " blocks shared across rows)",
+      _ms(real["dense_ms"], rand["dense_ms"]),
+      _ms(real["auto_ms"], rand["auto_ms"]),
+      _x(real["auto_speedup"], rand["auto_speedup"], bold=True),
+      "–",
+      _cmd("lrcc-jax bench --suite batch --out experiments/results", "bench_batch.json"),
+    )
+  ]
+
+
+def _paper(res: dict[str, Any]) -> list[Row]:
+  out = []
+  for r in res["bench_paper"]["rows"]:
+    caps = "/".join(f"{round(100 * f)}" for f in r["capacity_fraction"])
+    out.append(
+      (
+        f"paper's 784-1000-600-400 net on test digits, L1 {r['l1']:g}, {caps}% computed:"
+        f" layerwise / sparse chain / auto ({r['auto_path']})",
+        _ms(r["dense_ms"]),
+        _ms(r["layerwise_ms"], r["sparse_ms"], r["auto_ms"]),
+        _x(r["layerwise_speedup"], r["sparse_speedup"], r["auto_speedup"], bold=True),
+        "–",
+        _cmd("lrcc-jax bench --suite paper --out experiments/results", "bench_paper.json")
+        if not out
+        else "same",
+      )
+    )
+  return out
+
+
 def _storage(res: dict[str, Any]) -> list[Row]:
   r = _pick(res["bench_storage"]["rows"], batch=1)
   return [
@@ -170,13 +207,19 @@ def _ffn(res: dict[str, Any]) -> list[Row]:
 def _lm(res: dict[str, Any]) -> list[Row]:
   lm = res["lm"]
   cfg, dec = lm["config"], lm["decode_latency"]
+  best = lm["target"]["best_within_gap"]
+  gap = best["bits_per_byte"] - lm["dense_bits_per_byte"]
+  widths = [w for w in dec["widths"] if w["d_model"] in (128, 512, 2048)]
+  dims = " / ".join(str(w["d_model"]) for w in widths)
   return [
     (
-      f"byte-level LM (d={cfg['d_model']}, {cfg['n_layers']} layers, ReLU² FFN), decode step",
-      _ms(dec["dense_ms"]),
-      _ms(dec["skip_auto_ms"]),
-      _x(dec["speedup_auto"]),
-      _x(dec["flop_model_speedup"]),
+      f"byte-level LM (d={cfg['d_model']}, {cfg['n_layers']} layers, ReLU² FFN):"
+      f" {best['method']} rank {best['rank']}, {best['threshold']} threshold, {gap:+.3f} bits"
+      f" per byte; decode step at d_model {dims} (d_ff = 4 d)",
+      _ms(*(w["dense_ms"] for w in widths)),
+      _ms(*(w["skip_auto_ms"] for w in widths)),
+      _x(*(w["speedup_auto"] for w in widths), bold=True),
+      f"FFN {_x(best['flop_model_speedup'])}",
       _cmd("lrcc-jax lm --workdir runs/lm --out experiments/results", "lm.json"),
     )
   ]
@@ -185,6 +228,8 @@ def _lm(res: dict[str, Any]) -> list[Row]:
 SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
   ("bench_layer", _layer),
   ("bench_mlp", _mlp),
+  ("bench_batch", _batch),
+  ("bench_paper", _paper),
   ("bench_storage", _storage),
   ("bench_module", _module),
   ("bench_ffn", _ffn),

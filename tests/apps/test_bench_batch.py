@@ -11,7 +11,7 @@ from lrcc_jax.apps import bench
 
 def test_run_batch_reports_both_row_kinds_and_caches_the_trained_weights(tmp_path):
   kw = dict(batches=(1, 4), rank=4, block_size=4, repeats=1, width=32, train_steps=2)
-  path = bench.run_batch(tmp_path, **kw)
+  path = bench.run_batch(tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
   rows = json.loads(path.read_text())["rows"]
   assert [(r["rows"], r["batch"]) for r in rows] == [
     ("real", 1),
@@ -24,7 +24,8 @@ def test_run_batch_reports_both_row_kinds_and_caches_the_trained_weights(tmp_pat
     assert r["shared_ms"] > 0 and r["per_row_ms"] > 0 and r["dense_ms"] > 0
     assert set(r["policy_mode"]) <= {"per_row", "shared", "dense"}
   assert [r["overlap"] for r in rows if r["batch"] == 1] == [[1.0] * 4] * 2
-  cached = list(tmp_path.glob("digit_mlp_*.npz"))
+  cached = list((tmp_path / "cache").glob("digit_mlp_*.npz"))
+  assert not list((tmp_path / "out").glob("*.npz"))  # work files stay out of the results
   assert len(cached) == 1
   a, _, info_a = bench.digit_mlp(32, rank=4, block_size=4, steps=2, cache=cached[0])
   b, _, info_b = bench.digit_mlp(32, rank=4, block_size=4, steps=2, cache=cached[0])
