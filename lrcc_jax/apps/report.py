@@ -37,7 +37,7 @@ def _x(*values: float, bold: bool = False) -> str:
   return f"**{text}**" if bold else text
 
 
-def _pick(rows: Iterable[dict], **where: Any) -> dict:
+def _pick(table: Iterable[dict], **where: Any) -> dict:
   """The one row whose fields equal `where` (floats compared to 1e-9)."""
 
   def matches(row: dict) -> bool:
@@ -50,7 +50,7 @@ def _pick(rows: Iterable[dict], **where: Any) -> dict:
         return False
     return True
 
-  found = [r for r in rows if matches(r)]
+  found = [r for r in table if matches(r)]
   if len(found) != 1:
     raise ValueError(f"expected one row with {where}, found {len(found)}")
   return found[0]
@@ -139,7 +139,7 @@ def _batch(res: dict[str, Any]) -> list[Row]:
 
 
 def _paper(res: dict[str, Any]) -> list[Row]:
-  out = []
+  out: list[Row] = []
   for r in res["bench_paper"]["rows"]:
     caps = "/".join(f"{round(100 * f)}" for f in r["capacity_fraction"])
     out.append(
@@ -204,6 +204,12 @@ def _ffn(res: dict[str, Any]) -> list[Row]:
   ]
 
 
+def _threshold(setting: dict) -> str:
+  if setting["threshold"] == "calibrated":
+    return f"thresholds calibrated to {round(100 * setting['recall'])}% recall"
+  return f"threshold {setting['threshold']}"
+
+
 def _lm(res: dict[str, Any]) -> list[Row]:
   lm = res["lm"]
   cfg, dec = lm["config"], lm["decode_latency"]
@@ -214,7 +220,7 @@ def _lm(res: dict[str, Any]) -> list[Row]:
   return [
     (
       f"byte-level LM (d={cfg['d_model']}, {cfg['n_layers']} layers, ReLU² FFN):"
-      f" {best['method']} rank {best['rank']}, {best['threshold']} threshold, {gap:+.3f} bits"
+      f" {best['method']} rank {best['rank']}, {_threshold(best)}, {gap:+.3f} bits"
       f" per byte; decode step at d_model {dims} (d_ff = 4 d)",
       _ms(*(w["dense_ms"] for w in widths)),
       _ms(*(w["skip_auto_ms"] for w in widths)),
