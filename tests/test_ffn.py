@@ -429,7 +429,10 @@ def test_run_ffn_writes_checked_rows(tmp_path, capsys):
 
   from lrcc_jax.apps import bench
 
-  path = bench.run_ffn(tmp_path, repeats=1, rank=4, d_model=32, d_ff=256, widths=(16,))
+  path = bench.run_ffn(
+    tmp_path, repeats=1, rank=4, d_model=32, d_ff=256, widths=(16,), trained_fit_steps=3,
+    cache_dir=tmp_path / "cache",
+  )
   out = json.loads(path.read_text())
   assert [r["variant"] for r in out["rows"]] == ["relu", "relu2", "gated"]
   row = out["rows"][0]
@@ -443,5 +446,15 @@ def test_run_ffn_writes_checked_rows(tmp_path, capsys):
     assert w["gather_ms"] > 0 and w["auto_speedup"] > 0
   fit = out["randomized_fit"]
   assert fit["shape"] == [32, 256] and -1e-3 <= fit["error_excess"] < 0.05
+  trained = out["randomized_fit_trained"]
+  assert trained["shape"] == [32, 256] and trained["trained"]["train_steps"] == 3
+  assert -1e-3 <= trained["error_excess"] < 0.05
+  assert 0 < trained["exact_relative_error"] < 1
+  # the trained kernel is cached: a rerun reads it instead of retraining
+  assert (tmp_path / "cache" / "trained_32x256_steps3.npy").exists()
+  again = bench.bench_randomized_fit_trained(
+    32, 256, 4, steps=3, cache=tmp_path / "cache" / "trained_32x256_steps3.npy"
+  )
+  assert again["trained"] is None and again["exact_error"] == pytest.approx(trained["exact_error"])
   assert out["environment"]["threads"] >= 1 and "jax_version" in out["environment"]
   assert "skip x" in capsys.readouterr().out

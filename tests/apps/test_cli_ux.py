@@ -233,6 +233,9 @@ def test_bench_writes_a_png_for_every_suite_and_not_into_results(tmp_path, monke
   monkeypatch.setattr(bench, "bench_ffn", lambda *a, **kw: [ffn_row])
   monkeypatch.setattr(bench, "bench_randomized_fit", lambda *a, **kw: {
       "shape": [64, 64], "randomized_s": 0.1, "exact_s": 1.0, "error_excess": 0.001})
+  monkeypatch.setattr(bench, "bench_randomized_fit_trained", lambda *a, **kw: {
+      "shape": [64, 64], "randomized_s": 0.1, "exact_s": 1.0, "error_excess": 0.001,
+      "exact_relative_error": 0.9})
   monkeypatch.chdir(tmp_path)
   for suite in ("layer", "mlp", "module", "storage", "ffn"):
     status, out, err = _main(["bench", "--suite", suite, "--no-progress"])
