@@ -102,6 +102,32 @@ def test_random_layers_match_the_xla_path(n_in, n_out, bs, k, rows, sparse_in, d
 
 
 @needs_native
+@pytest.mark.parametrize("rank", [1, 16, 25, 48, 64, 70, 131])
+@pytest.mark.parametrize("sparse_in", [False, True])
+def test_estimator_ranks_past_one_vector_match_the_xla_path(rank, sparse_in):
+  # x U runs in column groups of up to 64 with a masked last chunk of 16 lanes: ranks on
+  # and off those edges, and inputs both dense and gathered (rows of U by index).
+  rng = np.random.default_rng(rank)
+  n_in, n_out = 150, 160
+  w = jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), jnp.float32)
+  b = jnp.asarray(0.1 * rng.standard_normal(n_out), jnp.float32)
+  est = L.LowRankEstimator(u=jnp.asarray(rng.standard_normal((n_in, rank)), jnp.float32) / 10,
+                           v=jnp.asarray(rng.standard_normal((rank, n_out)), jnp.float32) / 10)
+  p = L.pack(w, b, est, block_size=1)
+  x = jnp.asarray(rng.standard_normal((3, n_in)), jnp.float32)
+  if sparse_in:
+    eye = jnp.eye(n_in, dtype=jnp.float32)
+    up = L.pack(eye, jnp.zeros(n_in), L.fit_svd(eye, 4), block_size=1)
+    x = L.sparse_packed_dense(x, up, threshold=-1.0, capacity=37, policy=XLA)
+  for policy in (NATIVE, XLA):
+    sp = jax.jit(lambda x, policy=policy: L.sparse_packed_dense(x, p, capacity=40, policy=policy))(x)
+    if policy is NATIVE:
+      got = sp
+  np.testing.assert_array_equal(got.indices, sp.indices)
+  np.testing.assert_allclose(got.values, sp.values, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 def test_nan_input_and_nan_estimates_are_computed_and_propagate():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)

@@ -111,7 +111,8 @@ def test_auto_chain_decision_is_shared_by_packed_mlp_and_the_sweep(block_size, m
   # kernel (`_fused.chooses`) at one row whatever the block size.
   expect = _native.active()
   assert _mlp.sparse_chain_pays(1, packed, caps) == expect
-  assert sweep._skip_strategy(m) == ("sparse" if expect else "layerwise")
+  assert sweep._skip_strategy(m) == _mlp.auto_path(1, packed, caps)
+  assert (sweep._skip_strategy(m) == "sparse") == expect
   calls = []
   real = _mlp.sparse_packed_dense
   monkeypatch.setattr(_mlp, "sparse_packed_dense", lambda *a, **k: calls.append(1) or real(*a, **k))

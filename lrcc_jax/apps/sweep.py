@@ -222,11 +222,11 @@ def _dataset_tag(name: str) -> str:
 
 
 def _skip_strategy(model: Any) -> str:
-  """The path `packed_mlp`'s "auto" takes at batch 1 (the same decision, `sparse_chain_pays`)."""
-  from lrcc_jax._mlp import sparse_chain_pays  # pylint: disable=g-import-not-at-top
+  """The path `packed_mlp`'s "auto" takes at batch 1 (the same decision, `auto_path`):
+  ``"sparse"``, ``"layerwise"`` or ``"dense"``."""
+  from lrcc_jax._mlp import auto_path  # pylint: disable=g-import-not-at-top
 
-  caps = [l.capacity for l in model.layers]
-  return "sparse" if sparse_chain_pays(1, model.pack(), caps) else "layerwise"
+  return auto_path(1, model.pack(), [l.capacity for l in model.layers])
 
 
 def sweep_row(

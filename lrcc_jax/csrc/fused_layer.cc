@@ -27,6 +27,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -208,13 +212,68 @@ struct Pending {
 constexpr int64_t kInChunk = 512;
 constexpr int64_t kUnitChunk = 512;
 
-// acc[0, r) += sum over inputs [begin, end) of one row of x_i * U[unit_i]: 16 columns of U
-// at a time in four independent accumulators (the FMA latency), then the column tail.
+#ifdef __AVX512F__
+template <int C, typename Unit>
+void InputTimesUGroup(const float* xr, Unit unit, const float* u, int64_t r, int64_t q0,
+                      int64_t width, int64_t begin, int64_t end, float* acc) {
+  const __mmask16 last =
+      (width % 16) == 0 ? static_cast<__mmask16>(0xFFFF)
+                        : static_cast<__mmask16>((1u << (width % 16)) - 1);
+  auto mask = [&](int c) { return c == C - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  __m512 a[4][C];
+  for (int s = 0; s < 4; ++s)
+    for (int c = 0; c < C; ++c) a[s][c] = _mm512_setzero_ps();
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    for (int s = 0; s < 4; ++s) {
+      const float* ui = u + unit(i + s) * r + q0;
+      const __m512 xv = _mm512_set1_ps(xr[i + s]);
+      for (int c = 0; c < C; ++c) {
+        a[s][c] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mask(c), ui + 16 * c), a[s][c]);
+      }
+    }
+  }
+  for (; i < end; ++i) {
+    const float* ui = u + unit(i) * r + q0;
+    const __m512 xv = _mm512_set1_ps(xr[i]);
+    for (int c = 0; c < C; ++c) {
+      a[0][c] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mask(c), ui + 16 * c), a[0][c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[0][c], a[1][c]),
+                                     _mm512_add_ps(a[2][c], a[3][c]));
+    float* p = acc + q0 + 16 * c;
+    _mm512_mask_storeu_ps(p, mask(c),
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(mask(c), p), sum));
+  }
+}
+#endif
+
 template <typename W>
 void InputTimesU(const Layer<W>& L, int64_t row, int64_t begin, int64_t end, float* acc) {
   const int64_t r = L.r;
   const float* xr = L.x + row * L.m;
   const int32_t* ir = L.xi == nullptr ? nullptr : L.xi + row * L.m;
+#ifdef __AVX512F__
+  auto go = [&](auto unit) {
+    for (int64_t q0 = 0; q0 < r; q0 += 64) {
+      const int64_t width = std::min<int64_t>(64, r - q0);
+      switch ((width + 15) / 16) {
+        case 1: InputTimesUGroup<1>(xr, unit, L.u, r, q0, width, begin, end, acc); break;
+        case 2: InputTimesUGroup<2>(xr, unit, L.u, r, q0, width, begin, end, acc); break;
+        case 3: InputTimesUGroup<3>(xr, unit, L.u, r, q0, width, begin, end, acc); break;
+        default: InputTimesUGroup<4>(xr, unit, L.u, r, q0, width, begin, end, acc); break;
+      }
+    }
+  };
+  if (ir == nullptr) {
+    go([](int64_t i) { return i; });
+  } else {
+    const int64_t hi = L.n_in - 1;
+    go([ir, hi](int64_t i) { return Clamp(ir[i], hi); });
+  }
+#else
   auto unit = [&](int64_t i) { return ir == nullptr ? i : Clamp(ir[i], L.n_in - 1); };
   int64_t q0 = 0;
   for (; q0 + 16 <= r; q0 += 16) {
@@ -226,11 +285,15 @@ void InputTimesU(const Layer<W>& L, int64_t row, int64_t begin, int64_t end, flo
     for (; i < end; ++i) a[0] += xr[i] * Load16(L.u + unit(i) * r + q0);
     AddStore16(acc + q0, (a[0] + a[1]) + (a[2] + a[3]));
   }
-  for (int64_t q = q0; q < r; ++q) {
-    float s = 0.f;
-    for (int64_t i = begin; i < end; ++i) s += xr[i] * L.u[unit(i) * r + q];
-    acc[q] += s;
+  if (q0 < r) {
+    float tail[16] = {};
+    for (int64_t i = begin; i < end; ++i) {
+      const float* ui = L.u + unit(i) * r;
+      for (int64_t q = q0; q < r; ++q) tail[q - q0] += xr[i] * ui[q];
+    }
+    for (int64_t q = q0; q < r; ++q) acc[q] += tail[q - q0];
   }
+#endif
 }
 
 // z[0, width) = t V[:, j0 : j0 + width]: 64 columns at a time in four accumulators.
@@ -288,6 +351,11 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
     const int64_t j0 = b0 * bs, width = (b1 - b0) * bs;
     float z[kUnitChunk + 64];
     TimesV(L, t.data() + row * r, j0, width, z);
+    if (bs == 1) {  // a unit is its block: the score is zhat itself (NaN included)
+      float* out = scores.data() + row * n_blocks + b0;
+      for (int64_t j = 0; j < width; ++j) out[j] = z[j] + L.bias[j0 + j];
+      return;
+    }
     for (int64_t blk = b0; blk < b1; ++blk) {
       float s = -INFINITY;
       bool nan = false;
@@ -299,7 +367,9 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
       scores[row * n_blocks + blk] = nan ? NAN : s;
     }
   });
-  // 3. Selection: the k best blocks of each row, ascending.
+  // 3. Selection: the k best blocks of each row, ascending. nth_element on the keys alone
+  // finds the k-th best key; one ascending scan then takes every block above it and the
+  // lowest-indexed ties (no index sort).
   ParallelFor(pool, rows, rows * n_blocks * 8, [&](int64_t row) {
     const float* sr = scores.data() + row * n_blocks;
     int32_t* out = L.idx + row * k;
@@ -307,16 +377,18 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
       std::iota(out, out + k, 0);
       return;
     }
-    std::vector<uint32_t> keys(n_blocks);
+    std::vector<uint32_t> keys(n_blocks), sorted(n_blocks);
     for (int64_t b = 0; b < n_blocks; ++b) keys[b] = OrderKey(sr[b]);
-    std::vector<int32_t> order(n_blocks);
-    std::iota(order.begin(), order.end(), 0);
-    auto better = [&](int32_t a, int32_t b) {
-      return keys[a] != keys[b] ? keys[a] > keys[b] : a < b;
-    };
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), better);
-    std::sort(order.begin(), order.begin() + k);
-    std::copy(order.begin(), order.begin() + k, out);
+    std::copy(keys.begin(), keys.end(), sorted.begin());
+    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(),
+                     std::greater<uint32_t>());
+    const uint32_t kth = sorted[k - 1];
+    int64_t above = 0;
+    for (int64_t b = 0; b < n_blocks; ++b) above += keys[b] > kth;
+    int64_t ties = k - above, n = 0;
+    for (int64_t b = 0; b < n_blocks && n < k; ++b) {
+      if (keys[b] > kth || (keys[b] == kth && ties-- > 0)) out[n++] = static_cast<int32_t>(b);
+    }
   });
   // 4. Exact products of the kept blocks: relu(W_block x + b), zero where not kept.
   const int64_t runs = sparse ? m / L.b_in : 1;

@@ -100,7 +100,7 @@ def test_quick_sweep_writes_every_row_and_plot(quick_run):
     for key in ("theoretical_speedup", "measured_speedup_batch1", "dense_ms_batch1", "skip_ms_batch1"):
       assert math.isfinite(row[key]) and row[key] > 0, key
     assert 0.0 <= row["test_error_capacity"] <= 1.0
-    assert row["skip_strategy"] in ("sparse", "layerwise")
+    assert row["skip_strategy"] in ("sparse", "layerwise", "dense")
   for row in rows:
     if row["ranks"] == [24, 12] and row["threshold"] == 0.0 and row["estimator"] != "trained":
       # Full rank at threshold 0: the estimate is exact, so nothing changes.
