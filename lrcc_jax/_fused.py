@@ -51,16 +51,16 @@ _TARGETS = {
   (True, jnp.dtype(jnp.bfloat16)): "lrcc_fused_sparse_layer_bf16",
 }
 
-# `chooses`' limits (measured on the 2-core machine, interleaved against the XLA op string
-# with the tile kernel, on a loaded machine, so roughly): at most this many rows (the tile
-# kernel's row ordering is tuned for batches); products up to 2^20 multiply-adds (paper net
-# 784x1000 at 60%, one row: 56 against 120 us; 4096^2 at 10% in blocks of 16: 0.5 ms fused
-# against 0.13 ms, the tile kernel streaming on both cores); the estimator's V up to 2^17
-# numbers (4096-wide rank-64 sparse layers: 4-layer MLP 0.70-1.38 ms fused, 0.55-0.63 ms
-# without).
+# `chooses`' limits. At most this many rows (the tile kernel's row ordering and shared
+# gathers are tuned for batches). The product and estimator limits were 2^20 and 2^17 while
+# the kernel ran every phase on one thread; with its phases split over the XLA:CPU pool
+# above 2^18 multiply-adds (csrc/fused_layer.cc, `kParallelWork`) it beats the op string
+# with the tile kernel at every 4096-wide setting measured (1-8 rows, 5-25% in blocks of
+# 16; 4-layer MLP at 10%, one row: 20.9x against 12.1x of dense jit, interleaved), so the
+# limits now only bound the work one call holds up the pool for.
 MAX_ROWS = 8
-MAX_PRODUCT = 2**20
-MAX_ESTIMATE = 2**17
+MAX_PRODUCT = 2**26
+MAX_ESTIMATE = 2**22
 
 # Products as `product(weight, idx, x) -> (rows, k, block_size)` in XLA ops.
 Product = Callable[[Array, Array, Array], Array]
@@ -86,10 +86,9 @@ def chooses(
 
   On CPU, where `usable`, while the exact products are at most `MAX_PRODUCT` multiply-adds
   (`rows · capacity · block_size · m` for `m` inputs per row) and the estimator's second
-  factor at most `MAX_ESTIMATE` numbers (`rank · n_out`): there the fixed cost of the op
-  string is a large share of the layer, and the kernel, which runs these on one thread,
-  is faster. Larger layers run the XLA selection (XLA's products use every core) and the
-  tile/gather kernel (`_native.tile_product`), which streams big selections on every core.
+  factor at most `MAX_ESTIMATE` numbers (`rank · n_out`): one call instead of an op string
+  saves its fixed costs, and above 2^18 multiply-adds per phase the kernel splits the work
+  over the XLA:CPU pool, as the tile kernel (`_native.tile_product`) does.
   """
   if platform != "cpu" or not usable(rows, weight_dtype, x_dtype):
     return False

@@ -72,8 +72,10 @@ inline V16 LoadW16(const uint16_t* p) {
 }
 
 // Multiply-adds below which a phase runs on the calling thread: waking a pool thread costs
-// a few microseconds, about what this much work takes on one core.
-constexpr int64_t kParallelWork = 1 << 21;
+// a few microseconds. 2^18 keeps the paper net's layers (at most ~10^5 per phase) on one
+// thread and splits 4096-wide ones (x U and t V alone are 2^18 at rank 64); at 2^21 a
+// 4096-wide layer ran single-threaded and lost to the two-core tile kernel.
+constexpr int64_t kParallelWork = 1 << 18;
 
 // Runs fn(0..n-1); in the pool when `work` (multiply-adds) is large and n > 1.
 struct Shared {
