@@ -78,6 +78,11 @@ class Policy:
       independent rows' selections, `1 - (1 - f)^rows` of the layer in expectation, is
       at most this fraction. Rows drawn from the same data select overlapping blocks,
       so their union is smaller: the bound is the pessimistic case.
+    shared_max_fraction: in the shared mode, with blocks of at least
+      `min_batched_block_bytes` and at most `small_fraction_max_rows` rows, gathering
+      also pays while each row computes at most this fraction of the layer, whatever the
+      union: the shared kernel then reads at most the layer once and does `f` of the
+      dense flops, and past a few rows the dense product is bound by flops.
   """
 
   platform: str
@@ -95,6 +100,7 @@ class Policy:
   shared_min_rows: int = 0
   max_union_fraction: float = 0.0
   small_block_max_fraction_one_row: float = 1.0
+  shared_max_fraction: float = 0.0
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
@@ -130,6 +136,11 @@ CPU_NATIVE = Policy(
   # batch`, 2 cores under a load of 7-13: noisy).
   shared_min_rows=2,
   max_union_fraction=0.6,
+  # One 2048/4096 layer in blocks of 16, 16-64 rows, one interleaved run on 2 cores: 10%
+  # per row gathered in the shared mode at 1.35-2.55x of dense jit against 1.0-2.4x for
+  # the dense fallback, with unions of 81-100%; 25% lost (0.75-1.77x against 1.1-2.2x).
+  # `lrcc-jax bench --suite full` covers these settings.
+  shared_max_fraction=0.12,
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(
@@ -203,7 +214,9 @@ def batch_mode(
   masks. Same values in all three. The batch gathers where `gather_pays` says so, or, in
   the shared mode, while the expected union of independent rows (`union_fraction`) is at
   most `policy.max_union_fraction` of the layer: rows from real data overlap, so their
-  union is smaller still. Static shapes only.
+  union is smaller still; or, for large blocks and up to `policy.small_fraction_max_rows`
+  rows, while each row computes at most `policy.shared_max_fraction` of the layer
+  (the shared read is at most one layer; the flops are a fraction). Static shapes only.
   """
   if capacity is None:
     return "dense"
@@ -211,6 +224,13 @@ def batch_mode(
   if gather_pays(policy, rows, capacity, n_blocks, block_bytes):
     return "shared" if shared else "per_row"
   if shared and union_fraction(rows, capacity / n_blocks) <= policy.max_union_fraction:
+    return "shared"
+  if (
+    shared
+    and block_bytes >= policy.min_batched_block_bytes
+    and rows <= policy.small_fraction_max_rows
+    and capacity / n_blocks <= policy.shared_max_fraction
+  ):
     return "shared"
   return "dense"
 

@@ -208,7 +208,14 @@ def test_batch_mode_for_key_shapes():
   assert _policy.batch_mode(nat, 1, k, 256, block) == "per_row"
   assert _policy.batch_mode(nat, 4, k, 256, block) == "shared"
   assert _policy.batch_mode(nat, 8, k, 256, block) == "shared"  # union 57% of the layer
-  assert _policy.batch_mode(nat, 16, k, 256, block) == "dense"  # union 82%
+  # union 82-100%, but 10% of the flops in blocks of 64 KiB: shared up to 64 rows
+  assert _policy.batch_mode(nat, 16, k, 256, block) == "shared"
+  assert _policy.batch_mode(nat, 64, k, 256, block) == "shared"
+  assert _policy.batch_mode(nat, 65, k, 256, block) == "dense"  # past small_fraction_max_rows
+  assert _policy.batch_mode(nat, 16, 64, 256, block) == "dense"  # 25% per row
+  assert _policy.batch_mode(nat, 16, 30, 256, block) == "shared"  # 11.7% <= 12%
+  assert _policy.batch_mode(nat, 16, 31, 256, block) == "dense"  # 12.1%
+  assert _policy.batch_mode(nat, 16, 410, 4096, 4096 * 4) == "dense"  # 10% in single units: small blocks
   assert _policy.batch_mode(nat, 8, None, 256, block) == "dense"
   assert _policy.batch_mode(xla, 1, k, 256, block) == "per_row"
   assert _policy.batch_mode(xla, 8, k, 256, block) == "dense"
@@ -223,7 +230,8 @@ def test_batch_mode_for_key_shapes():
 def test_planning_uses_the_shared_mode():
   shape, f32 = (256, 16, 4096), jnp.float32
   assert _policy.plan_layer("cpu", "auto", 8, 26, shape, f32, f32).gather
-  assert not _policy.plan_layer("cpu", "auto", 16, 26, shape, f32, f32).gather
+  assert _policy.plan_layer("cpu", "auto", 16, 26, shape, f32, f32).gather
+  assert not _policy.plan_layer("cpu", "auto", 16, 64, shape, f32, f32).gather
   assert not _policy.plan_layer("cpu", "auto", 8, 26, shape, f32, f32, PER_ROW).gather
   layers = [(shape, f32)] * 4
   assert _policy.plan_chain("cpu", 8, layers, [26] * 4, f32, 2)
@@ -236,7 +244,7 @@ def test_planning_uses_the_shared_mode():
 def test_policy_files_without_the_new_fields_still_load(tmp_path):
   """A policy tuned before the shared mode existed loads with it off."""
   old = dataclasses.asdict(_policy.CPU_NATIVE)
-  del old["shared_min_rows"], old["max_union_fraction"]
+  del old["shared_min_rows"], old["max_union_fraction"], old["shared_max_fraction"]
   path = tmp_path / "p.json"
   text = _policy.policy_to_json([_policy.CPU_NATIVE], "kind")
   data = __import__("json").loads(text)
@@ -244,3 +252,4 @@ def test_policy_files_without_the_new_fields_still_load(tmp_path):
   path.write_text(__import__("json").dumps(data))
   (loaded,) = _policy.load_policy_file(path, "kind")
   assert loaded.shared_min_rows == 0 and loaded.max_union_fraction == 0.0
+  assert loaded.shared_max_fraction == 0.0
