@@ -159,8 +159,8 @@ def _layer_path(
 ) -> str:
   """`sparse_packed_dense`'s path on `platform`: "fused", "gather" or "dense".
 
-  "fused" where gathering pays and the fused native kernel runs (`_fused.chooses`: CPU,
-  small products);
+  "fused" where the fused native kernel runs (`_fused.chooses`: CPU, at most 8 rows) and
+  gathering pays or the rows' gathers add up to at most one layer (`_fused.replaces_dense`);
   else "gather" (XLA selection, then the platform's gather or tile kernel) where
   `_policy.plan_layer`'s "auto" gathers, and "dense" (dense product, then the selected
   units' values) where it does not.
@@ -168,7 +168,11 @@ def _layer_path(
   shape, w_dtype = packed.weight.shape, packed.weight.dtype
   plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
   fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m, packed.u.shape[1])
-  if plan.kernel != "xla" and plan.gather and fits:
+  if (
+    plan.kernel != "xla"
+    and fits
+    and (plan.gather or _fused.replaces_dense(rows, capacity, shape[0]))
+  ):
     return "fused"
   return "gather" if plan.gather else "dense"
 

@@ -11,7 +11,7 @@ from helpers import (
     int_layer_like, int_layers, layer_cases, make_layer, np_estimate, np_masked_dense_grads,
     np_unit_mask, reference_mask, scaled_examples, selection_margin,
 )
-from lrcc_jax import _native
+from lrcc_jax import _fused, _native
 
 
 @settings(max_examples=scaled_examples(0.5))  # costly: shapes vary, so every example compiles
@@ -134,7 +134,10 @@ def test_skipping_paths_are_cond_free(strategy, rows):
       and any(getattr(v.aval, "shape", None) == p.weight.shape for v in e.invars)
       for e in _eqns(jaxpr)
   )
-  assert gathers == (strategy == "gather" or (strategy == "auto" and rows == 1))
+  # "auto" gathers at one row, and at 4 rows where the fused kernel replaces the dense
+  # fallback (4 rows x 2 of 8 blocks: at most one layer of gathers, `_fused.replaces_dense`)
+  auto = rows == 1 or (_native.available() and _fused.replaces_dense(rows, 2, 8))
+  assert gathers == (strategy == "gather" or (strategy == "auto" and auto))
 
 
 def test_no_recompilation_on_repeated_calls():
@@ -170,7 +173,7 @@ def test_pack_accepts_numpy_and_the_jitted_gather_works():
   np.testing.assert_allclose(np.asarray(got), np.asarray(L.packed_dense(x, L.pack(w, b, est), capacity=4)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("rows", [1, 6, 8, 32, 40])
 def test_unit_major_product_equals_the_flax_layout_product(rows):
   from lrcc_jax._packed import unit_major_product
 
@@ -180,6 +183,9 @@ def test_unit_major_product_equals_the_flax_layout_product(rows):
   np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-6)
   gx = jax.grad(lambda x: unit_major_product(x, w.T).sum())(x)
   np.testing.assert_allclose(np.asarray(gx), np.broadcast_to(np.asarray(w).sum(1), x.shape), rtol=1e-5, atol=1e-6)
+  # the transposed orientation (behind barriers) only where it measured faster: 8-32 rows
+  text = jax.jit(unit_major_product).lower(x, w.T).as_text()
+  assert ("optimization_barrier" in text) == (8 <= rows <= 32)
 
 
 def test_auto_strategy_rules():

@@ -204,6 +204,54 @@ def _ffn(res: dict[str, Any]) -> list[Row]:
   ]
 
 
+def _fit(res: dict[str, Any]) -> list[Row]:
+  f = res["bench_ffn"].get("randomized_fit_trained")
+  if f is None:
+    return []
+  n_in, n_out = f["shape"]
+  return [
+    (
+      f"rank-{f['rank']} estimator fit of a trained {n_in}×{n_out} layer: exact SVD /"
+      ' randomized (`fit_svd(method="randomized")`), seconds',
+      f"{f['exact_s']:.1f} s",
+      f"{f['randomized_s']:.2f} s",
+      _x(f["exact_s"] / f["randomized_s"], bold=True),
+      f"error {100 * f['error_excess']:+.2f}% of the exact fit's",
+      _cmd("lrcc-jax bench --suite ffn --out experiments/results", "bench_ffn.json"),
+    )
+  ]
+
+
+def _sweep(res: dict[str, Any]) -> list[Row]:
+  """The paper's network: the fastest measured row within 0.2 points of dense test error."""
+  rows = res["sweep_mnist5k"]["rows"]
+  close = [r for r in rows if r["test_error_capacity"] - r["test_error_dense"] <= 0.002 + 1e-9]
+  best = max(close, key=lambda r: r["measured_speedup_batch1"])
+  da25 = _pick(rows, protocol="dense", estimator="data_aware", ranks=[25, 25, 25], threshold=0.0)
+  label = []
+  for r in (best, da25):
+    label.append(
+      f"{r['protocol']} training, {r['estimator']} rank {r['ranks'][0]}, threshold"
+      f" {r['threshold']}: error {100 * r['test_error_capacity']:.1f}% (dense"
+      f" {100 * r['test_error_dense']:.1f}%)"
+    )
+  return [
+    (
+      "paper's 784-1000-600-400 net on test digits, L1 7e-4, skip mode with capacities: "
+      + " / ".join(label),
+      _ms(best["dense_ms_batch1"], da25["dense_ms_batch1"]),
+      _ms(best["skip_ms_batch1"], da25["skip_ms_batch1"]),
+      _x(best["measured_speedup_batch1"], da25["measured_speedup_batch1"], bold=True),
+      _x(best["capacity_flop_speedup"], da25["capacity_flop_speedup"]),
+      _cmd(
+        "lrcc-jax sweep --config experiments/configs/mnist5k.py --workdir runs/sweep_mnist5k"
+        " --out experiments/results",
+        "sweep_mnist5k.json",
+      ),
+    )
+  ]
+
+
 def _threshold(setting: dict) -> str:
   if setting["threshold"] == "calibrated":
     return f"thresholds calibrated to {round(100 * setting['recall'])}% recall"
@@ -236,9 +284,11 @@ SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
   ("bench_mlp", _mlp),
   ("bench_batch", _batch),
   ("bench_paper", _paper),
+  ("sweep_mnist5k", _sweep),
   ("bench_storage", _storage),
   ("bench_module", _module),
   ("bench_ffn", _ffn),
+  ("bench_ffn", _fit),
   ("lm", _lm),
 )
 
