@@ -39,7 +39,7 @@ import numpy as np
 from lrcc_jax import _mask, _native
 
 if TYPE_CHECKING:
-  from lrcc_jax._policy import Plan
+  from lrcc_jax._policy import Plan, Policy
 
 Array = jax.Array
 
@@ -98,8 +98,9 @@ def chooses(
   )
 
 
-def replaces_dense(rows: int, capacity: int, n_blocks: int) -> bool:
-  """Whether the fused kernel also beats the dense fallback: `rows · capacity ≤ n_blocks`.
+def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | None) -> bool:
+  """Whether the fused kernel replaces `policy`'s dense fallback:
+  `rows · capacity ≤ policy.fused_max_layers · n_blocks` (1 layer in the shipped CPU policy).
 
   Where the policy would compute densely, the fused kernel still wins while the rows'
   per-row gathers add up to at most one layer (one row at any capacity, two rows at half,
@@ -111,7 +112,9 @@ def replaces_dense(rows: int, capacity: int, n_blocks: int) -> bool:
   kernel lost at 1024-2048 (0.45-0.88x). The paper's 784-1000-600-400 network at 82/70/73%
   of its units: 1.42x for the fused chain against 0.83-0.89x for the dense path.
   """
-  return rows * capacity <= n_blocks
+  if policy is None:
+    return False
+  return rows * capacity <= policy.fused_max_layers * n_blocks
 
 
 def upgrade(
@@ -133,9 +136,8 @@ def upgrade(
   """
   if capacity is None or plan.kernel != "native":
     return plan
-  if not plan.gather and (
-    strategy != "auto" or not replaces_dense(rows, capacity, weight_shape[0])
-  ):
+  replaces = strategy == "auto" and replaces_dense(rows, capacity, weight_shape[0], plan.policy)
+  if not (plan.gather or replaces):
     return plan
   if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2], rank):
     return plan._replace(gather=True, kernel="fused")

@@ -250,13 +250,15 @@ def auto_gathers(
 ) -> bool:
   """Whether `packed_dense`'s "auto" strategy gathers for `rows` rows of `dtype` inputs.
 
-  `_policy.plan_layer` on `platform` (default: the current device's), as `packed_dense`
+  `_policy.plan_layer` on `platform` (default: the current device's), upgraded to the
+  fused kernel where it replaces the dense fallback (`_fused.upgrade`), as `packed_dense`
   decides in that platform's branch.
   """
   platform = _policy.current_platform() if platform is None else platform
-  return _policy.plan_layer(
-    platform, "auto", rows, capacity, packed.weight.shape, packed.weight.dtype, dtype, policy
-  ).gather
+  shape, w_dtype = packed.weight.shape, packed.weight.dtype
+  plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
+  rank = packed.u.shape[1]
+  return _fused.upgrade(plan, "auto", platform, rows, capacity, shape, w_dtype, dtype, rank).gather
 
 
 def gather_selected(

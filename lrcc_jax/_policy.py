@@ -83,6 +83,10 @@ class Policy:
       also pays while each row computes at most this fraction of the layer, whatever the
       union: the shared kernel then reads at most the layer once and does `f` of the
       dense flops, and past a few rows the dense product is bound by flops.
+    fused_max_layers: where this policy falls back to dense, the fused CPU kernel
+      (`_fused.replaces_dense`) still runs while the rows' per-row gathers add up to at
+      most this many layers (`rows · capacity / n_blocks`); 0: never (the policy's
+      decision stands).
   """
 
   platform: str
@@ -101,6 +105,7 @@ class Policy:
   max_union_fraction: float = 0.0
   small_block_max_fraction_one_row: float = 1.0
   shared_max_fraction: float = 0.0
+  fused_max_layers: float = 0.0
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
@@ -141,6 +146,8 @@ CPU_NATIVE = Policy(
   # the dense fallback, with unions of 81-100%; 25% lost (0.75-1.77x against 1.1-2.2x).
   # `lrcc-jax bench --suite full` covers these settings.
   shared_max_fraction=0.12,
+  # `_fused.replaces_dense`'s measurements: up to one layer of per-row gathers.
+  fused_max_layers=1.0,
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(

@@ -171,7 +171,7 @@ def _layer_path(
   if (
     plan.kernel != "xla"
     and fits
-    and (plan.gather or _fused.replaces_dense(rows, capacity, shape[0]))
+    and (plan.gather or _fused.replaces_dense(rows, capacity, shape[0], plan.policy))
   ):
     return "fused"
   return "gather" if plan.gather else "dense"

@@ -11,7 +11,7 @@ from helpers import (
     int_layer_like, int_layers, layer_cases, make_layer, np_estimate, np_masked_dense_grads,
     np_unit_mask, reference_mask, scaled_examples, selection_margin,
 )
-from lrcc_jax import _fused, _native
+from lrcc_jax import _fused, _native, _policy
 
 
 @settings(max_examples=scaled_examples(0.5))  # costly: shapes vary, so every example compiles
@@ -136,7 +136,7 @@ def test_skipping_paths_are_cond_free(strategy, rows):
   )
   # "auto" gathers at one row, and at 4 rows where the fused kernel replaces the dense
   # fallback (4 rows x 2 of 8 blocks: at most one layer of gathers, `_fused.replaces_dense`)
-  auto = rows == 1 or (_native.available() and _fused.replaces_dense(rows, 2, 8))
+  auto = rows == 1 or (_native.available() and _fused.replaces_dense(rows, 2, 8, _policy.CPU_NATIVE))
   assert gathers == (strategy == "gather" or (strategy == "auto" and auto))
 
 

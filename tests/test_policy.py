@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import lrcc_jax as L
-from lrcc_jax import _native, _packed, _policy
+from lrcc_jax import _fused, _native, _packed, _policy
 
 
 def _old_skip_pays(rows, capacity, n_blocks, block_bytes, native):
@@ -73,7 +73,14 @@ def test_auto_predicates_are_the_policy_decision():
   for rows, cap in itertools.product([1, 2, 8, 64], [1, 4, 8, 16]):
     for platform in ("cpu", "cuda", "tpu"):
       plan = _policy.plan_layer(platform, "auto", rows, cap, p.weight.shape, p.weight.dtype, jnp.float32)
-      assert _packed.auto_gathers(p, rows, cap, platform=platform) == plan.gather
+      # the policy's plan, or the fused kernel where it replaces the dense fallback (CPU,
+      # at most one layer of per-row gathers)
+      fused = _fused.upgrade(plan, "auto", platform, rows, cap, p.weight.shape, p.weight.dtype, jnp.float32, 2)
+      want = plan.gather or (fused.kernel == "fused" and rows * cap <= 16)
+      assert fused.gather == want
+      assert _packed.auto_gathers(p, rows, cap, platform=platform) == want
+      if platform != "cpu":
+        assert want == plan.gather
       policy = _policy.policy_for(platform, plan.kernel, p.weight.dtype)
       assert plan.gather == _policy.gather_pays(policy, rows, cap, 16, _packed.block_bytes(p))
 

@@ -245,6 +245,7 @@ def test_policy_files_without_the_new_fields_still_load(tmp_path):
   """A policy tuned before the shared mode existed loads with it off."""
   old = dataclasses.asdict(_policy.CPU_NATIVE)
   del old["shared_min_rows"], old["max_union_fraction"], old["shared_max_fraction"]
+  del old["fused_max_layers"]
   path = tmp_path / "p.json"
   text = _policy.policy_to_json([_policy.CPU_NATIVE], "kind")
   data = __import__("json").loads(text)
@@ -252,4 +253,4 @@ def test_policy_files_without_the_new_fields_still_load(tmp_path):
   path.write_text(__import__("json").dumps(data))
   (loaded,) = _policy.load_policy_file(path, "kind")
   assert loaded.shared_min_rows == 0 and loaded.max_union_fraction == 0.0
-  assert loaded.shared_max_fraction == 0.0
+  assert loaded.shared_max_fraction == 0.0 and loaded.fused_max_layers == 0.0

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from lrcc_jax import _native
 from lrcc_jax.apps import bench, cli
 from lrcc_jax._packed import skip_pays
 
@@ -19,7 +20,10 @@ def test_bench_full_suite_end_to_end(tmp_path, capsys):
     assert r["dense_ms"] > 0 and r["skip_ms"] > 0 and r["mask_ms"] > 0
     assert r["block_size"] == 16 and r["capacity"] == max(1, round(r["capacity_fraction"] * 4))
     assert r["computed_fraction"] == r["capacity"] * 16 / 64
-    assert r["path"] == ("gather" if skip_pays(r["batch"], r["capacity"], 4) else "dense+mask")
+    # the policy's gathers, or the fused kernel where the rows' gathers add up to at most
+    # one layer of 4 blocks (`_fused.replaces_dense`)
+    fused = _native.available() and r["batch"] * r["capacity"] <= 4
+    assert r["path"] == ("gather" if skip_pays(r["batch"], r["capacity"], 4) or fused else "dense+mask")
   mem = [r["memory"] for r in rows if r["batch"] == 1]
   assert all(m["packed_over_dense_plus_factors"] <= 1.1 for m in mem)
   assert (tmp_path / "bench_suite.png").stat().st_size > 0
@@ -41,7 +45,7 @@ def test_bench_full_compares_a_tuned_policy_with_the_defaults(tmp_path, monkeypa
   monkeypatch.delenv("LRCC_JAX_TUNED", raising=False)
   kind = _policy.device_kind()
   never = [dataclasses.replace(p, max_fraction_one_row=0.0, max_gathered_layers=0.0, small_fraction=0.0,
-                               device_kind=kind, source="test")
+                               fused_max_layers=0.0, device_kind=kind, source="test")
            for p in (_policy.CPU_NATIVE, _policy.CPU_XLA)]
   _policy.policy_path(kind).write_text(_policy.policy_to_json(never, kind))
   _policy.forget_tuned()
