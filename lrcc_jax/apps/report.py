@@ -223,13 +223,15 @@ def _fit(res: dict[str, Any]) -> list[Row]:
 
 
 def _sweep(res: dict[str, Any]) -> list[Row]:
-  """The paper's network: the fastest measured row within 0.2 points of dense test error."""
+  """The paper's network: the fastest measured row within 0.2 points of dense test error,
+  and the data-aware rank-25 threshold-0 row (once if they are the same row)."""
   rows = res["sweep_mnist5k"]["rows"]
   close = [r for r in rows if r["test_error_capacity"] - r["test_error_dense"] <= 0.002 + 1e-9]
   best = max(close, key=lambda r: r["measured_speedup_batch1"])
   da25 = _pick(rows, protocol="dense", estimator="data_aware", ranks=[25, 25, 25], threshold=0.0)
+  shown = [best] if best is da25 else [best, da25]
   label = []
-  for r in (best, da25):
+  for r in shown:
     label.append(
       f"{r['protocol']} training, {r['estimator']} rank {r['ranks'][0]}, threshold"
       f" {r['threshold']}: error {100 * r['test_error_capacity']:.1f}% (dense"
@@ -239,10 +241,10 @@ def _sweep(res: dict[str, Any]) -> list[Row]:
     (
       "paper's 784-1000-600-400 net on test digits, L1 7e-4, skip mode with capacities: "
       + " / ".join(label),
-      _ms(best["dense_ms_batch1"], da25["dense_ms_batch1"]),
-      _ms(best["skip_ms_batch1"], da25["skip_ms_batch1"]),
-      _x(best["measured_speedup_batch1"], da25["measured_speedup_batch1"], bold=True),
-      _x(best["capacity_flop_speedup"], da25["capacity_flop_speedup"]),
+      _ms(*(r["dense_ms_batch1"] for r in shown)),
+      _ms(*(r["skip_ms_batch1"] for r in shown)),
+      _x(*(r["measured_speedup_batch1"] for r in shown), bold=True),
+      _x(*(r["capacity_flop_speedup"] for r in shown)),
       _cmd(
         "lrcc-jax sweep --config experiments/configs/mnist5k.py --workdir runs/sweep_mnist5k"
         " --out experiments/results",
