@@ -117,6 +117,31 @@ def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | Non
   return rows * capacity <= policy.fused_max_layers * n_blocks
 
 
+def runs(
+  plan: Plan,
+  platform: str,
+  rows: int,
+  capacity: int,
+  weight_shape: tuple[int, ...],
+  weight_dtype: jnp.dtype,
+  x_dtype: jnp.dtype,
+  m: int,
+  rank: int,
+) -> bool:
+  """The one rule for "auto": does a layer planned as `plan` run the fused kernel?
+
+  Where the plan's kernel is the native one (not a caller's `kernel="xla"` policy), the
+  kernel `chooses` the shape (`m` inputs per row), and the plan gathers or the fused
+  kernel `replaces_dense` under the plan's policy. `upgrade`, `_sparse._layer_path` and
+  `_mlp.chain_path` all ask this.
+  """
+  if plan.kernel != "native":
+    return False
+  if not (plan.gather or replaces_dense(rows, capacity, weight_shape[0], plan.policy)):
+    return False
+  return chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, m, rank)
+
+
 def upgrade(
   plan: Plan,
   strategy: str,
@@ -134,12 +159,10 @@ def upgrade(
   `kernel="xla"` policy), and that gather or, under "auto", whose rows' gathers add up to
   at most one layer (`replaces_dense`).
   """
-  if capacity is None or plan.kernel != "native":
+  if capacity is None or (strategy != "auto" and not plan.gather):
     return plan
-  replaces = strategy == "auto" and replaces_dense(rows, capacity, weight_shape[0], plan.policy)
-  if not (plan.gather or replaces):
-    return plan
-  if chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, weight_shape[2], rank):
+  n_in = weight_shape[2]
+  if runs(plan, platform, rows, capacity, weight_shape, weight_dtype, x_dtype, n_in, rank):
     return plan._replace(gather=True, kernel="fused")
   return plan
 

@@ -63,9 +63,9 @@ def chain_path(
   fused, m = [], layers[0][0][2] if layers else 0
   ranks = [0] * len(layers) if ranks is None else ranks
   for (shape, w_dtype), c, plan, r in zip(layers, capacities, plans, ranks):
-    fits = c is not None and _fused.chooses(platform, rows, c, shape, w_dtype, dtype, m, r)
-    beats = plan.gather or (c is not None and _fused.replaces_dense(rows, c, shape[0], plan.policy))
-    fused.append(fits and plan.kernel != "xla" and beats)
+    fused.append(
+      c is not None and _fused.runs(plan, platform, rows, c, shape, w_dtype, dtype, m, r)
+    )
     m = shape[1] * c if c is not None else shape[0] * shape[1]
   if all(c is not None for c in capacities) and (
     all(fused)

@@ -167,12 +167,7 @@ def _layer_path(
   """
   shape, w_dtype = packed.weight.shape, packed.weight.dtype
   plan = _policy.plan_layer(platform, "auto", rows, capacity, shape, w_dtype, dtype, policy)
-  fits = _fused.chooses(platform, rows, capacity, shape, w_dtype, dtype, m, packed.u.shape[1])
-  if (
-    plan.kernel != "xla"
-    and fits
-    and (plan.gather or _fused.replaces_dense(rows, capacity, shape[0], plan.policy))
-  ):
+  if _fused.runs(plan, platform, rows, capacity, shape, w_dtype, dtype, m, packed.u.shape[1]):
     return "fused"
   return "gather" if plan.gather else "dense"
 
