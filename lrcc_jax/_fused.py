@@ -51,7 +51,7 @@ _TARGETS = {
   (True, jnp.dtype(jnp.bfloat16)): "lrcc_fused_sparse_layer_bf16",
 }
 
-# `chooses`' limits. At most this many rows (the tile kernel's row ordering and shared
+# `runs`' limits. At most this many rows (the tile kernel's row ordering and shared
 # gathers are tuned for batches). The product and estimator limits were 2^20 and 2^17 while
 # the kernel ran every phase on one thread; with its phases split over the XLA:CPU pool
 # above 2^18 multiply-adds (csrc/fused_layer.cc, `kParallelWork`) it beats the op string
@@ -70,32 +70,6 @@ def usable(rows: int, weight_dtype: jnp.dtype, x_dtype: jnp.dtype) -> bool:
   """f32 inputs, f32 or bf16 weights (`_native.usable`), the library built, at most
   `MAX_ROWS` rows."""
   return rows <= MAX_ROWS and _native.usable(weight_dtype, x_dtype)
-
-
-def chooses(
-  platform: str,
-  rows: int,
-  capacity: int,
-  weight_shape: tuple[int, ...],
-  weight_dtype: jnp.dtype,
-  x_dtype: jnp.dtype,
-  m: int,
-  rank: int,
-) -> bool:
-  """The one static rule: does a gathering layer run the fused kernel on `platform`?
-
-  On CPU, where `usable`, while the exact products are at most `MAX_PRODUCT` multiply-adds
-  (`rows · capacity · block_size · m` for `m` inputs per row) and the estimator's second
-  factor at most `MAX_ESTIMATE` numbers (`rank · n_out`): one call instead of an op string
-  saves its fixed costs, and above 2^18 multiply-adds per phase the kernel splits the work
-  over the XLA:CPU pool, as the tile kernel (`_native.tile_product`) does.
-  """
-  if platform != "cpu" or not usable(rows, weight_dtype, x_dtype):
-    return False
-  n_blocks, block_size, _ = weight_shape
-  return (
-    rows * capacity * block_size * m <= MAX_PRODUCT and rank * n_blocks * block_size <= MAX_ESTIMATE
-  )
 
 
 def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | None) -> bool:
@@ -128,18 +102,27 @@ def runs(
   m: int,
   rank: int,
 ) -> bool:
-  """The one rule for "auto": does a layer planned as `plan` run the fused kernel?
+  """The one static rule for "auto": does a layer planned as `plan` run the fused kernel?
 
-  Where the plan's kernel is the native one (not a caller's `kernel="xla"` policy), the
-  kernel `chooses` the shape (`m` inputs per row), and the plan gathers or the fused
-  kernel `replaces_dense` under the plan's policy. `upgrade`, `_sparse._layer_path` and
-  `_mlp.chain_path` all ask this.
+  - the plan's kernel is the native one (CPU, not a caller's `kernel="xla"` policy), and
+    the kernel is `usable` (at most `MAX_ROWS` rows, f32 inputs, f32 or bf16 weights);
+  - the plan gathers, or the fused kernel `replaces_dense` under the plan's policy;
+  - the exact products are at most `MAX_PRODUCT` multiply-adds (`rows · capacity ·
+    block_size · m` for `m` inputs per row) and the estimator's second factor at most
+    `MAX_ESTIMATE` numbers (`rank · n_out`): one call instead of an op string saves its
+    fixed costs, and above 2^18 multiply-adds per phase the kernel splits the work over
+    the XLA:CPU pool, as the tile kernel (`_native.tile_product`) does.
+
+  `upgrade`, `_sparse._layer_path` and `_mlp.chain_path` all ask this.
   """
-  if plan.kernel != "native":
+  if platform != "cpu" or plan.kernel != "native" or not usable(rows, weight_dtype, x_dtype):
     return False
   if not (plan.gather or replaces_dense(rows, capacity, weight_shape[0], plan.policy)):
     return False
-  return chooses(platform, rows, capacity, weight_shape, weight_dtype, x_dtype, m, rank)
+  n_blocks, block_size, _ = weight_shape
+  return (
+    rows * capacity * block_size * m <= MAX_PRODUCT and rank * n_blocks * block_size <= MAX_ESTIMATE
+  )
 
 
 def upgrade(
@@ -153,7 +136,7 @@ def upgrade(
   x_dtype: jnp.dtype,
   rank: int,
 ) -> Plan:
-  """`packed_dense`'s `plan` with kernel "fused" where `chooses` says so.
+  """`packed_dense`'s `plan` with kernel "fused" where `runs` says so.
 
   Only plans whose kernel is the native one (CPU, f32 or bf16 weights, not a caller's
   `kernel="xla"` policy), and that gather or, under "auto", whose rows' gathers add up to

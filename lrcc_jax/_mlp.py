@@ -46,14 +46,14 @@ def chain_path(
   """`packed_mlp`'s "auto" on `platform`, from static shapes: the one chain decision.
 
   - "sparse" (activations as `SparseRows`) when every layer has a capacity and either every
-    layer runs the fused CPU kernel (`_fused.chooses`, with the previous layer's
+    layer runs the fused CPU kernel (`_fused.runs`, with the previous layer's
     `capacity · block_size` active inputs) or gathering pays for every layer under the tile
     product's policy (`_policy.plan_chain`);
   - else "layerwise" when some layer skips (its `packed_dense` gathers or runs fused);
   - else "dense": no layer can skip profitably, so every layer runs its dense product
     (and the mask), with no per-layer decision left to make.
 
-  `ranks` (the estimators' ranks, one per layer) enter `_fused.chooses`; without them the
+  `ranks` (the estimators' ranks, one per layer) enter `_fused.runs`; without them the
   estimator is taken as free.
   """
   plans = [

@@ -159,7 +159,7 @@ def _layer_path(
 ) -> str:
   """`sparse_packed_dense`'s path on `platform`: "fused", "gather" or "dense".
 
-  "fused" where the fused native kernel runs (`_fused.chooses`: CPU, at most 8 rows) and
+  "fused" where the fused native kernel runs (`_fused.runs`: CPU, at most 8 rows) and
   gathering pays or the rows' gathers add up to at most one layer (`_fused.replaces_dense`);
   else "gather" (XLA selection, then the platform's gather or tile kernel) where
   `_policy.plan_layer`'s "auto" gathers, and "dense" (dense product, then the selected

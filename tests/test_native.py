@@ -108,7 +108,7 @@ def test_bf16_packed_dense_runs_the_kernel_and_halves_the_bytes():
   assert p16.weight.dtype == jnp.bfloat16 and p16.weight.nbytes * 2 == kernel.nbytes
   x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
   fn = jax.jit(lambda x: L.packed_dense(x, p16, threshold=-0.1, capacity=3, strategy="gather"))
-  text = fn.lower(x).as_text()  # small layers run the fused kernel (`_fused.chooses`)
+  text = fn.lower(x).as_text()  # small layers run the fused kernel (`_fused.runs`)
   assert "lrcc_tile_product_bf16" in text or "lrcc_fused_layer_bf16" in text
   rounded = kernel.astype(jnp.bfloat16).astype(jnp.float32)
   mask = L.unit_mask(L.estimate(x, est, bias), -0.1, 3, 16)

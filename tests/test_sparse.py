@@ -108,7 +108,7 @@ def test_auto_chain_decision_is_shared_by_packed_mlp_and_the_sweep(block_size, m
   m = ConditionalMLP(20, [32, 32], 5, ranks=4, capacities=caps, block_sizes=block_size, rngs=nnx.Rngs(5))
   packed = m.pack()
   # Runs of one input never use the native tile kernel, but these small layers run the fused
-  # kernel (`_fused.chooses`) at one row whatever the block size.
+  # kernel (`_fused.runs`) at one row whatever the block size.
   expect = _native.active()
   assert _mlp.sparse_chain_pays(1, packed, caps) == expect
   assert sweep._skip_strategy(m) == _mlp.auto_path(1, packed, caps)
