@@ -146,6 +146,104 @@ def _xla_masked_relu(
   return jnp.where(keep, jax.nn.relu(zb), jnp.zeros((), zb.dtype))
 
 
+def estimated_masked_relu(
+  z: Array,
+  x: Array,
+  u: Array,
+  v: Array,
+  bias: Array,
+  threshold: float | Array,
+  capacity: int | None,
+  block_size: int,
+  *,
+  kernel: str = "xla",
+) -> Array:
+  r"""`masked_relu` with the scores computed from the inputs: the whole dense fallback
+  after its product.
+
+  `z` (rows, n_out) is the dense product without bias, `x` (rows, n_in) the inputs, `u`
+  (n_in, r) and `v` (r, n_out) the estimator's factors. The scores are the block maxima
+  of `\hat z = (x U) V + b` (`block_scores`), held out of the gradient as in
+  `packed_dense`; then `where(M, relu(z + b), 0)`.
+
+  `kernel="native"` (XLA:CPU, all f32) runs the estimate, the scores, the selection and
+  the epilogue in one call of `csrc/select.cc`, four rows at a time: XLA runs the two thin
+  products `x U` (r = 64 columns) and `t V` at about half the rate of the dense product,
+  and it writes the scores out and reads them back. The estimate is summed in another
+  order than XLA's, so a score within rounding of the k-th one may rank differently, as
+  with any two implementations of `(x U) V`. The XLA form supplies the JVP and batching.
+  """
+  if kernel == "native":
+    if not _native.available():
+      raise ValueError(f"kernel='native' needs the native library: {_native.status()['reason']}")
+    call = _native_estimated_masked_relu(capacity, block_size)
+    return call(z, x, u, v, bias, jnp.asarray(threshold, jnp.float32))
+  if kernel != "xla":
+    raise ValueError(f"kernel={kernel!r} must be 'native' or 'xla'.")
+  return _xla_estimated_masked_relu(
+    z, x, u, v, bias, threshold, capacity=capacity, block_size=block_size
+  )
+
+
+def _xla_estimated_masked_relu(
+  z: Array,
+  x: Array,
+  u: Array,
+  v: Array,
+  bias: Array,
+  threshold: float | Array,
+  *,
+  capacity: int | None,
+  block_size: int,
+) -> Array:
+  z_hat = jax.lax.stop_gradient((x @ u) @ v + jnp.reshape(bias, (1, -1)).astype(x.dtype))
+  scores = block_scores(z_hat, block_size)
+  return _xla_masked_relu(z, scores, bias, threshold, capacity=capacity)
+
+
+@functools.cache
+def _native_estimated_masked_relu(capacity: int | None, block_size: int):
+  """`estimated_masked_relu`'s native call for one static capacity and block size."""
+  xla = functools.partial(_xla_estimated_masked_relu, capacity=capacity, block_size=block_size)
+
+  @jax.custom_batching.custom_vmap
+  def call(z, x, u, v, bias, threshold):
+    out = jax.ShapeDtypeStruct(z.shape, jnp.float32)
+    cap = np.int64(0 if capacity is None else capacity)
+    return jax.ffi.ffi_call(_native.ESTIMATED_MASKED_RELU, out)(
+      z, x, u, v, bias, threshold, capacity=cap, block_size=np.int64(block_size)
+    )
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, z, x, u, v, bias, threshold):
+    if any(in_batched[2:]):  # per-example factors, bias or threshold: the XLA form
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(xla, in_axes=in_axes)(z, x, u, v, bias, threshold), True
+    z, x = (
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip((z, x), in_batched[:2])
+    )
+    flat = call(
+      jnp.reshape(z, (-1, z.shape[-1])), jnp.reshape(x, (-1, x.shape[-1])), u, v, bias, threshold
+    )
+    return jnp.reshape(flat, z.shape), True
+
+  @jax.custom_jvp
+  def masked(z, x, u, v, bias, threshold):
+    return call(z, x, u, v, bias, threshold)
+
+  @masked.defjvp
+  def _jvp(primals, tangents):
+    dz, _, _, _, db, _ = tangents
+    y = masked(*primals)
+    # y > 0 exactly where the unit is kept and relu passes z + b (relu's JVP at NaN and 0
+    # is 0): the primal's own mask, whatever order its estimate was summed in.
+    dzb = dz + jnp.reshape(db, (1,) * (dz.ndim - 1) + db.shape).astype(dz.dtype)
+    return y, jnp.where(y > 0, dzb, jnp.zeros((), dzb.dtype))
+
+  return masked
+
+
 @functools.cache
 def _native_masked_relu(capacity: int | None):
   """`masked_relu`'s native call for one static capacity, with JVP and batching rules."""

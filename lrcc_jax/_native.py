@@ -52,6 +52,8 @@ _SHARED_TARGETS = {
 }
 # The dense fallback's epilogue (`csrc/select.cc`, called by `_mask.masked_relu`).
 MASKED_RELU = "lrcc_masked_relu"
+# The same epilogue computing the estimate's block scores itself from x, U and V.
+ESTIMATED_MASKED_RELU = "lrcc_estimated_masked_relu"
 # Every FFI target of the library: name -> exported handler symbol. All sources in
 # `csrc/` are compiled into one shared library; adding a kernel is a new `.cc` file
 # and a line here.
@@ -63,6 +65,7 @@ SYMBOLS = {
   "lrcc_ffn_rows_product": "LrccFfnRowsProduct",  # csrc/ffn.cc, used by `_ffn`
   "lrcc_ffn_rows_product_bf16": "LrccFfnRowsProductBf16",
   MASKED_RELU: "LrccMaskedRelu",
+  ESTIMATED_MASKED_RELU: "LrccEstimatedMaskedRelu",
   # csrc/fused_layer.cc: one whole conditional layer per call (`_fused`).
   "lrcc_fused_layer": "LrccFusedLayer",
   "lrcc_fused_layer_bf16": "LrccFusedLayerBf16",

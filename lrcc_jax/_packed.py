@@ -297,16 +297,16 @@ def gather_selected(
 def unit_major_product(x: Array, w: Array) -> Array:
   """`x @ w.T` for unit-major `w` (n_out, n_in), in the orientation XLA:CPU runs faster.
 
-  From 8 to 32 rows (and from 8 rows on at 4096 inputs or more) it is computed as
-  `(w @ x.T).T`: written as `x @ w.T`, XLA:CPU repacks `w` on every call there, and with
-  the weights as a row-major left operand the product ran 1.4-3.0x faster than `x @ W`
-  for the Flax-layout kernel `W` (1024-4096 wide, one interleaved run on 2 cores; 4096,
-  64 rows: 1.31x). The optimisation barriers keep XLA's simplifier from rewriting it back.
-  Elsewhere `x @ w.T` is kept: at 2 rows and at 64-128 rows of 1024-2048 inputs the
-  transposed form ran 0.80-0.96x of `x @ W`, `x @ w.T` 0.94-1.02x.
+  Up to 32 rows (64 at 4096 inputs or more) it is computed as `(w @ x.T).T`: written as
+  `x @ w.T`, XLA:CPU repacks `w` on every call there. Measured in one interleaved run on
+  2 cores (1024-4096 wide): at 2-8 rows the contraction `x @ w.T` took 1.6-2.3x the time of
+  the transposed form, at 16-32 rows 1.3-1.6x; against `x @ W` for the Flax-layout kernel
+  `W` the transposed form ran 1.0-2.7x faster. From 64 rows on (128 at 4096) the plain
+  contraction was as fast as `x @ W` and the transposed form 1.05-1.4x slower. The
+  optimisation barriers keep XLA's simplifier from rewriting it back.
   """
   rows, n_in = math.prod(x.shape[:-1]), w.shape[1]
-  if 8 <= rows <= 32 or (rows >= 8 and n_in >= 4096):
+  if rows <= 32 or (n_in >= 4096 and rows <= 64):
     barrier = jax.lax.optimization_barrier
     return barrier(w.astype(x.dtype) @ barrier(x.T)).T
   # contracting over w's second axis directly: no transpose of the weights in the program
@@ -342,8 +342,9 @@ def packed_dense(
   densely and masks, which gives the same values. That fallback costs the dense product
   (`unit_major_product`), the estimator (`r (n_in + n_out)` multiply-adds per row: 12.5%
   of a 1024-wide layer's at rank 64, 6% of a 2048-wide one's) and one epilogue pass
-  (`_mask.masked_relu`: selection, bias, ReLU and mask; on CPU the native
-  `csrc/select.cc`), which sets its floor against a dense jit. `"gather"` and `"dense"`
+  (selection, bias, ReLU and mask), which sets its floor against a dense jit. On CPU the
+  estimator and the epilogue are one native call (`_mask.estimated_masked_relu`,
+  `csrc/select.cc`); elsewhere XLA's ops (`_mask.masked_relu`). `"gather"` and `"dense"`
   force a path (for benchmarks and tests).
 
   The decision and the gather kernel belong to the platform the program is lowered for
@@ -400,6 +401,11 @@ def packed_dense(
     if not plan.gather:
       z = unit_major_product(xr, jnp.reshape(packed.weight, (n_out, n_in)))
       bias = jnp.reshape(packed.bias, (n_out,)).astype(xr.dtype)
+      if plan.epilogue == "native" and packed.u.dtype == packed.v.dtype == jnp.float32:
+        # the estimate in the epilogue's call: `scores` is then unused (dead in XLA)
+        return _mask.estimated_masked_relu(
+          z, xr, packed.u, packed.v, bias, threshold, capacity, block_size, kernel="native"
+        )
       return _mask.masked_relu(z, scores, bias, threshold, capacity, kernel=plan.epilogue)
     assert capacity is not None  # a plan without a capacity never gathers
     if plan.kernel == "fused":  # the whole layer in one native call (estimate included)

@@ -201,3 +201,88 @@ def test_native_epilogue_gradients_vmap_and_traced_threshold():
     np.testing.assert_array_equal(np.asarray(f("native")(z, ss, bb)), np.asarray(f("xla")(z, ss, bb)))
   t = jax.jit(lambda t: _mask.masked_relu(z[0], s[0], b[0], t, 3, kernel="native"))
   np.testing.assert_array_equal(np.asarray(t(0.5)), np.asarray(_mask.masked_relu(z[0], s[0], b[0], 0.5, 3)))
+
+
+# --- The epilogue that computes the estimate itself (`estimated_masked_relu`). ---
+
+
+def _integer_layer(rng, rows, n_in, rank, n_out, low=-2, high=3):
+  """Small-integer x, U, V, bias: every sum is exact, so any summation order gives the same
+  estimate, ties included, and the native and XLA masks must agree bit for bit."""
+  draw = lambda *shape: jnp.asarray(rng.integers(low, high, shape), jnp.float32)
+  return draw(rows, n_in), draw(n_in, rank), draw(rank, n_out), draw(n_out)
+
+
+@needs_native
+@settings(deadline=None, max_examples=40)
+@given(
+  rows=st.integers(1, 9),
+  n_in=st.integers(1, 70),
+  rank=st.integers(1, 70),
+  n_blocks=st.integers(1, 40),
+  block_size=st.sampled_from([1, 3, 16]),
+  capacity=st.integers(1, 40) | st.none(),
+  threshold=st.sampled_from([-1e9, 0.0, 2.0]),
+  seed=st.integers(0, 2**16),
+)
+def test_estimated_epilogue_equals_the_xla_form_and_numpy(
+  rows, n_in, rank, n_blocks, block_size, capacity, threshold, seed
+):
+  """Guards the native estimate (ranks and widths off multiples of 16 and 64, rows off
+  multiples of four: the padded U, the 16-wide and scalar column tails, the 1-3 row
+  groups), its block scores and the selection against the XLA form and numpy."""
+  rng = np.random.default_rng(seed)
+  n_out = n_blocks * block_size
+  capacity = None if capacity is None else min(capacity, n_blocks)
+  x, u, v, bias = _integer_layer(rng, rows, n_in, rank, n_out)
+  z = jnp.asarray(rng.standard_normal((rows, n_out)), jnp.float32)
+  args = (z, x, u, v, bias, threshold, capacity, block_size)
+  got = np.asarray(jax.jit(_mask.estimated_masked_relu, static_argnums=(6, 7), static_argnames="kernel")(*args, kernel="native"))
+  np.testing.assert_array_equal(got, np.asarray(_mask.estimated_masked_relu(*args, kernel="xla")))
+  scores = (np.asarray(x) @ np.asarray(u)) @ np.asarray(v) + np.asarray(bias)
+  scores = scores.reshape(rows, n_blocks, block_size).max(-1)
+  want = _np_masked_relu(np.asarray(z), scores, np.asarray(bias), threshold, capacity)
+  np.testing.assert_array_equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("rows, n, rank, block_size", [(3, 1024, 40, 16), (129, 1024, 64, 1)])
+def test_estimated_epilogue_at_real_sizes(rows, n, rank, block_size):
+  """Guards the native call at real sizes: one chunk of rows on the calling thread (3 rows),
+  and chunks of four-row groups split over the pool (129 rows: a last group of one)."""
+  rng = np.random.default_rng(rows)
+  x, u, v, bias = _integer_layer(rng, rows, n, rank, n)
+  z = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
+  for capacity in (None, 7, n // block_size // 3):
+    args = (z, x, u, v, bias, 0.0, capacity, block_size)
+    got = jax.jit(_mask.estimated_masked_relu, static_argnums=(6, 7), static_argnames="kernel")(*args, kernel="native")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_mask.estimated_masked_relu(*args, kernel="xla")))
+
+
+@needs_native
+def test_estimated_epilogue_nan_estimate_gradients_and_vmap():
+  """Guards a NaN in the estimate (its block is scored NaN, ranked first and kept), the JVP
+  (the primal's own mask), the batching rule (rows folded; the XLA form for a batched
+  bias) and a traced threshold."""
+  rng = np.random.default_rng(3)
+  x, u, v, bias = _integer_layer(rng, 6, 40, 20, 48)
+  x = x.at[2, 5].set(jnp.nan)  # row 2's estimate is NaN everywhere: all blocks tie first
+  z = jnp.asarray(rng.standard_normal((6, 48)), jnp.float32)
+  call = lambda kernel, z, b, t=0.0, x=x: _mask.estimated_masked_relu(z, x, u, v, b, t, 2, 4, kernel=kernel)
+  got, want = np.asarray(call("native", z, bias)), np.asarray(call("xla", z, bias))
+  np.testing.assert_array_equal(got, want)
+  # NaN scores pass the threshold and tie: the capacity's 2 blocks are the lowest two
+  first = np.asarray(z[2, :8] + bias[:8])
+  np.testing.assert_array_equal(got[2], np.concatenate([np.maximum(first, 0), np.zeros(40)]))
+  for argnums in (1, 2):
+    loss = lambda kernel, z, b: jnp.sum(call(kernel, z, b) ** 2)
+    g_native = jax.grad(loss, argnums=argnums)("native", z, bias)
+    g_xla = jax.grad(loss, argnums=argnums)("xla", z, bias)
+    np.testing.assert_allclose(np.asarray(g_native), np.asarray(g_xla), rtol=1e-6)
+  zz = jnp.stack([z, -z])
+  xx = jnp.stack([x, x[::-1]])
+  for in_axes, bb in (((0, None, 0), bias), ((0, 0, 0), jnp.stack([bias, -bias]))):
+    f = lambda kernel: jax.jit(jax.vmap(lambda z, b, x: call(kernel, z, b, 0.0, x), in_axes=in_axes))
+    np.testing.assert_array_equal(np.asarray(f("native")(zz, bb, xx)), np.asarray(f("xla")(zz, bb, xx)))
+  t = jax.jit(lambda t: call("native", z, bias, t))
+  np.testing.assert_array_equal(np.asarray(t(3.0)), np.asarray(call("xla", z, bias, 3.0)))

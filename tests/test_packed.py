@@ -173,7 +173,7 @@ def test_pack_accepts_numpy_and_the_jitted_gather_works():
   np.testing.assert_allclose(np.asarray(got), np.asarray(L.packed_dense(x, L.pack(w, b, est), capacity=4)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 6, 8, 32, 40])
+@pytest.mark.parametrize("rows", [1, 6, 8, 32, 33, 64])
 def test_unit_major_product_equals_the_flax_layout_product(rows):
   from lrcc_jax._packed import unit_major_product
 
@@ -183,9 +183,10 @@ def test_unit_major_product_equals_the_flax_layout_product(rows):
   np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-6)
   gx = jax.grad(lambda x: unit_major_product(x, w.T).sum())(x)
   np.testing.assert_allclose(np.asarray(gx), np.broadcast_to(np.asarray(w).sum(1), x.shape), rtol=1e-5, atol=1e-6)
-  # the transposed orientation (behind barriers) only where it measured faster: 8-32 rows
+  # the transposed orientation (behind barriers) only where it measured faster: up to 32
+  # rows at these 12 inputs
   text = jax.jit(unit_major_product).lower(x, w.T).as_text()
-  assert ("optimization_barrier" in text) == (8 <= rows <= 32)
+  assert ("optimization_barrier" in text) == (rows <= 32)
 
 
 def test_auto_strategy_rules():

@@ -6,7 +6,8 @@ needed: lowering is compilation's first half), and prints a Markdown table of th
 found in the text, with any control flow left in it:
 
 - ``native FFI``: a native CPU gather kernel's custom call (`lrcc_tile_product`, ...);
-- ``native epilogue``: the dense fallback's native CPU epilogue (`lrcc_masked_relu`);
+- ``native epilogue``: the dense fallback's native CPU epilogue (`lrcc_masked_relu`,
+  `lrcc_estimated_masked_relu`);
 - ``Pallas Triton``: ``__gpu$xla.gpu.triton``; ``Pallas Mosaic TPU``: ``tpu_custom_call``;
   ``Pallas Mosaic GPU``: ``mosaic_gpu`` (none expected);
 - ``XLA gather``: a ``stablehlo.gather`` reading a packed weight;
@@ -32,10 +33,12 @@ import numpy as np
 from lrcc_jax import _native
 
 PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cpu", "cuda", "tpu"))
+# The dense fallback's native epilogues (scores given, or computed from x, U and V).
+_EPILOGUES = (_native.MASKED_RELU, _native.ESTIMATED_MASKED_RELU)
 # Each kernel's custom-call target names (any of them marks the kernel as present).
 KERNEL_MARKERS = {
-  "native FFI": tuple(t for t in _native.SYMBOLS if t != _native.MASKED_RELU),
-  "native epilogue": (_native.MASKED_RELU,),
+  "native FFI": tuple(t for t in _native.SYMBOLS if t not in _EPILOGUES),
+  "native epilogue": _EPILOGUES,
   "Pallas Triton": ("__gpu$xla.gpu.triton",),
   "Pallas Mosaic TPU": ("tpu_custom_call",),
   "Pallas Mosaic GPU": ("mosaic_gpu",),
