@@ -10,11 +10,15 @@ platforms keep the shipped defaults.
 
 The fit starts from the shipped default for the kernel and searches the policy's
 fractions (`max_fraction_one_row`, `small_block_max_fraction_one_row`,
-`max_gathered_layers`, `small_fraction`, `small_fraction_max_rows`) over the values
+`max_gathered_layers`, `small_fraction`, `small_fraction_max_rows`, and for the native
+kernel's shared mode `max_union_fraction` and `shared_max_fraction`) over the values
 measured, keeping the one that loses the least time against the better strategy of each
-measured case (sum of log time ratios). The default's own values are candidates and win
-ties, so on the measured grid the tuned policy is never worse than the shipped one; the
-byte limits are kept from the default. The
+measured case (sum of log time ratios), judged by the decision "auto" makes under it
+(`_policy.batch_mode`). Cases the fused CPU kernel takes whatever the fractions say
+(`_fused.replaces_dense`: a few rows adding up to at most a layer) are measured but left
+out of the fit. The default's own values are candidates and win ties, so on the measured
+grid the tuned policy is never worse than the shipped one; the byte limits are kept from
+the default. The
 default grid is `lrcc-jax bench --suite full`'s (widths 1024-4096, blocks of 1 and 16,
 batches 1-128, 5-50% computed, rank 64): tune on the shapes you serve.
 """
@@ -34,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lrcc_jax import _policy
-from lrcc_jax._packed import packed_dense
+from lrcc_jax._packed import auto_gathers, packed_dense
 from lrcc_jax.apps import bench
 
 
@@ -74,8 +78,14 @@ def measure(
             for strategy in ("gather", "dense")
           }
           t = bench.time_interleaved(fns, repeats=repeats)
+          never = dataclasses.replace(
+            _policy.default_policy(_policy._policy_platform(platform), kernel, packed.weight.dtype),  # pylint: disable=protected-access
+            **{field: 0 for field in _FRACTION_FIELDS},
+          )
           rows.append(
             {
+              # "auto" gathers here even under a never-gather policy: the fused kernel
+              "fixed": auto_gathers(packed, batch, cap, platform=platform, policy=never),
               "width": width,
               "block_size": block_size,
               "batch": batch,
@@ -97,11 +107,12 @@ def measure(
 
 
 def _loss(policy: _policy.Policy, rows: list[dict]) -> float:
-  """Time lost against the better strategy of each row: sum of log(chosen / best)."""
+  """Time lost against the better strategy of each row: sum of log(chosen / best), with
+  "chosen" the strategy `_policy.batch_mode` picks under `policy`."""
   total = 0.0
   for r in rows:
-    gather = _policy.gather_pays(policy, r["batch"], r["capacity"], r["n_blocks"], r["block_bytes"])
-    chosen = r["gather_ms"] if gather else r["dense_ms"]
+    mode = _policy.batch_mode(policy, r["batch"], r["capacity"], r["n_blocks"], r["block_bytes"])
+    chosen = r["gather_ms"] if mode != "dense" else r["dense_ms"]
     total += math.log(chosen / min(r["gather_ms"], r["dense_ms"]))
   return total
 
@@ -124,7 +135,7 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
   policies = []
   plat = platform if platform in _policy.PLATFORMS else "cuda"
   for kernel in dict.fromkeys(r["kernel"] for r in rows):
-    mine = [r for r in rows if r["kernel"] == kernel]
+    mine = [r for r in rows if r["kernel"] == kernel and not r.get("fixed", False)]
     name = "pallas" if kernel in ("triton", "mosaic") else kernel
     base = _policy.default_policy(plat, name, jnp.float32)
     base = dataclasses.replace(
@@ -171,9 +182,34 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
         ],
       },
     )
+    if tuned.shared_min_rows > 0:  # the native kernel's shared mode
+      tuned, _ = _search(
+        tuned,
+        many,
+        {
+          "max_union_fraction": [
+            tuned.max_union_fraction,
+            0.0,
+            *sorted({_policy.union_fraction(r["batch"], r["fraction"]) for r in many}),
+          ],
+          "shared_max_fraction": [tuned.shared_max_fraction, 0.0, *fractions],
+        },
+      )
     policies.append(tuned)
   return policies
 
+
+# The policy fields the fit searches for `gather_pays` (the shared-mode ones are searched
+# only for kernels that have that mode).
+_FRACTION_FIELDS = (
+  "max_fraction_one_row",
+  "small_block_max_fraction_one_row",
+  "max_gathered_layers",
+  "small_fraction",
+  "small_fraction_max_rows",
+  "max_union_fraction",
+  "shared_max_fraction",
+)
 
 WIDTHS, BLOCK_SIZES, BATCHES = (1024, 2048, 4096), (1, 16), (1, 2, 4, 8, 16, 32, 64, 128)
 FRACTIONS = (0.05, 0.1, 0.25, 0.5)

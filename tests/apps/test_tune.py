@@ -67,8 +67,25 @@ def test_fit_picks_the_least_time_lost_and_is_no_worse_than_the_default():
   assert p.max_fraction_one_row == 0.25  # 0.5 loses (1.4 ms against 1.0)
   assert tune._loss(p, rows) == 0.0  # every measured case takes its faster strategy
   assert tune._loss(p, rows) <= tune._loss(_policy.CPU_NATIVE, rows)
-  for r in rows:
-    assert _policy.gather_pays(p, r["batch"], r["capacity"], 64, r["block_bytes"]) == (r["gather_ms"] < r["dense_ms"])
+  for r in rows:  # judged by the decision "auto" makes, shared mode included
+    gathers = _policy.batch_mode(p, r["batch"], r["capacity"], 64, r["block_bytes"]) != "dense"
+    assert gathers == (r["gather_ms"] < r["dense_ms"])
+
+
+def test_fit_searches_the_shared_mode_and_skips_cases_the_fused_kernel_takes():
+  """Guards the shared-mode fields in the fit (16 rows at 6% gather under the default's
+  `shared_max_fraction`; measured slower here, the fit turns it off) and the rows marked
+  `fixed` (the fused kernel runs there whatever the policy says): they do not move it."""
+  from lrcc_jax.apps import tune
+
+  default = _policy.CPU_NATIVE
+  slow_shared = _row(16, 0.0625, 2.0, 1.0)
+  assert _policy.batch_mode(default, 16, slow_shared["capacity"], 64, slow_shared["block_bytes"]) == "shared"
+  fixed = {**_row(1, 0.5, 0.1, 1.0), "fixed": True}  # would push max_fraction_one_row to 0.5
+  rows = [slow_shared, fixed, _row(1, 0.125, 0.5, 1.0), _row(1, 0.25, 1.2, 1.0)]
+  (p,) = tune.fit(rows, "cpu", "test cpu")
+  assert _policy.batch_mode(p, 16, slow_shared["capacity"], 64, slow_shared["block_bytes"]) == "dense"
+  assert p.max_fraction_one_row == 0.125
 
 
 def test_fit_keeps_the_default_where_the_measurements_do_not_decide():
