@@ -223,9 +223,13 @@ def batch_mode(
   most `policy.max_union_fraction` of the layer: rows from real data overlap, so their
   union is smaller still; or, for large blocks and up to `policy.small_fraction_max_rows`
   rows, while each row computes at most `policy.shared_max_fraction` of the layer
-  (the shared read is at most one layer; the flops are a fraction). Static shapes only.
+  (the shared read is at most one layer; the flops are a fraction). Blocks smaller than
+  `policy.min_batched_block_bytes` never gather past `policy.small_block_max_rows` rows,
+  in either mode. Static shapes only.
   """
   if capacity is None:
+    return "dense"
+  if rows > policy.small_block_max_rows and block_bytes < policy.min_batched_block_bytes:
     return "dense"
   shared = policy.shared_min_rows > 0 and rows >= policy.shared_min_rows
   if gather_pays(policy, rows, capacity, n_blocks, block_bytes):

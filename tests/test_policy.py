@@ -136,3 +136,16 @@ def test_cpu_xla_decisions_at_key_shapes():
   assert _policy.gather_pays(p, 2, 1, 4096, small)
   assert not _policy.gather_pays(p, 3, 1, 4096, small)
   assert _policy.gather_pays(p, 3, 1, 4096, p.min_batched_block_bytes)
+
+
+def test_small_blocks_never_gather_past_their_row_limit_in_either_mode():
+  """Guards `batch_mode`'s small-block row limit: single units of a 1024-wide layer (4 KiB)
+  at 5% gather in the shared mode up to `small_block_max_rows` rows (the union is small)
+  and fall back to dense past it; blocks of 16 (64 KiB) keep the shared mode."""
+  pol = _policy.CPU_NATIVE
+  cap = 51  # 5% of 1024 single units
+  limit = pol.small_block_max_rows
+  assert _policy.batch_mode(pol, 4, cap, 1024, 4096) == "shared"
+  assert _policy.batch_mode(pol, limit, cap // 2, 1024, 4096) != "dense"
+  assert _policy.batch_mode(pol, limit + 1, cap // 2, 1024, 4096) == "dense"
+  assert _policy.batch_mode(pol, limit + 1, 3, 64, 65536) == "shared"

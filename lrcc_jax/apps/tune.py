@@ -14,11 +14,11 @@ fractions (`max_fraction_one_row`, `small_block_max_fraction_one_row`,
 kernel's shared mode `max_union_fraction` and `shared_max_fraction`) over the values
 measured, keeping the one that loses the least time against the better strategy of each
 measured case (sum of log time ratios), judged by the decision "auto" makes under it
-(`_policy.batch_mode`). Cases the fused CPU kernel takes whatever the fractions say
-(`_fused.replaces_dense`: a few rows adding up to at most a layer) are measured but left
-out of the fit. The default's own values are candidates and win ties, so on the measured
-grid the tuned policy is never worse than the shipped one; the byte limits are kept from
-the default. The
+(`_policy.batch_mode`, and on CPU the fused kernel where it replaces the dense fallback:
+`_fused.replaces_dense`, searched through `fused_max_layers`), and the row limit of
+small blocks (`small_block_max_rows`). The default's own values are candidates and win
+ties, so on the measured grid the tuned policy is never worse than the shipped one; the
+byte limits are kept from the default. The
 default grid is `lrcc-jax bench --suite full`'s (widths 1024-4096, blocks of 1 and 16,
 batches 1-128, 5-50% computed, rank 64): tune on the shapes you serve.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from lrcc_jax import _policy
+from lrcc_jax import _fused, _policy
 from lrcc_jax._packed import auto_gathers, packed_dense
 from lrcc_jax.apps import bench
 
@@ -78,14 +78,16 @@ def measure(
             for strategy in ("gather", "dense")
           }
           t = bench.time_interleaved(fns, repeats=repeats)
-          never = dataclasses.replace(
+          # Whether the fused kernel would take this case if the policy let it replace
+          # the dense fallback (its other limits: rows, products, platform).
+          fused_only = dataclasses.replace(
             _policy.default_policy(_policy._policy_platform(platform), kernel, packed.weight.dtype),  # pylint: disable=protected-access
             **{field: 0 for field in _FRACTION_FIELDS},
+            fused_max_layers=math.inf,
           )
           rows.append(
             {
-              # "auto" gathers here even under a never-gather policy: the fused kernel
-              "fixed": auto_gathers(packed, batch, cap, platform=platform, policy=never),
+              "fused_eligible": auto_gathers(packed, batch, cap, platform=platform, policy=fused_only),
               "width": width,
               "block_size": block_size,
               "batch": batch,
@@ -112,7 +114,10 @@ def _loss(policy: _policy.Policy, rows: list[dict]) -> float:
   total = 0.0
   for r in rows:
     mode = _policy.batch_mode(policy, r["batch"], r["capacity"], r["n_blocks"], r["block_bytes"])
-    chosen = r["gather_ms"] if mode != "dense" else r["dense_ms"]
+    fused = r.get("fused_eligible", False) and _fused.replaces_dense(
+      r["batch"], r["capacity"], r["n_blocks"], policy
+    )
+    chosen = r["gather_ms"] if mode != "dense" or fused else r["dense_ms"]
     total += math.log(chosen / min(r["gather_ms"], r["dense_ms"]))
   return total
 
@@ -135,7 +140,7 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
   policies = []
   plat = platform if platform in _policy.PLATFORMS else "cuda"
   for kernel in dict.fromkeys(r["kernel"] for r in rows):
-    mine = [r for r in rows if r["kernel"] == kernel and not r.get("fixed", False)]
+    mine = [r for r in rows if r["kernel"] == kernel]
     name = "pallas" if kernel in ("triton", "mosaic") else kernel
     base = _policy.default_policy(plat, name, jnp.float32)
     base = dataclasses.replace(
@@ -182,6 +187,10 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
         ],
       },
     )
+    batches = sorted({r["batch"] for r in many})
+    tuned, _ = _search(
+      tuned, many, {"small_block_max_rows": [tuned.small_block_max_rows, 1, *batches]}
+    )
     if tuned.shared_min_rows > 0:  # the native kernel's shared mode
       tuned, _ = _search(
         tuned,
@@ -195,12 +204,23 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
           "shared_max_fraction": [tuned.shared_max_fraction, 0.0, *fractions],
         },
       )
+    if tuned.fused_max_layers > 0:  # the fused CPU kernel in place of the dense fallback
+      tuned, _ = _search(
+        tuned,
+        mine,
+        {
+          "fused_max_layers": [
+            tuned.fused_max_layers,
+            0.0,
+            *sorted({r["batch"] * r["fraction"] for r in mine}),
+          ]
+        },
+      )
     policies.append(tuned)
   return policies
 
 
-# The policy fields the fit searches for `gather_pays` (the shared-mode ones are searched
-# only for kernels that have that mode).
+# The policy fields that say where gathering pays (zeroed: a policy that never gathers).
 _FRACTION_FIELDS = (
   "max_fraction_one_row",
   "small_block_max_fraction_one_row",

@@ -72,20 +72,27 @@ def test_fit_picks_the_least_time_lost_and_is_no_worse_than_the_default():
     assert gathers == (r["gather_ms"] < r["dense_ms"])
 
 
-def test_fit_searches_the_shared_mode_and_skips_cases_the_fused_kernel_takes():
-  """Guards the shared-mode fields in the fit (16 rows at 6% gather under the default's
-  `shared_max_fraction`; measured slower here, the fit turns it off) and the rows marked
-  `fixed` (the fused kernel runs there whatever the policy says): they do not move it."""
+def test_fit_searches_the_shared_mode_the_small_block_rows_and_the_fused_replacement():
+  """Guards the fields past `gather_pays`: 16 rows at 6% gather under the default's
+  `shared_max_fraction` (measured slower here: turned off); 8 rows of small blocks under
+  its `small_block_max_rows` (slower: lowered); and the fused kernel in place of the dense
+  fallback (4 rows x 25% = one layer, slower here; 3 rows x 30% = 0.89 layers, faster):
+  `fused_max_layers` drops between the two."""
   from lrcc_jax.apps import tune
 
   default = _policy.CPU_NATIVE
   slow_shared = _row(16, 0.0625, 2.0, 1.0)
   assert _policy.batch_mode(default, 16, slow_shared["capacity"], 64, slow_shared["block_bytes"]) == "shared"
-  fixed = {**_row(1, 0.5, 0.1, 1.0), "fixed": True}  # would push max_fraction_one_row to 0.5
-  rows = [slow_shared, fixed, _row(1, 0.125, 0.5, 1.0), _row(1, 0.25, 1.2, 1.0)]
+  small = {**_row(8, 0.0625, 2.0, 1.0), "block_bytes": 1024}  # 8 rows x 6% of 1 KiB blocks
+  assert _policy.batch_mode(default, 8, small["capacity"], 64, 1024) == "shared"
+  fused_slow = {**_row(4, 0.25, 1.5, 1.0), "fused_eligible": True}
+  fused_fast = {**_row(3, 0.3, 0.5, 1.0), "fused_eligible": True}  # 3 x 19 blocks: 0.89 layers
+  rows = [slow_shared, small, fused_slow, fused_fast, _row(1, 0.125, 0.5, 1.0), _row(1, 0.25, 1.2, 1.0)]
   (p,) = tune.fit(rows, "cpu", "test cpu")
   assert _policy.batch_mode(p, 16, slow_shared["capacity"], 64, slow_shared["block_bytes"]) == "dense"
-  assert p.max_fraction_one_row == 0.125
+  assert _policy.batch_mode(p, 8, small["capacity"], 64, 1024) == "dense" and p.small_block_max_rows < 8
+  assert 0.89 <= p.fused_max_layers < 1.0
+  assert tune._loss(p, rows) == 0.0 < tune._loss(default, rows)
 
 
 def test_fit_keeps_the_default_where_the_measurements_do_not_decide():
