@@ -32,13 +32,18 @@ Strategy = Literal["auto", "gather", "dense"]
 NATIVE_MAX_GATHERED_LAYERS = 0.6
 # ...or while each row computes at most this fraction, up to this many rows: past a few
 # rows the dense product is bound by its flops, not its bytes (5%, i.e. 13 of 256 blocks:
-# 1.4x at 64 rows, 1.5-2.4x at 16-32; 10%: 1.2x at 16 rows, 0.7-0.95x at 32-64).
+# 1.4x at 64 rows, 1.5-2.4x at 16-32; 10%: 1.2x at 16 rows, 0.7-0.95x at 32-64). `lrcc-jax
+# tune` later extended it to 128 rows (blocks of 16, 5-10%: 1.20-2.52x against 0.85-1.04x
+# for the native dense fallback, 1024-4096 wide).
 NATIVE_SMALL_FRACTION = 0.06
-NATIVE_SMALL_FRACTION_MAX_ROWS = 64
-# Blocks under 32 KiB (single units up to 8192 wide) gather only up to 16 rows: against
-# the native dense fallback, single units of 2048-4096 lost at 64 rows x 5% (0.83-0.89x).
+NATIVE_SMALL_FRACTION_MAX_ROWS = 128
+# Blocks under 32 KiB (single units up to 8192 wide) gather only at one row (a few rows
+# still run the fused kernel, `_fused.replaces_dense`): against the native dense fallback
+# with its native estimate, 16 rows of single units at 5% gathered at 0.75-1.87x of dense
+# jit and computed densely at 1.20-2.04x (1024-4096 wide, `lrcc-jax tune` and `bench
+# --suite full --compare-default`).
 NATIVE_MIN_BATCHED_BLOCK_BYTES = 32 * 2**10
-NATIVE_SMALL_BLOCK_MAX_ROWS = 16
+NATIVE_SMALL_BLOCK_MAX_ROWS = 1
 #
 # With XLA's gathers (no native kernel: not on CPU, not f32, or no compiler):
 # - one row: up to 40% of the blocks; one gathered weight row costs about 2.5 dense rows.

@@ -123,15 +123,21 @@ class Policy:
 # 1.4-1.6x): hence the small-block row limit. One row of single units of 1024 also lost at
 # 50% (0.39-0.78x; 25%: 0.96-1.05x); `small_block_max_fraction_one_row` can express that,
 # but it stays off here until a quiet-machine run confirms it (measured under load).
+# `lrcc-jax tune` on this machine (192 cases, after the dense fallback's estimate went
+# native) then moved two limits, and `bench --suite full --compare-default` confirmed
+# them in one interleaved run: single units gather past one row only through the fused
+# kernel (16 rows at 5%: 1.20-2.04x of dense jit densely against 0.75-1.87x gathered, at
+# 1024-4096 wide), and blocks of 16 at 5-10% keep gathering up to 128 rows (1.20-2.52x
+# against 0.85-1.04x for the fallback).
 CPU_NATIVE = Policy(
   "cpu",
   "native",
   max_fraction_one_row=0.6,
   max_gathered_layers=0.6,
   small_fraction=0.06,
-  small_fraction_max_rows=64,
+  small_fraction_max_rows=128,
   min_batched_block_bytes=32 * 2**10,
-  small_block_max_rows=16,
+  small_block_max_rows=1,
   source="measured on XLA:CPU, 2 cores",
   # Shared mode (`batch_mode`): one 4096 layer, 26 of 256 blocks of 16 per row, 8
   # independent rows (union 56% of the layer): 0.13-0.25 ms against 0.3-0.46 ms per row

@@ -213,13 +213,13 @@ def test_auto_strategy_rules_with_the_native_kernel():
   assert not skip_pays(1, 180, 256, block_bytes=big, native=True)
   assert skip_pays(4, 26, 256, block_bytes=big, native=True)  # 4 rows x 10%: 0.4 layers
   assert not skip_pays(4, 64, 256, block_bytes=big, native=True)  # 4 rows x 25%
-  assert skip_pays(64, 13, 256, block_bytes=big, native=True)  # 5% per row, up to 64 rows
-  assert not skip_pays(128, 13, 256, block_bytes=big, native=True)
+  assert skip_pays(128, 13, 256, block_bytes=big, native=True)  # 5% per row, up to 128 rows
+  assert not skip_pays(129, 13, 256, block_bytes=big, native=True)
   assert not skip_pays(32, 26, 256, block_bytes=big, native=True)
   assert not skip_pays(1, None, 256, block_bytes=big, native=True)
-  # Single units (16 KiB): the small-fraction rule stops at 16 rows.
-  assert skip_pays(16, 205, 4096, block_bytes=4096 * 4, native=True)
-  assert not skip_pays(32, 205, 4096, block_bytes=4096 * 4, native=True)
+  # Single units (16 KiB): one row only.
+  assert skip_pays(1, 205, 4096, block_bytes=4096 * 4, native=True)
+  assert not skip_pays(2, 205, 4096, block_bytes=4096 * 4, native=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The strategy policy as data: CPU defaults equal the measured constants; one decision."""
 
+import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -104,10 +105,11 @@ def test_cpu_native_decisions_at_key_shapes():
     assert not _policy.gather_pays(p, p.small_fraction_max_rows + 1, small, n, bb)
     assert not _policy.gather_pays(p, p.small_fraction_max_rows, small + 1, n, bb)
   assert not _policy.gather_pays(p, 128, 128, 256, bb)  # 128 rows x 50%: dense
-  # Single units (16 KiB at 4096 wide): up to 16 rows; blocks of 16 keep gathering past.
+  # Single units (16 KiB at 4096 wide): one row only; blocks of 16 keep gathering past.
   unit = 4096 * 4
   assert unit < p.min_batched_block_bytes <= 16 * 1024 * 4
-  assert _policy.gather_pays(p, 16, 205, 4096, unit) and not _policy.gather_pays(p, 17, 205, 4096, unit)
+  assert p.small_block_max_rows == 1
+  assert _policy.gather_pays(p, 1, 205, 4096, unit) and not _policy.gather_pays(p, 2, 205, 4096, unit)
   assert _policy.gather_pays(p, 17, 13, 256, bb)
   assert _policy.gather_pays(p, 1, 128, 256, bb)  # one row x 50% of blocks of 16: gathers
 
@@ -139,10 +141,11 @@ def test_cpu_xla_decisions_at_key_shapes():
 
 
 def test_small_blocks_never_gather_past_their_row_limit_in_either_mode():
-  """Guards `batch_mode`'s small-block row limit: single units of a 1024-wide layer (4 KiB)
-  at 5% gather in the shared mode up to `small_block_max_rows` rows (the union is small)
-  and fall back to dense past it; blocks of 16 (64 KiB) keep the shared mode."""
-  pol = _policy.CPU_NATIVE
+  """Guards `batch_mode`'s small-block row limit (16 rows here): single units of a 1024-wide
+  layer (4 KiB) at 5% gather in the shared mode up to `small_block_max_rows` rows (the
+  union is small) and fall back to dense past it; blocks of 16 (64 KiB) keep the shared
+  mode."""
+  pol = dataclasses.replace(_policy.CPU_NATIVE, small_block_max_rows=16)
   cap = 51  # 5% of 1024 single units
   limit = pol.small_block_max_rows
   assert _policy.batch_mode(pol, 4, cap, 1024, 4096) == "shared"

@@ -183,7 +183,9 @@ def test_shared_target_lowers_for_cpu_only(platform):
   packed, caps = _mlp()
   # More rows than the fused kernel takes (`_fused.MAX_ROWS`), and a policy that gathers.
   x = jnp.zeros((_fused.MAX_ROWS + 1, 128), jnp.float32)
-  gathers = dataclasses.replace(SHARED, max_gathered_layers=64.0, max_union_fraction=1.0)
+  gathers = dataclasses.replace(
+    SHARED, max_gathered_layers=64.0, max_union_fraction=1.0, small_block_max_rows=64
+  )
   text = T.lowered_text(
     lambda x: L.packed_mlp(
       x, packed, thresholds=[0.0] * 3, capacities=caps, strategy="sparse", policy=gathers
@@ -208,10 +210,10 @@ def test_batch_mode_for_key_shapes():
   assert _policy.batch_mode(nat, 1, k, 256, block) == "per_row"
   assert _policy.batch_mode(nat, 4, k, 256, block) == "shared"
   assert _policy.batch_mode(nat, 8, k, 256, block) == "shared"  # union 57% of the layer
-  # union 82-100%, but 10% of the flops in blocks of 64 KiB: shared up to 64 rows
+  # union 82-100%, but 10% of the flops in blocks of 64 KiB: shared up to 128 rows
   assert _policy.batch_mode(nat, 16, k, 256, block) == "shared"
-  assert _policy.batch_mode(nat, 64, k, 256, block) == "shared"
-  assert _policy.batch_mode(nat, 65, k, 256, block) == "dense"  # past small_fraction_max_rows
+  assert _policy.batch_mode(nat, 128, k, 256, block) == "shared"
+  assert _policy.batch_mode(nat, 129, k, 256, block) == "dense"  # past small_fraction_max_rows
   assert _policy.batch_mode(nat, 16, 64, 256, block) == "dense"  # 25% per row
   assert _policy.batch_mode(nat, 16, 30, 256, block) == "shared"  # 11.7% <= 12%
   assert _policy.batch_mode(nat, 16, 31, 256, block) == "dense"  # 12.1%

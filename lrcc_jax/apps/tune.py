@@ -33,6 +33,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,14 +81,17 @@ def measure(
           t = bench.time_interleaved(fns, repeats=repeats)
           # Whether the fused kernel would take this case if the policy let it replace
           # the dense fallback (its other limits: rows, products, platform).
+          never: dict[str, Any] = {field: 0 for field in _FRACTION_FIELDS}
           fused_only = dataclasses.replace(
             _policy.default_policy(_policy._policy_platform(platform), kernel, packed.weight.dtype),  # pylint: disable=protected-access
-            **{field: 0 for field in _FRACTION_FIELDS},
+            **never,
             fused_max_layers=math.inf,
           )
           rows.append(
             {
-              "fused_eligible": auto_gathers(packed, batch, cap, platform=platform, policy=fused_only),
+              "fused_eligible": auto_gathers(
+                packed, batch, cap, platform=platform, policy=fused_only
+              ),
               "width": width,
               "block_size": block_size,
               "batch": batch,

@@ -74,8 +74,8 @@ def test_fit_picks_the_least_time_lost_and_is_no_worse_than_the_default():
 
 def test_fit_searches_the_shared_mode_the_small_block_rows_and_the_fused_replacement():
   """Guards the fields past `gather_pays`: 16 rows at 6% gather under the default's
-  `shared_max_fraction` (measured slower here: turned off); 8 rows of small blocks under
-  its `small_block_max_rows` (slower: lowered); and the fused kernel in place of the dense
+  `shared_max_fraction` (measured slower here: turned off); 8 rows of small blocks past
+  its `small_block_max_rows` (faster gathered here: raised); and the fused kernel in place of the dense
   fallback (4 rows x 25% = one layer, slower here; 3 rows x 30% = 0.89 layers, faster):
   `fused_max_layers` drops between the two."""
   from lrcc_jax.apps import tune
@@ -83,14 +83,14 @@ def test_fit_searches_the_shared_mode_the_small_block_rows_and_the_fused_replace
   default = _policy.CPU_NATIVE
   slow_shared = _row(16, 0.0625, 2.0, 1.0)
   assert _policy.batch_mode(default, 16, slow_shared["capacity"], 64, slow_shared["block_bytes"]) == "shared"
-  small = {**_row(8, 0.0625, 2.0, 1.0), "block_bytes": 1024}  # 8 rows x 6% of 1 KiB blocks
-  assert _policy.batch_mode(default, 8, small["capacity"], 64, 1024) == "shared"
+  small = {**_row(8, 0.0625, 0.5, 1.0), "block_bytes": 1024}  # 8 rows x 6% of 1 KiB blocks
+  assert _policy.batch_mode(default, 8, small["capacity"], 64, 1024) == "dense"
   fused_slow = {**_row(4, 0.25, 1.5, 1.0), "fused_eligible": True}
   fused_fast = {**_row(3, 0.3, 0.5, 1.0), "fused_eligible": True}  # 3 x 19 blocks: 0.89 layers
   rows = [slow_shared, small, fused_slow, fused_fast, _row(1, 0.125, 0.5, 1.0), _row(1, 0.25, 1.2, 1.0)]
   (p,) = tune.fit(rows, "cpu", "test cpu")
   assert _policy.batch_mode(p, 16, slow_shared["capacity"], 64, slow_shared["block_bytes"]) == "dense"
-  assert _policy.batch_mode(p, 8, small["capacity"], 64, 1024) == "dense" and p.small_block_max_rows < 8
+  assert _policy.batch_mode(p, 8, small["capacity"], 64, 1024) != "dense" and p.small_block_max_rows >= 8
   assert 0.89 <= p.fused_max_layers < 1.0
   assert tune._loss(p, rows) == 0.0 < tune._loss(default, rows)
 
