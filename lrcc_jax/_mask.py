@@ -167,7 +167,7 @@ def estimated_masked_relu(
   `packed_dense`; then `where(M, relu(z + b), 0)`.
 
   `kernel="native"` (XLA:CPU, all f32) runs the estimate, the scores, the selection and
-  the epilogue in one call of `csrc/select.cc`, four rows at a time: XLA runs the two thin
+  the epilogue in one call of `csrc/select.cc`, eight rows at a time: XLA runs the two thin
   products `x U` (r = 64 columns) and `t V` at about half the rate of the dense product,
   and it writes the scores out and reads them back. The estimate is summed in another
   order than XLA's, so a score within rounding of the k-th one may rank differently, as

@@ -8,17 +8,17 @@ device runs (`_policy.gather_kernel`), and writes it to
 it on this device kind with this jax (`lrcc_jax.policy_status()` says which file); other
 platforms keep the shipped defaults.
 
-The fit starts from the shipped default for the kernel and searches the policy's
-fractions (`max_fraction_one_row`, `small_block_max_fraction_one_row`,
-`max_gathered_layers`, `small_fraction`, `small_fraction_max_rows`, and for the native
-kernel's shared mode `max_union_fraction` and `shared_max_fraction`) over the values
-measured, keeping the one that loses the least time against the better strategy of each
-measured case (sum of log time ratios), judged by the decision "auto" makes under it
-(`_policy.batch_mode`, and on CPU the fused kernel where it replaces the dense fallback:
-`_fused.replaces_dense`, searched through `fused_max_layers`), and the row limit of
-small blocks (`small_block_max_rows`). The default's own values are candidates and win
-ties, so on the measured grid the tuned policy is never worse than the shipped one; the
-byte limits are kept from the default. The
+The fit starts from the shipped default for the kernel and searches the policy's limits
+over the values measured: the fractions of `gather_pays` (`max_fraction_one_row`,
+`small_block_max_fraction_one_row`, `max_gathered_layers`, `small_fraction`,
+`small_fraction_max_rows`), the row limit of small blocks (`small_block_max_rows`), the
+native kernel's shared mode (`max_union_fraction`, `shared_max_fraction`) and, on CPU,
+how far the fused kernel replaces the dense fallback (`fused_max_layers`). It keeps the
+candidate that loses the least time against the better strategy of each measured case
+(sum of log time ratios), judged by the decision "auto" makes under it
+(`_policy.batch_mode`, then `_fused.replaces_dense`). The default's own values are
+candidates and win ties, so on the measured grid the tuned policy is never worse than the
+shipped one; the byte limits are kept from the default. The
 default grid is `lrcc-jax bench --suite full`'s (widths 1024-4096, blocks of 1 and 16,
 batches 1-128, 5-50% computed, rank 64): tune on the shapes you serve.
 """
@@ -68,6 +68,14 @@ def measure(
       _, _, _, packed, _ = bench._random_layer(k_w, k_b, width, min(rank, width), block_size)  # pylint: disable=protected-access
       n_blocks = width // block_size
       kernel = _policy.gather_kernel(platform, block_size, width, packed.weight.dtype, jnp.float32)
+      # A policy that never gathers but lets the fused kernel replace every dense fallback:
+      # under it "auto" gathers exactly where the fused kernel's own limits allow.
+      never: dict[str, Any] = {field: 0 for field in _FRACTION_FIELDS}
+      fused_only = dataclasses.replace(
+        _policy.default_policy(_policy._policy_platform(platform), kernel, packed.weight.dtype),  # pylint: disable=protected-access
+        **never,
+        fused_max_layers=math.inf,
+      )
       for batch in batches:
         x = jax.random.normal(k_x, (batch, width), jnp.float32)
         for frac in fractions:
@@ -79,14 +87,6 @@ def measure(
             for strategy in ("gather", "dense")
           }
           t = bench.time_interleaved(fns, repeats=repeats)
-          # Whether the fused kernel would take this case if the policy let it replace
-          # the dense fallback (its other limits: rows, products, platform).
-          never: dict[str, Any] = {field: 0 for field in _FRACTION_FIELDS}
-          fused_only = dataclasses.replace(
-            _policy.default_policy(_policy._policy_platform(platform), kernel, packed.weight.dtype),  # pylint: disable=protected-access
-            **never,
-            fused_max_layers=math.inf,
-          )
           rows.append(
             {
               "fused_eligible": auto_gathers(
@@ -114,7 +114,8 @@ def measure(
 
 def _loss(policy: _policy.Policy, rows: list[dict]) -> float:
   """Time lost against the better strategy of each row: sum of log(chosen / best), with
-  "chosen" the strategy `_policy.batch_mode` picks under `policy`."""
+  "chosen" the strategy "auto" picks under `policy`: `_policy.batch_mode`, or the fused
+  kernel where the row is eligible and `_fused.replaces_dense` lets it replace dense."""
   total = 0.0
   for r in rows:
     mode = _policy.batch_mode(policy, r["batch"], r["capacity"], r["n_blocks"], r["block_bytes"])

@@ -14,7 +14,7 @@
 //
 // lrcc_estimated_masked_relu does the same from the inputs instead of the scores: it also
 // computes the estimate zhat = (x U) V + bias and its block scores (max over a block's
-// units, NaN if any unit is NaN), four rows at a time in register-blocked products, right
+// units, NaN if any unit is NaN), eight rows at a time in register-blocked products, right
 // before the rows' epilogue. At 64-128 rows of a 1024-wide layer (rank 64) XLA ran the two
 // thin products at about half the rate of the dense one and wrote the scores out and read
 // them back: this replaces five XLA ops and two passes over memory with one call.
@@ -167,7 +167,8 @@ inline V16 Load16(const float* p) {
 inline void Store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
 
 // t[s, c0 : c0 + 16 NC] = x[s] U[:, c0 : c0 + 16 NC] for R rows: each U load feeds R rows,
-// R * NC independent accumulators (16 at R = NC = 4).
+// R * NC independent accumulators (16 at R = 8, NC = 2: 32 columns, half the loads of U
+// per multiply-add that four rows x 64 columns took).
 template <int R, int NC>
 void TimesUCols(const float* x, int64_t n_in, const float* u, int64_t rp, int64_t c0, float* t) {
   V16 acc[R][NC] = {};
@@ -201,7 +202,7 @@ void TimesVCols(const float* t, int64_t rp, int64_t r, const float* v, int64_t n
 }
 
 // t[s, c_begin : c_end) = x[s] U[:, c_begin : c_end) for rows [r0, r0 + R), in strips of at
-// most 64 columns (c_begin, c_end multiples of 16; t is R x rp).
+// most 32 columns (c_begin, c_end multiples of 16; t is R x rp).
 template <int R>
 void TimesU(const Job& jb, int64_t r0, int64_t c_begin, int64_t c_end, float* t) {
   const float* x = jb.x + r0 * jb.n_in;
@@ -251,8 +252,8 @@ void Scores(const Job& jb, int64_t r0, const float* t, int64_t b_begin, int64_t 
   }
 }
 
-// Calls fn.template operator()<R>(r0) for rows [begin, end) in groups of R = 4 (the last
-// group 1-3 rows).
+// Calls fn(std::integral_constant<int, R>(), r0) for rows [begin, end) in groups of R = 8
+// (the last group 1-7 rows).
 template <typename Fn>
 void RowGroups(int64_t begin, int64_t end, Fn&& fn) {
   int64_t r0 = begin;
@@ -269,7 +270,7 @@ void RowGroups(int64_t begin, int64_t end, Fn&& fn) {
   }
 }
 
-// The scores of rows [begin, end), four rows at a time.
+// The scores of rows [begin, end), eight rows at a time.
 void Estimate(const Job& jb, int64_t begin, int64_t end, std::vector<float>& t,
               std::vector<float>& z) {
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
@@ -372,7 +373,7 @@ ffi::Error EstimatedMaskedRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   jb->est_scores = scores.data();
   jb->scores = scores.data();
   // A row costs its epilogue (n_out) and about r (n_in + n_out) / 16 vector multiply-adds;
-  // chunks of at least 64k of those, in whole groups of four rows.
+  // chunks of at least 64k of those, in whole groups of eight rows.
   const int64_t per_row = zd[1] + r * (n_in + zd[1]) / 16;
   // (Splitting a few rows' estimate by columns instead ran 1.0-1.2x slower at 2-4 rows of
   // 1024-4096: the extra wake-ups cost more than the second core saved.)
