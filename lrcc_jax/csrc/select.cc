@@ -166,39 +166,24 @@ inline V16 Load16(const float* p) {
 }
 inline void Store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
 
-// t[s, c0 : c0 + 16 NC] = x[s] U[:, c0 : c0 + 16 NC] for R rows: each U load feeds R rows,
-// R * NC independent accumulators (16 at R = 8, NC = 2: 32 columns, half the loads of U
-// per multiply-add that four rows x 64 columns took).
+// out[s, j0 : j0 + 16 NC] = a[s, 0:k] B[0:k, j0 : j0 + 16 NC] for R rows of a (row strides
+// a_stride, b_stride, out_stride): both products of the estimate, x U and t V. Each load of
+// B feeds R rows, in R * NC independent accumulators (16 at R = 8, NC = 2: 32 columns, half
+// the loads of B per multiply-add that four rows x 64 columns took).
 template <int R, int NC>
-void TimesUCols(const float* x, int64_t n_in, const float* u, int64_t rp, int64_t c0, float* t) {
+void RowsTimesCols(const float* a, int64_t a_stride, int64_t k, const float* b, int64_t b_stride,
+                   int64_t j0, float* out, int64_t out_stride) {
   V16 acc[R][NC] = {};
-  for (int64_t i = 0; i < n_in; ++i) {
-    V16 uv[NC];
-    for (int c = 0; c < NC; ++c) uv[c] = Load16(u + i * rp + c0 + 16 * c);
+  for (int64_t q = 0; q < k; ++q) {
+    V16 bv[NC];
+    for (int c = 0; c < NC; ++c) bv[c] = Load16(b + q * b_stride + j0 + 16 * c);
     for (int s = 0; s < R; ++s) {
-      const float xv = x[s * n_in + i];
-      for (int c = 0; c < NC; ++c) acc[s][c] += xv * uv[c];
+      const float av = a[s * a_stride + q];
+      for (int c = 0; c < NC; ++c) acc[s][c] += av * bv[c];
     }
   }
   for (int s = 0; s < R; ++s)
-    for (int c = 0; c < NC; ++c) Store16(t + s * rp + c0 + 16 * c, acc[s][c]);
-}
-
-// z[s, j0 : j0 + 16 NC] = t[s] V[:, j0 : j0 + 16 NC] for R rows.
-template <int R, int NC>
-void TimesVCols(const float* t, int64_t rp, int64_t r, const float* v, int64_t n_out, int64_t j0,
-                float* z) {
-  V16 acc[R][NC] = {};
-  for (int64_t q = 0; q < r; ++q) {
-    V16 vv[NC];
-    for (int c = 0; c < NC; ++c) vv[c] = Load16(v + q * n_out + j0 + 16 * c);
-    for (int s = 0; s < R; ++s) {
-      const float tv = t[s * rp + q];
-      for (int c = 0; c < NC; ++c) acc[s][c] += tv * vv[c];
-    }
-  }
-  for (int s = 0; s < R; ++s)
-    for (int c = 0; c < NC; ++c) Store16(z + s * n_out + j0 + 16 * c, acc[s][c]);
+    for (int c = 0; c < NC; ++c) Store16(out + s * out_stride + j0 + 16 * c, acc[s][c]);
 }
 
 // t[s, c_begin : c_end) = x[s] U[:, c_begin : c_end) for rows [r0, r0 + R), in strips of at
@@ -208,9 +193,9 @@ void TimesU(const Job& jb, int64_t r0, int64_t c_begin, int64_t c_end, float* t)
   const float* x = jb.x + r0 * jb.n_in;
   for (int64_t c0 = c_begin; c0 < c_end; c0 += 32) {
     if (c_end - c0 >= 32) {
-      TimesUCols<R, 2>(x, jb.n_in, jb.u, jb.rp, c0, t);
+      RowsTimesCols<R, 2>(x, jb.n_in, jb.n_in, jb.u, jb.rp, c0, t, jb.rp);
     } else {
-      TimesUCols<R, 1>(x, jb.n_in, jb.u, jb.rp, c0, t);
+      RowsTimesCols<R, 1>(x, jb.n_in, jb.n_in, jb.u, jb.rp, c0, t, jb.rp);
     }
   }
 }
@@ -223,8 +208,8 @@ void Scores(const Job& jb, int64_t r0, const float* t, int64_t b_begin, int64_t 
   const int64_t rp = jb.rp, r = jb.r, nb = jb.n_blocks, bs = jb.bs, n_out = nb * bs;
   const int64_t j_end = b_end * bs;
   int64_t j = b_begin * bs;
-  for (; j + 32 <= j_end; j += 32) TimesVCols<R, 2>(t, rp, r, jb.v, n_out, j, z);
-  for (; j + 16 <= j_end; j += 16) TimesVCols<R, 1>(t, rp, r, jb.v, n_out, j, z);
+  for (; j + 32 <= j_end; j += 32) RowsTimesCols<R, 2>(t, rp, r, jb.v, n_out, j, z, n_out);
+  for (; j + 16 <= j_end; j += 16) RowsTimesCols<R, 1>(t, rp, r, jb.v, n_out, j, z, n_out);
   for (; j < j_end; ++j) {
     for (int s = 0; s < R; ++s) {
       float acc = 0.f;
