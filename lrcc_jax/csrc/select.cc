@@ -186,13 +186,13 @@ void RowsTimesCols(const float* a, int64_t a_stride, int64_t k, const float* b, 
     for (int c = 0; c < NC; ++c) Store16(out + s * out_stride + j0 + 16 * c, acc[s][c]);
 }
 
-// t[s, c_begin : c_end) = x[s] U[:, c_begin : c_end) for rows [r0, r0 + R), in strips of at
-// most 32 columns (c_begin, c_end multiples of 16; t is R x rp).
+// t[s] = x[s] U for rows [r0, r0 + R), in strips of at most 32 columns (rp, the padded
+// rank, is a multiple of 16; t is R x rp).
 template <int R>
-void TimesU(const Job& jb, int64_t r0, int64_t c_begin, int64_t c_end, float* t) {
+void TimesU(const Job& jb, int64_t r0, float* t) {
   const float* x = jb.x + r0 * jb.n_in;
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += 32) {
-    if (c_end - c0 >= 32) {
+  for (int64_t c0 = 0; c0 < jb.rp; c0 += 32) {
+    if (jb.rp - c0 >= 32) {
       RowsTimesCols<R, 2>(x, jb.n_in, jb.n_in, jb.u, jb.rp, c0, t, jb.rp);
     } else {
       RowsTimesCols<R, 1>(x, jb.n_in, jb.n_in, jb.u, jb.rp, c0, t, jb.rp);
@@ -200,17 +200,16 @@ void TimesU(const Job& jb, int64_t r0, int64_t c_begin, int64_t c_end, float* t)
   }
 }
 
-// Scores of blocks [b_begin, b_end) of rows [r0, r0 + R) from their t (R x rp):
-// zhat = t V + bias over those blocks' units (into z, R x n_out), then each block's max
+// Block scores of rows [r0, r0 + R) from their t (R x rp):
+// zhat = t V + bias (into z, R x n_out), then each block's max
 // (NaN if any unit is NaN).
 template <int R>
-void Scores(const Job& jb, int64_t r0, const float* t, int64_t b_begin, int64_t b_end, float* z) {
+void Scores(const Job& jb, int64_t r0, const float* t, float* z) {
   const int64_t rp = jb.rp, r = jb.r, nb = jb.n_blocks, bs = jb.bs, n_out = nb * bs;
-  const int64_t j_end = b_end * bs;
-  int64_t j = b_begin * bs;
-  for (; j + 32 <= j_end; j += 32) RowsTimesCols<R, 2>(t, rp, r, jb.v, n_out, j, z, n_out);
-  for (; j + 16 <= j_end; j += 16) RowsTimesCols<R, 1>(t, rp, r, jb.v, n_out, j, z, n_out);
-  for (; j < j_end; ++j) {
+  int64_t j = 0;
+  for (; j + 32 <= n_out; j += 32) RowsTimesCols<R, 2>(t, rp, r, jb.v, n_out, j, z, n_out);
+  for (; j + 16 <= n_out; j += 16) RowsTimesCols<R, 1>(t, rp, r, jb.v, n_out, j, z, n_out);
+  for (; j < n_out; ++j) {
     for (int s = 0; s < R; ++s) {
       float acc = 0.f;
       for (int64_t q = 0; q < r; ++q) acc += t[s * rp + q] * jb.v[q * n_out + j];
@@ -221,10 +220,10 @@ void Scores(const Job& jb, int64_t r0, const float* t, int64_t b_begin, int64_t 
     const float* zs = z + s * n_out;
     float* out = jb.est_scores + (r0 + s) * nb;
     if (bs == 1) {
-      for (int64_t b = b_begin; b < b_end; ++b) out[b] = zs[b] + jb.bias[b];
+      for (int64_t b = 0; b < nb; ++b) out[b] = zs[b] + jb.bias[b];
       continue;
     }
-    for (int64_t b = b_begin; b < b_end; ++b) {
+    for (int64_t b = 0; b < nb; ++b) {
       float best = -INFINITY;
       bool nan = false;
       for (int64_t u = b * bs; u < (b + 1) * bs; ++u) {
@@ -260,8 +259,8 @@ void Estimate(const Job& jb, int64_t begin, int64_t end, std::vector<float>& t,
               std::vector<float>& z) {
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
-    TimesU<R>(jb, r0, 0, jb.rp, t.data());
-    Scores<R>(jb, r0, t.data(), 0, jb.n_blocks, z.data());
+    TimesU<R>(jb, r0, t.data());
+    Scores<R>(jb, r0, t.data(), z.data());
   });
 }
 
