@@ -162,17 +162,24 @@ def test_native_epilogue_equals_xla_and_numpy_at_ties_thresholds_and_nan(case):
 
 
 @needs_native
-@pytest.mark.parametrize("capacity", [1, 3, 51, 500, 1023])
-def test_native_epilogue_at_real_sizes_with_massive_ties(capacity):
-  """Guards the bisection's exact stop and the tie pass on 1024-wide rows whose scores take
-  a few values (ties straddle the boundary) or are all distinct (the early stop)."""
-  rng = np.random.default_rng(capacity)
-  few = rng.integers(-3, 4, (6, 1024)).astype(np.float32)
+@pytest.mark.parametrize("capacity", [1, 3, 51, 500, 999])
+@pytest.mark.parametrize("width", [1024, 1000])
+def test_native_epilogue_at_real_sizes_with_massive_ties(width, capacity):
+  """Guards the bisection's exact stop and the tie pass on 1024- and 1000-wide rows (a tail
+  past the last 32 keys) whose scores take a few values (ties straddle the boundary), are
+  all distinct (the early stop), or differ only below their keys' high 16 bits (the search
+  among the low halves)."""
+  rng = np.random.default_rng(capacity + width)
+  few = rng.integers(-3, 4, (6, width)).astype(np.float32)
   few[rng.random(few.shape) < 0.01] = np.nan
-  distinct = rng.standard_normal((6, 1024)).astype(np.float32)
-  for scores in (few, distinct, np.zeros((2, 1024), np.float32) + 1.0):
+  distinct = rng.standard_normal((6, width)).astype(np.float32)
+  # keys sharing their high 16 bits (1 + a multiple of 2^-20): the bisection's second
+  # stage over the low halves, with ties among them in the second array
+  near = (1.0 + rng.integers(0, 4096, (6, width)) * 2.0**-20).astype(np.float32)
+  near_ties = (1.0 + rng.integers(0, 6, (6, width)) * 2.0**-20).astype(np.float32)
+  for scores in (few, distinct, near, near_ties, np.zeros((2, width), np.float32) + 1.0):
     z = rng.standard_normal(scores.shape).astype(np.float32)
-    bias = rng.standard_normal(1024).astype(np.float32)
+    bias = rng.standard_normal(width).astype(np.float32)
     got = jax.jit(lambda z, s, b: _mask.masked_relu(z, s, b, 0.0, capacity, kernel="native"))(z, scores, bias)
     np.testing.assert_array_equal(np.asarray(got), _np_masked_relu(z, scores, bias, 0.0, capacity))
 
@@ -220,7 +227,7 @@ def _integer_layer(rng, rows, n_in, rank, n_out, low=-2, high=3):
   n_in=st.integers(1, 70),
   rank=st.integers(1, 70),
   n_blocks=st.integers(1, 40),
-  block_size=st.sampled_from([1, 3, 16]),
+  block_size=st.sampled_from([1, 3, 16, 32]),
   capacity=st.integers(1, 40) | st.none(),
   threshold=st.sampled_from([-1e9, 0.0, 2.0]),
   seed=st.integers(0, 2**16),
@@ -230,7 +237,8 @@ def test_estimated_epilogue_equals_the_xla_form_and_numpy(
 ):
   """Guards the native estimate (ranks and widths off multiples of 16 and 64, rows off
   multiples of four: the padded U, the 16-wide and scalar column tails, the 1-3 row
-  groups), its block scores and the selection against the XLA form and numpy."""
+  groups), its block scores (scalar, and 16 lanes at a time for blocks of 16 and 32) and
+  the selection against the XLA form and numpy."""
   rng = np.random.default_rng(seed)
   n_out = n_blocks * block_size
   capacity = None if capacity is None else min(capacity, n_blocks)
@@ -286,3 +294,28 @@ def test_estimated_epilogue_nan_estimate_gradients_and_vmap():
     np.testing.assert_array_equal(np.asarray(f("native")(zz, bb, xx)), np.asarray(f("xla")(zz, bb, xx)))
   t = jax.jit(lambda t: call("native", z, bias, t))
   np.testing.assert_array_equal(np.asarray(t(3.0)), np.asarray(call("xla", z, bias, 3.0)))
+
+
+@needs_native
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("column", [0, 5, 21, 31])
+def test_estimated_epilogue_nan_unit_scores_its_block_nan(block_size, column):
+  """Guards the vectorised block maxima: one NaN unit of the estimate (a NaN in one column
+  of V), in any lane and either half of a 32-unit block, makes its block's score NaN, which
+  ranks first under a binding capacity; the kept block's epilogue (16 lanes at a time)
+  keeps a NaN of the product."""
+  rng = np.random.default_rng(column)
+  n_out = 4 * block_size
+  x, u, v, bias = _integer_layer(rng, 5, 24, 8, n_out)
+  column = column % block_size + 2 * block_size  # a unit of block 2
+  v = v.at[:, column].set(jnp.nan)
+  z = jnp.asarray(rng.standard_normal((5, n_out)), jnp.float32)
+  z = z.at[1, column ^ 1].set(jnp.nan)  # a NaN product in the kept block stays NaN
+  args = (z, x, u, v, bias, 0.0, 1, block_size)
+  native = jax.jit(_mask.estimated_masked_relu, static_argnums=(6, 7), static_argnames="kernel")
+  got = np.asarray(native(*args, kernel="native"))
+  np.testing.assert_array_equal(got, np.asarray(_mask.estimated_masked_relu(*args, kernel="xla")))
+  block = slice(2 * block_size, 3 * block_size)
+  want = np.zeros((5, n_out), np.float32)
+  want[:, block] = np.maximum(np.asarray(z)[:, block] + np.asarray(bias)[block], 0)
+  np.testing.assert_array_equal(got, want)

