@@ -228,13 +228,17 @@ def bench_module(
   """The NNX layer in skip mode against `packed_dense` on the same packed weights.
 
   Times, interleaved: a `ConditionalDense` in skip mode under `nnx.jit` three ways (the
-  default; donating the module, ``donate_argnums=0``; and ``graph=False``), `packed_dense`
-  on the layer's packed form under `jax.jit`, and the dense layer, as an `nnx.Linear` under
-  the default `nnx.jit` and as a plain `jax.jit` product. With graph updates on and no
+  default; donating the module, ``donate_argnums=0``; and ``graph=False``), the module
+  split once (`nnx.split`) and merged inside a `jax.jit` function, `packed_dense` on the
+  layer's packed form under `jax.jit`, and the dense layer, as an `nnx.Linear` under the
+  default `nnx.jit` and as a plain `jax.jit` product. With graph updates on and no
   donation, `nnx.jit` returns every variable of its module arguments as a fresh output,
   which costs a copy of all the module's arrays per call whatever the module computes; the
-  `nnx.Linear` side shows that cost on a module with nothing of this library in it. It
-  also counts the module's traces while its threshold changes three times (expected: 0).
+  `nnx.Linear` side shows that cost on a module with nothing of this library in it.
+  ``graph=False`` avoids the copy but still walks the module in Python on every call:
+  `module_graph_false_extra_ms` is that cost, a fixed one per call rather than one that
+  grows with the work. It also counts the module's traces while its threshold changes
+  three times (expected: 0).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -258,20 +262,23 @@ def bench_module(
   module_donated = nnx.jit(skip, donate_argnums=0)
   module_tree = nnx.jit(skip, graph=False, graph_updates=False)
   linear_default = nnx.jit(lambda m, x: jax.nn.relu(m(x)))
+  graphdef, state = nnx.split(layer)
+  module_split = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, "skip"))
   packed = jax.block_until_ready(layer.packed())
   kernel, bias = layer.kernel[...], layer.bias[...]
   core_fn = jax.jit(lambda x, t: packed_dense(x, packed, threshold=t, capacity=cap))
   dense_fn = jax.jit(lambda x: jax.nn.relu(x @ kernel + bias[None]))
-  for fn in (module_default, module_donated, module_tree):
-    np.testing.assert_allclose(
-      np.asarray(fn(layer, x)), np.asarray(core_fn(x, 0.0)), rtol=1e-5, atol=1e-5
-    )
+  for got in [fn(layer, x) for fn in (module_default, module_donated, module_tree)] + [
+    module_split(state, x)
+  ]:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(core_fn(x, 0.0)), rtol=1e-5, atol=1e-5)
   t = time_interleaved(
     {
       "dense": lambda: dense_fn(x),
       "packed_dense": lambda: core_fn(x, 0.0),
       "module_donated": lambda: module_donated(layer, x),
       "module_graph_false": lambda: module_tree(layer, x),
+      "module_split": lambda: module_split(state, x),
       "module_default": lambda: module_default(layer, x),
       "nnx_linear_default": lambda: linear_default(linear, x),
     },
@@ -293,6 +300,8 @@ def bench_module(
     **ms,
     "module_donated_over_packed_dense": t["module_donated"] / t["packed_dense"],
     "module_graph_false_over_packed_dense": t["module_graph_false"] / t["packed_dense"],
+    "module_graph_false_extra_ms": 1e3 * (t["module_graph_false"] - t["packed_dense"]),
+    "module_split_over_packed_dense": t["module_split"] / t["packed_dense"],
     "module_default_over_packed_dense": t["module_default"] / t["packed_dense"],
     "module_donated_speedup_over_dense": t["dense"] / t["module_donated"],
     "retraces_over_three_threshold_changes": len(traces) - n_traces,
@@ -900,34 +909,35 @@ def run_command(args) -> int:
       f"{rows[0]['width']}² layer, {rows[0]['capacity_fraction']:.0%} computed",
     )
   elif args.suite == "module":
-    row = bench_module(rank=args.rank, block_size=args.block_size, repeats=args.repeats)
-    for k in (
+    sides = (
       "dense",
       "packed_dense",
       "module_donated",
       "module_graph_false",
+      "module_split",
       "module_default",
       "nnx_linear_default",
-    ):
-      print(f"{k:>20}: {row[k + '_ms']:9.3f} ms")
-    print(
-      f"module (donated) / packed_dense: {row['module_donated_over_packed_dense']:.2f}x;"
-      f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x;"
-      f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}"
     )
-    path = write_results("bench_module", {"environment": env, "rows": [row]}, out)
+    rows = []
+    for width in args.widths or (256, 4096):
+      row = bench_module(
+        width=width, rank=args.rank, block_size=args.block_size, repeats=args.repeats
+      )
+      rows.append(row)
+      print(f"{width} wide:")
+      for k in sides:
+        print(f"{k:>20}: {row[k + '_ms']:9.3f} ms")
+      print(
+        f"module (donated) / packed_dense: {row['module_donated_over_packed_dense']:.2f}x;"
+        f" (graph=False) {row['module_graph_false_over_packed_dense']:.2f}x,"
+        f" {row['module_graph_false_extra_ms']:+.3f} ms per call;"
+        f" split + jax.jit {row['module_split_over_packed_dense']:.2f}x;"
+        f" retraces on 3 threshold changes: {row['retraces_over_three_threshold_changes']}"
+      )
+    path = write_results("bench_module", {"environment": env, "rows": rows}, out)
+    row = max(rows, key=lambda r: r["width"])
     plot_times(
-      {
-        k.replace("_", " "): row[k + "_ms"]
-        for k in (
-          "dense",
-          "packed_dense",
-          "module_donated",
-          "module_graph_false",
-          "module_default",
-          "nnx_linear_default",
-        )
-      },
+      {k.replace("_", " "): row[k + "_ms"] for k in sides},
       out / "bench_module.png",
       f"{row['width']}² ConditionalDense, skip mode, batch {row['batch']}",
     )

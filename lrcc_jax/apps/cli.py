@@ -689,7 +689,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     ),
   )
   parser.add_argument(
-    "--widths", type=int_list, default=None, help="widths for --suite full (default 1024,2048,4096)"
+    "--widths",
+    type=int_list,
+    default=None,
+    help="widths for --suite full (default 1024,2048,4096) and module (default 256,4096)",
   )
   parser.add_argument(
     "--block-sizes",

@@ -174,13 +174,21 @@ def _storage(res: dict[str, Any]) -> list[Row]:
 
 
 def _module(res: dict[str, Any]) -> list[Row]:
-  r = res["bench_module"]["rows"][0]
+  rows = sorted(res["bench_module"]["rows"], key=lambda r: r["width"])
+  r = rows[-1]
+  extra = " / ".join(f"{q['module_graph_false_extra_ms']:+.2f} ms" for q in rows)
+  widths = " / ".join(str(q["width"]) for q in rows)
+  note = f"{r['module_graph_false_over_packed_dense']:.2f}× the time of `packed_dense`"
+  if len(rows) > 1:
+    note += f" ({extra} per call at {widths} wide)"
+  note += f"; split once + `jax.jit`: {r['module_split_over_packed_dense']:.2f}×"
   return [
     (
-      "`nn.ConditionalDense` skip mode under `nnx.jit(graph=False)`, 4096², 10%",
+      f"`nn.ConditionalDense` skip mode under `nnx.jit(graph=False)`, {r['width']}², "
+      f"{r['capacity_fraction']:.0%}",
       _ms(r["dense_ms"]),
       _ms(r["module_graph_false_ms"]),
-      f"{r['module_graph_false_over_packed_dense']:.2f}× the time of `packed_dense`",
+      note,
       "–",
       _cmd("lrcc-jax bench --suite module --out experiments/results", "bench_module.json"),
     )

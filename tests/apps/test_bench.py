@@ -130,3 +130,21 @@ def test_storage_rows_report_packed_memory_per_dtype():
   assert row["weight_bytes_bf16"] * 2 == row["weight_bytes_f32"] == 64 * 64 * 4
   for dtype in ("f32", "bf16"):  # one copy of the weights: no hidden second layout
     assert 0.99 < row[f"packed_over_dense_plus_factors_{dtype}"] <= 1.1
+
+
+def test_bench_module_suite_end_to_end_at_two_widths(tmp_path, capsys):
+  """Guards the module suite: every way of calling the layer gives `packed_dense`'s values
+  (checked inside), one row per width, the graph=False overhead is the difference of the
+  two times, and no threshold change retraces."""
+  assert cli.main(["bench", "--suite", "module", "--widths", "64,128", "--rank", "8",
+                   "--block-size", "16", "--repeats", "1", "--out", str(tmp_path),
+                   "--no-progress"]) == 0
+  rows = json.loads((tmp_path / "bench_module.json").read_text())["rows"]
+  assert [r["width"] for r in rows] == [64, 128]
+  for r in rows:
+    assert r["retraces_over_three_threshold_changes"] == 0
+    assert r["module_graph_false_extra_ms"] == pytest.approx(r["module_graph_false_ms"] - r["packed_dense_ms"])
+    assert r["module_split_over_packed_dense"] == pytest.approx(r["module_split_ms"] / r["packed_dense_ms"])
+  assert (tmp_path / "bench_module.png").stat().st_size > 0
+  out = capsys.readouterr().out
+  assert "64 wide:" in out and "128 wide:" in out and "split + jax.jit" in out

@@ -219,9 +219,11 @@ def test_bench_writes_a_png_for_every_suite_and_not_into_results(tmp_path, monke
   monkeypatch.setattr(bench, "bench_layer", lambda **kw: rows)
   monkeypatch.setattr(bench, "bench_mlp", lambda *a, **kw: [dict(r, batch=r["batch"]) for r in rows[:2]])
   monkeypatch.setattr(bench, "random_mlp", lambda *a, **kw: None)
-  sides = ("dense", "packed_dense", "module_donated", "module_graph_false", "module_default", "nnx_linear_default")
+  sides = ("dense", "packed_dense", "module_donated", "module_graph_false", "module_split",
+           "module_default", "nnx_linear_default")
   module_row = {**{f"{k}_ms": 1.0 for k in sides}, "width": 64, "batch": 1,
                 "module_donated_over_packed_dense": 1.0, "module_graph_false_over_packed_dense": 1.0,
+                "module_graph_false_extra_ms": 0.0, "module_split_over_packed_dense": 1.0,
                 "retraces_over_three_threshold_changes": 0}
   monkeypatch.setattr(bench, "bench_module", lambda **kw: module_row)
   storage_row = {"batch": 1, "width": 64, "capacity_fraction": 0.1, "dense_f32_ms": 1.0, "skip_f32_ms": 0.5,
