@@ -12,8 +12,8 @@
 // when more than k blocks pass the threshold. It bisects the keys' high halves first, 32
 // to a vector, then the low halves of the few keys that share the k-th one's high half
 // (1024 random scores: half the rows stop in the first stage, the others keep about three
-// keys; 25% less time per row than 32-bit steps over all keys). The bias, ReLU and mask are applied while z
-// is read once. Rows are split over the XLA:CPU thread pool.
+// keys; 25% less time per row than 32-bit steps over all keys). The bias, ReLU and mask
+// are applied while z is read once. Rows are split over the XLA:CPU thread pool.
 //
 // lrcc_estimated_masked_relu does the same from the inputs instead of the scores: it also
 // computes the estimate zhat = (x U) V + bias and its block scores (max over a block's
@@ -70,14 +70,6 @@ struct Job {
   std::atomic<int64_t> done{0};
 };
 
-// Number of keys at or above `cand`; a branch-free loop the compiler vectorises (32-bit
-// counts: twice the lanes of 64-bit ones, and n_blocks < 2^31).
-inline int64_t CountAtLeast(const uint32_t* __restrict keys, int64_t n, uint32_t cand) {
-  uint32_t count = 0;
-  for (int64_t b = 0; b < n; ++b) count += keys[b] >= cand ? 1u : 0u;
-  return count;
-}
-
 // The loops below take restrict-qualified pointers: a uint8_t store may alias anything, and
 // without the qualifiers GCC reloaded every pointer after each byte and ran them scalar.
 
@@ -92,8 +84,8 @@ inline int64_t Passing(const float* __restrict s, int64_t nb, float t, uint8_t* 
   return passing;
 }
 
-// Number of 16-bit keys at or above `cand`: 16-bit counts (twice the lanes of CountAtLeast)
-// over runs short enough not to overflow them.
+// Number of 16-bit keys at or above `cand`: a branch-free loop the compiler vectorises, 32
+// keys to an AVX-512 register, in 16-bit counts over runs too short to overflow them.
 inline int64_t CountAtLeast16(const uint16_t* __restrict keys, int64_t n, uint16_t cand) {
   int64_t total = 0;
   for (int64_t b0 = 0; b0 < n; b0 += 32768) {
@@ -149,11 +141,10 @@ inline int64_t LowHalvesOf(const uint32_t* __restrict keys, const uint16_t* __re
     U16x32 h;
     std::memcpy(&h, high + b, sizeof h);
     const auto eq = h == want;
-    uint64_t lanes[8];
+    uint64_t lanes[8], any = 0;
     std::memcpy(lanes, &eq, sizeof lanes);
-    if ((lanes[0] | lanes[1] | lanes[2] | lanes[3] | lanes[4] | lanes[5] | lanes[6] | lanes[7]) == 0) {
-      continue;
-    }
+    for (const uint64_t l : lanes) any |= l;
+    if (any == 0) continue;
     for (int64_t j = b; j < b + 32; ++j) {
       if (high[j] == hi) low[n++] = static_cast<uint16_t>(keys[j]);
     }
@@ -264,10 +255,15 @@ void Row(const Job& jb, int64_t r, RowBuffers& buf) {
   const float* bias = jb.bias;
   if (bs == 1) {
     UnitEpilogue(z, bias, keep, n, y);
-  } else if (bs % 16 == 0) {
-    for (int64_t b = 0; b < nb; ++b) BlockEpilogue16(z + b * bs, bias + b * bs, keep[b], bs, y + b * bs);
   } else {
-    for (int64_t b = 0; b < nb; ++b) BlockEpilogue(z + b * bs, bias + b * bs, keep[b], bs, y + b * bs);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j = b * bs;
+      if (bs % 16 == 0) {
+        BlockEpilogue16(z + j, bias + j, keep[b], bs, y + j);
+      } else {
+        BlockEpilogue(z + j, bias + j, keep[b], bs, y + j);
+      }
+    }
   }
 }
 
