@@ -72,7 +72,9 @@ SYMBOLS = {
   "lrcc_fused_sparse_layer": "LrccFusedSparseLayer",
   "lrcc_fused_sparse_layer_bf16": "LrccFusedSparseLayerBf16",
 }
-_SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("*.cc")))
+_CSRC = pathlib.Path(__file__).with_name("csrc")
+_SOURCES = tuple(sorted(_CSRC.glob("*.cc")))
+_HEADERS = tuple(sorted(_CSRC.glob("*.h")))  # in the build key: an edit must rebuild
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
 _status = {"available": False, "reason": "not built yet"}
 
@@ -93,12 +95,17 @@ def _cpu_tag() -> str:
   return "\n".join(sorted(picked.values()))
 
 
-def _build(cache: pathlib.Path, compiler: str) -> pathlib.Path:
-  source = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES)
-  key = hashlib.sha256(
+def _build_key() -> str:
+  """Names the library by everything it is built from: sources and headers, jax's version
+  (its FFI headers), the flags and the CPU, so a change to any of them rebuilds."""
+  source = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES + _HEADERS)
+  return hashlib.sha256(
     source + jax.__version__.encode() + " ".join(_FLAGS).encode() + _cpu_tag().encode()
   ).hexdigest()[:16]
-  lib = cache / f"lrcc_kernels-{key}.so"
+
+
+def _build(cache: pathlib.Path, compiler: str) -> pathlib.Path:
+  lib = cache / f"lrcc_kernels-{_build_key()}.so"
   if lib.exists():
     return lib
   cache.mkdir(parents=True, exist_ok=True)

@@ -209,3 +209,21 @@ def test_unavailable_kernel_falls_back_to_xla_with_a_reason(env, reason, tmp_pat
   done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "'available': False" in done.stdout and reason in done.stdout
+
+
+def test_build_key_changes_with_every_source_and_header(tmp_path, monkeypatch):
+  """Guards the library's cache key: an edited header (included by several sources, not
+  compiled itself) must rebuild the library like an edited source does."""
+  from lrcc_jax import _native as native
+
+  assert {p.name for p in native._HEADERS} >= {"topk.h"}
+  src, hdr = tmp_path / "a.cc", tmp_path / "a.h"
+  src.write_text("int f();")
+  hdr.write_text("#define A 1")
+  monkeypatch.setattr(native, "_SOURCES", (src,))
+  monkeypatch.setattr(native, "_HEADERS", (hdr,))
+  first = native._build_key()
+  hdr.write_text("#define A 2")
+  second = native._build_key()
+  src.write_text("int g();")
+  assert len({first, second, native._build_key()}) == 3

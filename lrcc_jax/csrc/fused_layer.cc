@@ -31,6 +31,7 @@
 #include <immintrin.h>
 #endif
 
+#include "topk.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -108,14 +109,6 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t n, int64_t work,
   for (int64_t t = 1; t < threads && t < n; ++t) pool->Schedule([s] { Drain(*s); });
   Drain(*s);
   while (s->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
-// uint32 key whose unsigned order is the float order (NaN as +inf, -0 below +0).
-inline uint32_t OrderKey(float s) {
-  if (std::isnan(s)) s = INFINITY;
-  uint32_t bits;
-  std::memcpy(&bits, &s, sizeof bits);
-  return (bits >> 31) ? ~bits : (bits | 0x80000000u);
 }
 
 template <typename W>
@@ -369,8 +362,8 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
       scores[row * n_blocks + blk] = nan ? NAN : s;
     }
   });
-  // 3. Selection: the k best blocks of each row, ascending. nth_element on the keys alone
-  // finds the k-th best key; one ascending scan then takes every block above it and the
+  // 3. Selection: the k best blocks of each row, ascending. The bisection of topk.h finds
+  // the k-th best key; one ascending scan then takes every block above it and the
   // lowest-indexed ties (no index sort).
   ParallelFor(pool, rows, rows * n_blocks * 8, [&](int64_t row) {
     const float* sr = scores.data() + row * n_blocks;
@@ -379,12 +372,10 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
       std::iota(out, out + k, 0);
       return;
     }
-    std::vector<uint32_t> keys(n_blocks), sorted(n_blocks);
-    for (int64_t b = 0; b < n_blocks; ++b) keys[b] = OrderKey(sr[b]);
-    std::copy(keys.begin(), keys.end(), sorted.begin());
-    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(),
-                     std::greater<uint32_t>());
-    const uint32_t kth = sorted[k - 1];
+    std::vector<uint32_t> keys(n_blocks);
+    std::vector<uint16_t> high(n_blocks), low(n_blocks);
+    lrcc_topk::Keys(sr, n_blocks, keys.data(), high.data());
+    const uint32_t kth = lrcc_topk::KthKey(keys.data(), high.data(), n_blocks, k, low.data()).first;
     int64_t above = 0;
     for (int64_t b = 0; b < n_blocks; ++b) above += keys[b] > kth;
     int64_t ties = k - above, n = 0;

@@ -7,13 +7,10 @@
 // !(scores[r, b] <= threshold) (NaN passes) and, with a capacity k < n_blocks, when it is
 // also among the row's k highest scores, NaN ranked as +inf and ties going to the lower
 // index (lax.top_k's choice). The k-th highest score is found by the bisection of
-// `_mask.top_k_membership` on the same order-preserving integer keys, in vectorised
-// counting loops that stop as soon as exactly k keys lie above the candidate; it runs only
-// when more than k blocks pass the threshold. It bisects the keys' high halves first, 32
-// to a vector, then the low halves of the few keys that share the k-th one's high half
-// (1024 random scores: half the rows stop in the first stage, the others keep about three
-// keys; 25% less time per row than 32-bit steps over all keys). The bias, ReLU and mask
-// are applied while z is read once. Rows are split over the XLA:CPU thread pool.
+// `_mask.top_k_membership` on the same order-preserving integer keys (topk.h: vectorised
+// counts over the keys' high halves, then the few low halves that remain); it runs only
+// when more than k blocks pass the threshold. The bias, ReLU and mask are applied while z
+// is read once. Rows are split over the XLA:CPU thread pool.
 //
 // lrcc_estimated_masked_relu does the same from the inputs instead of the scores: it also
 // computes the estimate zhat = (x U) V + bias and its block scores (max over a block's
@@ -33,21 +30,15 @@
 #include <utility>
 #include <vector>
 
+#include "topk.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Unsigned order of the key = float order of the score, NaN ranked as +inf. Branch-free
-// (random signs would mispredict): negative floats flip every bit, others the sign bit.
-inline uint32_t OrderKey(float s) {
-  s = s != s ? INFINITY : s;
-  uint32_t bits;
-  std::memcpy(&bits, &s, sizeof bits);
-  const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
-  return bits ^ (negative | 0x80000000u);
-}
+using lrcc_topk::Keys;
+using lrcc_topk::KthKey;
 
 // relu(v) with NaN kept, or 0 where not kept; a select, so the loops below vectorise.
 inline float KeptRelu(bool kept, float v) { return (kept && (v > 0.0f || v != v)) ? v : 0.0f; }
@@ -84,28 +75,6 @@ inline int64_t Passing(const float* __restrict s, int64_t nb, float t, uint8_t* 
   return passing;
 }
 
-// Number of 16-bit keys at or above `cand`: a branch-free loop the compiler vectorises, 32
-// keys to an AVX-512 register, in 16-bit counts over runs too short to overflow them.
-inline int64_t CountAtLeast16(const uint16_t* __restrict keys, int64_t n, uint16_t cand) {
-  int64_t total = 0;
-  for (int64_t b0 = 0; b0 < n; b0 += 32768) {
-    const int64_t b1 = std::min(n, b0 + 32768);
-    uint16_t count = 0;
-    for (int64_t b = b0; b < b1; ++b) count += keys[b] >= cand ? 1 : 0;
-    total += count;
-  }
-  return total;
-}
-
-// Full keys and their high halves.
-inline void Keys(const float* __restrict s, int64_t nb, uint32_t* __restrict keys,
-                 uint16_t* __restrict high) {
-  for (int64_t b = 0; b < nb; ++b) {
-    keys[b] = OrderKey(s[b]);
-    high[b] = static_cast<uint16_t>(keys[b] >> 16);
-  }
-}
-
 // keep[b] &= keys[b] >= kth.
 inline void KeepAtLeast(const uint32_t* __restrict keys, int64_t nb, uint32_t kth,
                         uint8_t* __restrict keep) {
@@ -126,33 +95,6 @@ inline void BlockEpilogue(const float* __restrict z, const float* __restrict bia
     return;
   }
   for (int64_t j = 0; j < bs; ++j) y[j] = KeptRelu(true, z[j] + bias[j]);
-}
-
-// The low halves of the keys whose high half is `hi` (few, in a row of random scores),
-// into `low`; returns how many. 32 high halves per compare, and a scalar pass only over
-// the vectors that hold a match.
-inline int64_t LowHalvesOf(const uint32_t* __restrict keys, const uint16_t* __restrict high,
-                           int64_t nb, uint16_t hi, uint16_t* __restrict low) {
-  typedef uint16_t U16x32 __attribute__((vector_size(64)));
-  U16x32 want;
-  for (int j = 0; j < 32; ++j) want[j] = hi;
-  int64_t n = 0, b = 0;
-  for (; b + 32 <= nb; b += 32) {
-    U16x32 h;
-    std::memcpy(&h, high + b, sizeof h);
-    const auto eq = h == want;
-    uint64_t lanes[8], any = 0;
-    std::memcpy(lanes, &eq, sizeof lanes);
-    for (const uint64_t l : lanes) any |= l;
-    if (any == 0) continue;
-    for (int64_t j = b; j < b + 32; ++j) {
-      if (high[j] == hi) low[n++] = static_cast<uint16_t>(keys[j]);
-    }
-  }
-  for (; b < nb; ++b) {
-    if (high[b] == hi) low[n++] = static_cast<uint16_t>(keys[b]);
-  }
-  return n;
 }
 
 // 16 floats: one AVX-512 register (two AVX2 ones) through the GCC/Clang vector extension.
@@ -185,43 +127,6 @@ struct RowBuffers {
   explicit RowBuffers(int64_t nb) : keys(nb), high(nb), low(nb), keep(nb) {}
 };
 
-// The k-th highest of the nb keys, and whether exactly k keys are at or above it. A
-// bisection bit by bit from the top for the largest `kth` with at least k keys at or above
-// it, stopping as soon as exactly k are (then they are the top k and no tie straddles the
-// boundary). The high 16 bits are bisected first over the 16-bit halves, 32 to a vector;
-// if that does not stop, the low 16 bits only among the few keys whose high half is the
-// k-th one's.
-std::pair<uint32_t, bool> KthKey(RowBuffers& buf, int64_t nb, int64_t k) {
-  const uint32_t* kp = buf.keys.data();
-  const uint16_t* high = buf.high.data();
-  uint32_t hi = 0;
-  for (int bit = 15; bit >= 0; --bit) {
-    const uint32_t cand = hi | (1u << bit);
-    const int64_t count = CountAtLeast16(high, nb, static_cast<uint16_t>(cand));
-    if (count >= k) {
-      hi = cand;
-      if (count == k) return {hi << 16, true};
-    }
-  }
-  // Fewer than k keys have a higher high half; the rest of the top k share hi.
-  const int64_t above = hi == 0xFFFFu ? 0 : CountAtLeast16(high, nb, static_cast<uint16_t>(hi + 1));
-  uint16_t* low = buf.low.data();
-  const int64_t n_low = LowHalvesOf(kp, high, nb, static_cast<uint16_t>(hi), low);
-  const int64_t need = k - above;  // >= 1, and <= n_low
-  uint32_t lo = 0;
-  int64_t at_least = n_low;
-  for (int bit = 15; bit >= 0; --bit) {
-    const uint32_t cand = lo | (1u << bit);
-    const int64_t count = CountAtLeast16(low, n_low, static_cast<uint16_t>(cand));
-    if (count >= need) {
-      lo = cand;
-      at_least = count;
-      if (count == need) break;
-    }
-  }
-  return {(hi << 16) | lo, at_least == need};
-}
-
 void Row(const Job& jb, int64_t r, RowBuffers& buf) {
   const int64_t nb = jb.n_blocks, bs = jb.bs, n = nb * bs;
   const float* s = jb.scores + r * nb;
@@ -235,7 +140,7 @@ void Row(const Job& jb, int64_t r, RowBuffers& buf) {
   if (k > 0 && k < passing) {
     uint32_t* kp = buf.keys.data();
     Keys(s, nb, kp, buf.high.data());
-    const auto [kth, exact] = KthKey(buf, nb, k);
+    const auto [kth, exact] = KthKey(kp, buf.high.data(), nb, k, buf.low.data());
     if (exact) {
       KeepAtLeast(kp, nb, kth, keep);
     } else {  // kth is the k-th highest key; equal keys go to the lower index
