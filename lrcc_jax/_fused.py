@@ -59,6 +59,10 @@ _TARGETS = {
 # 16; 4-layer MLP at 10%, one row: 20.9x against 12.1x of dense jit, interleaved), so the
 # limits now only bound the work one call holds up the pool for.
 MAX_ROWS = 8
+# Rows up to which the fused kernel may still replace the dense fallback at small fractions
+# (`replaces_dense`): its selection is the bisection of csrc/topk.h, a tenth of the
+# std::nth_element it had, which took a third of its time at 64 rows.
+MAX_REPLACE_ROWS = 128
 MAX_PRODUCT = 2**26
 MAX_ESTIMATE = 2**22
 
@@ -68,13 +72,15 @@ Product = Callable[[Array, Array, Array], Array]
 
 def usable(rows: int, weight_dtype: jnp.dtype, x_dtype: jnp.dtype) -> bool:
   """f32 inputs, f32 or bf16 weights (`_native.usable`), the library built, at most
-  `MAX_ROWS` rows."""
-  return rows <= MAX_ROWS and _native.usable(weight_dtype, x_dtype)
+  `MAX_REPLACE_ROWS` rows (`MAX_ROWS` where it gathers on a plan's behalf: `runs`)."""
+  return rows <= MAX_REPLACE_ROWS and _native.usable(weight_dtype, x_dtype)
 
 
 def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | None) -> bool:
-  """Whether the fused kernel replaces `policy`'s dense fallback:
-  `rows · capacity ≤ policy.fused_max_layers · n_blocks` (1 layer in the shipped CPU policy).
+  """Whether the fused kernel replaces `policy`'s dense fallback: up to `MAX_ROWS` rows
+  while `rows · capacity ≤ policy.fused_max_layers · n_blocks` (1 layer in the shipped CPU
+  policy), and up to `MAX_REPLACE_ROWS` rows while `capacity ≤
+  policy.fused_small_fraction · n_blocks` (6% in the shipped CPU policy).
 
   Where the policy would compute densely, the fused kernel still wins while the rows'
   per-row gathers add up to at most one layer (one row at any capacity, two rows at half,
@@ -84,11 +90,17 @@ def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | Non
   policy's path; two rows at 50% 0.83-1.68x against 0.90-1.16x; four rows at 25%
   0.82-2.73x against 0.71-1.28x; past one layer (four rows at 50%, eight at 25%) the fused
   kernel lost at 1024-2048 (0.45-0.88x). The paper's 784-1000-600-400 network at 82/70/73%
-  of its units: 1.42x for the fused chain against 0.83-0.89x for the dense path.
+  of its units: 1.42x for the fused chain against 0.83-0.89x for the dense path. Past a
+  few rows the dense product is bound by its flops, which the fused kernel does `f` of:
+  with single units at 5% per row, 16-128 rows ran at 0.94-4.7x of dense jit fused against
+  0.81-3.1x for the dense fallback (1024-4096 wide); at 10% the fused kernel lost past 32
+  rows.
   """
   if policy is None:
     return False
-  return rows * capacity <= policy.fused_max_layers * n_blocks
+  layers = rows <= MAX_ROWS and rows * capacity <= policy.fused_max_layers * n_blocks
+  small = rows <= MAX_REPLACE_ROWS and capacity <= policy.fused_small_fraction * n_blocks
+  return layers or small
 
 
 def runs(
@@ -105,8 +117,9 @@ def runs(
   """The one static rule for "auto": does a layer planned as `plan` run the fused kernel?
 
   - the plan's kernel is the native one (CPU, not a caller's `kernel="xla"` policy), and
-    the kernel is `usable` (at most `MAX_ROWS` rows, f32 inputs, f32 or bf16 weights);
-  - the plan gathers, or the fused kernel `replaces_dense` under the plan's policy;
+    the kernel is `usable` (f32 inputs, f32 or bf16 weights);
+  - the plan gathers at most `MAX_ROWS` rows, or the fused kernel `replaces_dense` under
+    the plan's policy (up to `MAX_REPLACE_ROWS` rows);
   - the exact products are at most `MAX_PRODUCT` multiply-adds (`rows · capacity ·
     block_size · m` for `m` inputs per row) and the estimator's second factor at most
     `MAX_ESTIMATE` numbers (`rank · n_out`): one call instead of an op string saves its
@@ -116,6 +129,8 @@ def runs(
   `upgrade`, `_sparse._layer_path` and `_mlp.chain_path` all ask this.
   """
   if platform != "cpu" or plan.kernel != "native" or not usable(rows, weight_dtype, x_dtype):
+    return False
+  if plan.gather and rows > MAX_ROWS:  # the tile kernel's shared mode serves those rows
     return False
   if not (plan.gather or replaces_dense(rows, capacity, weight_shape[0], plan.policy)):
     return False
@@ -139,8 +154,8 @@ def upgrade(
   """`packed_dense`'s `plan` with kernel "fused" where `runs` says so.
 
   Only plans whose kernel is the native one (CPU, f32 or bf16 weights, not a caller's
-  `kernel="xla"` policy), and that gather or, under "auto", whose rows' gathers add up to
-  at most one layer (`replaces_dense`).
+  `kernel="xla"` policy), and that gather or, under "auto", where the fused kernel
+  `replaces_dense`.
   """
   if capacity is None or (strategy != "auto" and not plan.gather):
     return plan

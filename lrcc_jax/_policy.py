@@ -85,8 +85,11 @@ class Policy:
       dense flops, and past a few rows the dense product is bound by flops.
     fused_max_layers: where this policy falls back to dense, the fused CPU kernel
       (`_fused.replaces_dense`) still runs while the rows' per-row gathers add up to at
-      most this many layers (`rows · capacity / n_blocks`); 0: never (the policy's
-      decision stands).
+      most this many layers (`rows · capacity / n_blocks`; up to `_fused.MAX_ROWS` rows);
+      0: never (the policy's decision stands).
+    fused_small_fraction: ...and, up to `_fused.MAX_REPLACE_ROWS` rows, while each row
+      computes at most this fraction of the layer: past a few rows the dense product is
+      bound by its flops, and the fused kernel does `f` of them; 0: never.
   """
 
   platform: str
@@ -106,6 +109,7 @@ class Policy:
   small_block_max_fraction_one_row: float = 1.0
   shared_max_fraction: float = 0.0
   fused_max_layers: float = 0.0
+  fused_small_fraction: float = 0.0
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
@@ -152,8 +156,14 @@ CPU_NATIVE = Policy(
   # the dense fallback, with unions of 81-100%; 25% lost (0.75-1.77x against 1.1-2.2x).
   # `lrcc-jax bench --suite full` covers these settings.
   shared_max_fraction=0.12,
-  # `_fused.replaces_dense`'s measurements: up to one layer of per-row gathers.
+  # `_fused.replaces_dense`'s measurements: up to one layer of per-row gathers, and at
+  # most 6% per row up to 128 rows. The latter measured with the fused kernel's two-stage
+  # selection (`csrc/topk.h`), single units, one interleaved run on 2 cores, against the
+  # dense fallback: 16-128 rows at 5%, 0.94-4.7x of dense jit (1024: 1.05x at 64 rows
+  # against 0.83x; 2048: 1.25-1.34x at 64-128 against 0.90x; 4096: 2.2x at 64 against
+  # 1.25x); at 10% it lost past 32 rows (0.72-0.86x against 0.85-0.90x).
   fused_max_layers=1.0,
+  fused_small_fraction=0.06,
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(

@@ -159,8 +159,8 @@ def _layer_path(
 ) -> str:
   """`sparse_packed_dense`'s path on `platform`: "fused", "gather" or "dense".
 
-  "fused" where the fused native kernel runs (`_fused.runs`: CPU, at most 8 rows) and
-  gathering pays or the rows' gathers add up to at most one layer (`_fused.replaces_dense`);
+  "fused" where the fused native kernel runs (`_fused.runs`: CPU) and gathering pays (at
+  most 8 rows) or the fused kernel replaces the dense path (`_fused.replaces_dense`);
   else "gather" (XLA selection, then the platform's gather or tile kernel) where
   `_policy.plan_layer`'s "auto" gathers, and "dense" (dense product, then the selected
   units' values) where it does not.

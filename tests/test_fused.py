@@ -229,3 +229,38 @@ def test_property_random_shapes_match_the_xla_path(rows, bs, n_blocks, n_in, see
   if np.min(np.abs(scores)) > 1e-4 and np.min(np.abs(np.diff(np.sort(scores, axis=1), axis=1)), initial=1) > 1e-4:
     np.testing.assert_array_equal(idx, ref_idx)  # away from rounding ties the choice is the same
     np.testing.assert_allclose(vals, ref_vals, rtol=1e-4, atol=1e-4)
+
+
+def test_replaces_dense_by_layers_up_to_8_rows_and_small_fractions_up_to_128():
+  """Guards both clauses of `replaces_dense` and their bounds: at most one layer of per-row
+  gathers up to `MAX_ROWS` rows, and at most 6% of the layer per row up to
+  `MAX_REPLACE_ROWS` rows (the shipped CPU policy)."""
+  from lrcc_jax._policy import CPU_NATIVE
+
+  replaces = lambda rows, cap: _fused.replaces_dense(rows, cap, 1000, CPU_NATIVE)
+  assert replaces(4, 250) and replaces(8, 125) and not replaces(4, 251)  # one layer
+  assert not replaces(9, 100)  # 0.9 layers but past MAX_ROWS, and 10% per row
+  assert replaces(64, 60) and replaces(128, 60) and not replaces(64, 61)  # 6% of 1000 blocks
+  assert not replaces(129, 10)  # past MAX_REPLACE_ROWS
+  assert not _fused.replaces_dense(64, 60, 1000, None)
+  off = Policy("cpu", "native", max_fraction_one_row=0.6, max_gathered_layers=0.6, fused_max_layers=1.0)
+  assert not _fused.replaces_dense(64, 60, 1000, off)  # fused_small_fraction defaults to 0
+
+
+@needs_native
+@pytest.mark.parametrize("capacity, fused", [(15, True), (26, False)])
+def test_auto_runs_the_fused_kernel_for_many_rows_of_small_fractions(capacity, fused):
+  """Guards the small-fraction replacement end to end: 16 rows of single units at 15 of 256
+  (5.9%) run one fused call and give the dense path's values; at 26 (10%) the dense
+  fallback with its native epilogue runs instead."""
+  rng = np.random.default_rng(capacity)
+  w = jnp.asarray(rng.standard_normal((256, 256)) / 16, jnp.float32)
+  b = jnp.asarray(rng.standard_normal(256) / 4, jnp.float32)
+  p = L.pack(w, b, L.fit_svd(w, 16), block_size=1)
+  x = jnp.asarray(rng.standard_normal((16, 256)), jnp.float32)
+  auto = jax.jit(lambda x: L.packed_dense(x, p, capacity=capacity))
+  text = auto.lower(x).as_text()
+  assert ("lrcc_fused_layer" in text) == fused
+  assert ("lrcc_estimated_masked_relu" in text) == (not fused)
+  dense = L.packed_dense(x, p, capacity=capacity, strategy="dense")
+  np.testing.assert_allclose(np.asarray(auto(x)), np.asarray(dense), rtol=1e-5, atol=1e-5)

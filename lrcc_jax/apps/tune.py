@@ -13,7 +13,8 @@ over the values measured: the fractions of `gather_pays` (`max_fraction_one_row`
 `small_block_max_fraction_one_row`, `max_gathered_layers`, `small_fraction`,
 `small_fraction_max_rows`), the row limit of small blocks (`small_block_max_rows`), the
 native kernel's shared mode (`max_union_fraction`, `shared_max_fraction`) and, on CPU,
-how far the fused kernel replaces the dense fallback (`fused_max_layers`). It keeps the
+how far the fused kernel replaces the dense fallback (`fused_max_layers`,
+`fused_small_fraction`; past `_fused.MAX_ROWS` rows it is timed on its own). It keeps the
 candidate that loses the least time against the better strategy of each measured case
 (sum of log time ratios), judged by the decision "auto" makes under it
 (`_policy.batch_mode`, then `_fused.replaces_dense`). The default's own values are
@@ -75,6 +76,7 @@ def measure(
         _policy.default_policy(_policy._policy_platform(platform), kernel, packed.weight.dtype),  # pylint: disable=protected-access
         **never,
         fused_max_layers=math.inf,
+        fused_small_fraction=math.inf,
       )
       for batch in batches:
         x = jax.random.normal(k_x, (batch, width), jnp.float32)
@@ -86,12 +88,16 @@ def measure(
             )
             for strategy in ("gather", "dense")
           }
+          eligible = auto_gathers(packed, batch, cap, platform=platform, policy=fused_only)
+          if eligible and batch > _fused.MAX_ROWS:  # "gather" runs the tile kernel there
+            fns["fused"] = functools.partial(
+              jax.jit(functools.partial(packed_dense, capacity=cap, policy=fused_only)), x, packed
+            )
           t = bench.time_interleaved(fns, repeats=repeats)
           rows.append(
             {
-              "fused_eligible": auto_gathers(
-                packed, batch, cap, platform=platform, policy=fused_only
-              ),
+              "fused_eligible": eligible,
+              "fused_ms": 1e3 * t.get("fused", t["gather"]),
               "width": width,
               "block_size": block_size,
               "batch": batch,
@@ -115,15 +121,21 @@ def measure(
 def _loss(policy: _policy.Policy, rows: list[dict]) -> float:
   """Time lost against the better strategy of each row: sum of log(chosen / best), with
   "chosen" the strategy "auto" picks under `policy`: `_policy.batch_mode`, or the fused
-  kernel where the row is eligible and `_fused.replaces_dense` lets it replace dense."""
+  kernel where the row is eligible and `_fused.replaces_dense` lets it replace dense.
+  Up to `_fused.MAX_ROWS` rows the gathered time is the fused kernel's (`fused_ms` equals
+  `gather_ms` there); past it the fused kernel is timed on its own."""
   total = 0.0
   for r in rows:
     mode = _policy.batch_mode(policy, r["batch"], r["capacity"], r["n_blocks"], r["block_bytes"])
-    fused = r.get("fused_eligible", False) and _fused.replaces_dense(
-      r["batch"], r["capacity"], r["n_blocks"], policy
-    )
-    chosen = r["gather_ms"] if mode != "dense" or fused else r["dense_ms"]
-    total += math.log(chosen / min(r["gather_ms"], r["dense_ms"]))
+    eligible = r.get("fused_eligible", False)
+    fused = eligible and _fused.replaces_dense(r["batch"], r["capacity"], r["n_blocks"], policy)
+    fused_ms = r.get("fused_ms", r["gather_ms"])
+    if mode != "dense":
+      chosen = r["gather_ms"]
+    else:
+      chosen = fused_ms if fused else r["dense_ms"]
+    best = min(r["gather_ms"], r["dense_ms"], fused_ms if eligible else math.inf)
+    total += math.log(chosen / best)
   return total
 
 
@@ -218,7 +230,8 @@ def fit(rows: list[dict], platform: str, kind: str) -> list[_policy.Policy]:
             tuned.fused_max_layers,
             0.0,
             *sorted({r["batch"] * r["fraction"] for r in mine}),
-          ]
+          ],
+          "fused_small_fraction": [tuned.fused_small_fraction, 0.0, *fractions],
         },
       )
     policies.append(tuned)

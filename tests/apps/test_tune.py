@@ -1,6 +1,8 @@
 """`lrcc-jax tune` on tiny shapes, and how the auto strategy picks the tuned policy up."""
 
+import dataclasses
 import json
+import math
 import warnings
 
 import pytest
@@ -113,3 +115,23 @@ def test_tune_quick_writes_a_valid_file(cache, capsys):
   (policy,) = _policy.load_policy_file(_policy.policy_path(), _policy.device_kind())
   assert policy.platform == _policy.current_platform() and policy.weight_dtype == "float32"
   assert "256" in capsys.readouterr().out
+
+
+def test_past_eight_rows_the_fused_kernel_is_judged_by_its_own_time():
+  """Guards the small-fraction replacement in the fit: 32 rows at 5% are slow through the
+  tile kernel (`gather_ms`) but fast fused (`fused_ms`); the loss charges the fused time
+  exactly where `fused_small_fraction` covers the row, and the fit keeps it on, while 32
+  rows at 25% fused slower than dense turn nothing on."""
+  from lrcc_jax.apps import tune
+
+  units = {"fused_eligible": True, "block_bytes": 4096}  # single units: never gathered here
+  fast = {**_row(32, 0.05, 3.0, 1.0), **units, "fused_ms": 0.5}
+  slow = {**_row(32, 0.25, 3.0, 1.0), **units, "fused_ms": 1.5}
+  on = dataclasses.replace(_policy.CPU_NATIVE, fused_small_fraction=0.06)
+  off = dataclasses.replace(_policy.CPU_NATIVE, fused_small_fraction=0.0)
+  assert _policy.batch_mode(on, 32, fast["capacity"], 64, 4096) == "dense"
+  assert tune._loss(on, [fast]) == 0.0
+  assert tune._loss(off, [fast]) == pytest.approx(math.log(1.0 / 0.5))
+  (p,) = tune.fit([fast, slow], "cpu", "test cpu")
+  assert fast["fraction"] <= p.fused_small_fraction < slow["fraction"]
+  assert tune._loss(p, [fast, slow]) == 0.0
