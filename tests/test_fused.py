@@ -21,6 +21,9 @@ XLA = Policy("cpu", "xla", max_fraction_one_row=1.0, max_gathered_layers=64.0)  
 # Always gathers with the native kernels (the shipped policy runs several rows of these
 # half-selected toy layers densely), so the fused kernel is what runs.
 NATIVE = Policy("cpu", "native", max_fraction_one_row=1.0, max_gathered_layers=64.0)
+# Never gathers, and the fused kernel replaces every dense path up to `_fused.MAX_REPLACE_ROWS`
+# rows: the fused kernel past `MAX_ROWS` rows too (its estimate in groups of eight rows).
+FUSED = Policy("cpu", "native", max_fraction_one_row=0.0, max_gathered_layers=0.0, fused_small_fraction=1.0)
 
 
 def _fused_dense(x, p, threshold, capacity):
@@ -77,7 +80,8 @@ def test_sparse_kernel_equals_numpy_chain(layers):
 @needs_native
 @pytest.mark.parametrize("n_in,n_out,bs,k,rows", [
     (37, 24, 1, 5, 1), (64, 64, 16, 2, 3), (50, 60, 4, 15, 2), (33, 48, 16, 3, 1),
-    (100, 30, 3, 10, 5), (20, 12, 4, 3, 1)])  # last: capacity = n_blocks
+    (100, 30, 3, 10, 5), (20, 12, 4, 3, 1),  # capacity = n_blocks
+    (50, 60, 4, 15, 9), (64, 64, 16, 2, 16), (100, 30, 3, 10, 12), (33, 96, 32, 2, 8)])
 @pytest.mark.parametrize("sparse_in", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_random_layers_match_the_xla_path(n_in, n_out, bs, k, rows, sparse_in, dtype):
@@ -91,7 +95,7 @@ def test_random_layers_match_the_xla_path(n_in, n_out, bs, k, rows, sparse_in, d
     eye = jnp.eye(n_in, dtype=jnp.float32)
     up = L.pack(eye, jnp.zeros(n_in), L.fit_svd(eye, 4), block_size=b_up)
     x = L.sparse_packed_dense(x, up, threshold=-1.0, capacity=max(1, n_in // (3 * b_up)), policy=XLA)
-  got = jax.jit(lambda x, t: L.densify(L.sparse_packed_dense(x, p, threshold=t, capacity=k, policy=NATIVE),
+  got = jax.jit(lambda x, t: L.densify(L.sparse_packed_dense(x, p, threshold=t, capacity=k, policy=FUSED),
                                        p.n_out))
   want = jax.jit(lambda x, t: L.densify(L.sparse_packed_dense(x, p, threshold=t, capacity=k, policy=XLA),
                                         p.n_out))
@@ -104,9 +108,12 @@ def test_random_layers_match_the_xla_path(n_in, n_out, bs, k, rows, sparse_in, d
 @needs_native
 @pytest.mark.parametrize("rank", [1, 16, 25, 48, 64, 70, 131])
 @pytest.mark.parametrize("sparse_in", [False, True])
-def test_estimator_ranks_past_one_vector_match_the_xla_path(rank, sparse_in):
-  # x U runs in column groups of up to 64 with a masked last chunk of 16 lanes: ranks on
-  # and off those edges, and inputs both dense and gathered (rows of U by index).
+@pytest.mark.parametrize("rows", [3, 11])
+def test_estimator_ranks_past_one_vector_match_the_xla_path(rank, sparse_in, rows):
+  # x U runs in column groups of up to 64 with a masked last chunk of 16 lanes (up to
+  # seven dense rows, and sparse ones), or eight dense rows at a time on U padded to a
+  # multiple of 16 columns: ranks on and off those edges, and inputs both dense and
+  # gathered (rows of U by index).
   rng = np.random.default_rng(rank)
   n_in, n_out = 150, 160
   w = jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), jnp.float32)
@@ -114,14 +121,14 @@ def test_estimator_ranks_past_one_vector_match_the_xla_path(rank, sparse_in):
   est = L.LowRankEstimator(u=jnp.asarray(rng.standard_normal((n_in, rank)), jnp.float32) / 10,
                            v=jnp.asarray(rng.standard_normal((rank, n_out)), jnp.float32) / 10)
   p = L.pack(w, b, est, block_size=1)
-  x = jnp.asarray(rng.standard_normal((3, n_in)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((rows, n_in)), jnp.float32)
   if sparse_in:
     eye = jnp.eye(n_in, dtype=jnp.float32)
     up = L.pack(eye, jnp.zeros(n_in), L.fit_svd(eye, 4), block_size=1)
     x = L.sparse_packed_dense(x, up, threshold=-1.0, capacity=37, policy=XLA)
-  for policy in (NATIVE, XLA):
+  for policy in (FUSED, XLA):
     sp = jax.jit(lambda x, policy=policy: L.sparse_packed_dense(x, p, capacity=40, policy=policy))(x)
-    if policy is NATIVE:
+    if policy is FUSED:
       got = sp
   np.testing.assert_array_equal(got.indices, sp.indices)
   np.testing.assert_allclose(got.values, sp.values, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@
 #include <immintrin.h>
 #endif
 
+#include "estimate.h"
 #include "topk.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -203,6 +204,11 @@ struct Pending {
   int n = 0;
 };
 
+// Dense rows from which the estimate runs eight rows at a time (estimate.h). Fewer rows
+// keep the per-row phases below: one row in groups of eight would leave seven idle, and at
+// one row the per-row phases split the inputs over the pool.
+constexpr int64_t kGroupedRows = 8;
+
 // Inputs per chunk of the estimate's first product, and units per chunk of the second.
 constexpr int64_t kInChunk = 512;
 constexpr int64_t kUnitChunk = 512;
@@ -321,47 +327,63 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
   const int64_t rows = L.rows, r = L.r, n_out = L.n_out, bs = L.bs, k = L.k;
   const int64_t n_blocks = L.n_blocks, m = L.m;
   const bool sparse = L.xi != nullptr;
-  // 1. t = x U, as partial sums over chunks of inputs (summed in chunk order below).
-  const int64_t in_chunks = std::max<int64_t>(1, (m + kInChunk - 1) / kInChunk);
-  std::vector<float> partial(rows * in_chunks * r, 0.f);
-  ParallelFor(pool, rows * in_chunks, rows * m * r, [&](int64_t task) {
-    const int64_t row = task / in_chunks, c = task % in_chunks;
-    const int64_t begin = c * kInChunk, end = std::min(m, (c + 1) * kInChunk);
-    InputTimesU(L, row, begin, end, partial.data() + task * r);
-  });
-  std::vector<float> t(rows * r, 0.f);
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t c = 0; c < in_chunks; ++c) {
-      const float* p = partial.data() + (row * in_chunks + c) * r;
-      for (int64_t q = 0; q < r; ++q) t[row * r + q] += p[q];
-    }
-  }
-  // 2. zhat = t V + b and block scores, in chunks of whole blocks.
   std::vector<float> scores(rows * n_blocks);
-  const int64_t blocks_per_chunk = std::max<int64_t>(1, kUnitChunk / bs);
-  const int64_t unit_chunks = (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
-  ParallelFor(pool, rows * unit_chunks, rows * r * n_out, [&](int64_t task) {
-    const int64_t row = task / unit_chunks, c = task % unit_chunks;
-    const int64_t b0 = c * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
-    const int64_t j0 = b0 * bs, width = (b1 - b0) * bs;
-    float z[kUnitChunk + 64];
-    TimesV(L, t.data() + row * r, j0, width, z);
-    if (bs == 1) {  // a unit is its block: the score is zhat itself (NaN included)
-      float* out = scores.data() + row * n_blocks + b0;
-      for (int64_t j = 0; j < width; ++j) out[j] = z[j] + L.bias[j0 + j];
-      return;
+  if (!sparse && rows >= kGroupedRows) {
+    // 1-2. Eight rows at a time (estimate.h): each load of U and V feeds eight rows.
+    const int64_t rp = (r + 15) / 16 * 16;
+    std::vector<float> padded;
+    if (rp != r) {  // zero columns up to a multiple of 16: whole vectors, no masked loads
+      padded.assign(m * rp, 0.f);
+      for (int64_t i = 0; i < m; ++i) std::memcpy(&padded[i * rp], L.u + i * r, r * sizeof(float));
     }
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      float s = -INFINITY;
-      bool nan = false;
-      for (int64_t j = 0; j < bs; ++j) {
-        const float zj = z[(blk - b0) * bs + j] + L.bias[blk * bs + j];
-        nan |= std::isnan(zj);
-        s = std::max(s, zj);
+    const lrcc_estimate::Estimator e{L.x,    m,        rp == r ? L.u : padded.data(), rp, r, L.v,
+                                     L.bias, n_blocks, bs, scores.data()};
+    ParallelFor(pool, (rows + 7) / 8, rows * r * (m + n_out), [&](int64_t g) {
+      std::vector<float> t(8 * rp), z(8 * n_out);
+      lrcc_estimate::EstimateRows(e, 8 * g, std::min(rows, 8 * g + 8), t.data(), z.data());
+    });
+  } else {
+    // 1. t = x U, as partial sums over chunks of inputs (summed in chunk order below).
+    const int64_t in_chunks = std::max<int64_t>(1, (m + kInChunk - 1) / kInChunk);
+    std::vector<float> partial(rows * in_chunks * r, 0.f);
+    ParallelFor(pool, rows * in_chunks, rows * m * r, [&](int64_t task) {
+      const int64_t row = task / in_chunks, c = task % in_chunks;
+      const int64_t begin = c * kInChunk, end = std::min(m, (c + 1) * kInChunk);
+      InputTimesU(L, row, begin, end, partial.data() + task * r);
+    });
+    std::vector<float> t(rows * r, 0.f);
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t c = 0; c < in_chunks; ++c) {
+        const float* p = partial.data() + (row * in_chunks + c) * r;
+        for (int64_t q = 0; q < r; ++q) t[row * r + q] += p[q];
       }
-      scores[row * n_blocks + blk] = nan ? NAN : s;
     }
-  });
+    // 2. zhat = t V + b and block scores, in chunks of whole blocks.
+    const int64_t blocks_per_chunk = std::max<int64_t>(1, kUnitChunk / bs);
+    const int64_t unit_chunks = (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+    ParallelFor(pool, rows * unit_chunks, rows * r * n_out, [&](int64_t task) {
+      const int64_t row = task / unit_chunks, c = task % unit_chunks;
+      const int64_t b0 = c * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
+      const int64_t j0 = b0 * bs, width = (b1 - b0) * bs;
+      float z[kUnitChunk + 64];
+      TimesV(L, t.data() + row * r, j0, width, z);
+      if (bs == 1) {  // a unit is its block: the score is zhat itself (NaN included)
+        float* out = scores.data() + row * n_blocks + b0;
+        for (int64_t j = 0; j < width; ++j) out[j] = z[j] + L.bias[j0 + j];
+        return;
+      }
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        float s = -INFINITY;
+        bool nan = false;
+        for (int64_t j = 0; j < bs; ++j) {
+          const float zj = z[(blk - b0) * bs + j] + L.bias[blk * bs + j];
+          nan |= std::isnan(zj);
+          s = std::max(s, zj);
+        }
+        scores[row * n_blocks + blk] = nan ? NAN : s;
+      }
+    });
+  }
   // 3. Selection: the k best blocks of each row, ascending. The bisection of topk.h finds
   // the k-th best key; one ascending scan then takes every block above it and the
   // lowest-indexed ties (no index sort).
