@@ -37,11 +37,11 @@ NATIVE_MAX_GATHERED_LAYERS = 0.6
 # for the native dense fallback, 1024-4096 wide).
 NATIVE_SMALL_FRACTION = 0.06
 NATIVE_SMALL_FRACTION_MAX_ROWS = 128
-# Blocks under 32 KiB (single units up to 8192 wide) gather only at one row (a few rows
-# still run the fused kernel, `_fused.replaces_dense`): against the native dense fallback
-# with its native estimate, 16 rows of single units at 5% gathered at 0.75-1.87x of dense
-# jit and computed densely at 1.20-2.04x (1024-4096 wide, `lrcc-jax tune` and `bench
-# --suite full --compare-default`).
+# Blocks under 32 KiB (single units up to 8192 wide) gather only at one row (a few rows,
+# and up to 128 rows at 6% per row, still run the fused kernel, `_fused.replaces_dense`):
+# against the native dense fallback with its native estimate, 16 rows of single units at
+# 5% gathered through the tile kernel at 0.75-1.87x of dense jit and computed densely at
+# 1.20-2.04x (1024-4096 wide, `lrcc-jax tune` and `bench --suite full --compare-default`).
 NATIVE_MIN_BATCHED_BLOCK_BYTES = 32 * 2**10
 NATIVE_SMALL_BLOCK_MAX_ROWS = 1
 #
