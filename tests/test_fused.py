@@ -214,7 +214,8 @@ def test_chain_path_is_one_static_decision():
   from lrcc_jax._mlp import chain_path
 
   small = [((1000, 1, 784), jnp.float32), ((600, 1, 1000), jnp.float32)]
-  assert chain_path("cpu", 1, small, [600, 350], jnp.float32) == ("sparse" if _native.available() else "layerwise")
+  # without the native library XLA's gathers take at most 40% of a row's blocks: dense
+  assert chain_path("cpu", 1, small, [600, 350], jnp.float32) == ("sparse" if _native.available() else "dense")
   assert chain_path("cpu", 512, small, [600, 350], jnp.float32) == "dense"
   assert chain_path("cpu", 1, small, [None, None], jnp.float32) in ("layerwise", "dense")
 
