@@ -205,7 +205,8 @@ def test_unavailable_kernel_falls_back_to_xla_with_a_reason(env, reason, tmp_pat
       "np.testing.assert_allclose(z, np.asarray(w)[1].sum(-1)[None, None])\n"
       "print(_native.status())\n"
   )
-  full_env = {**os.environ, "LRCC_JAX_CACHE": str(tmp_path), **env}
+  outer = {k: v for k, v in os.environ.items() if k != "LRCC_JAX_NATIVE"}  # a run with it off
+  full_env = {**outer, "LRCC_JAX_CACHE": str(tmp_path), **env}
   done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "'available': False" in done.stdout and reason in done.stdout
