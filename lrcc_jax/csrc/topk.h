@@ -7,8 +7,8 @@
 // and no tie straddles the boundary). The keys' high halves are bisected first, 32 to an
 // AVX-512 register, then the low halves of the few keys that share the k-th one's high
 // half. On 1024 random scores half the rows stop in the first stage and the others keep
-// about three keys: 25% less time than 32-bit steps over all keys, and a tenth of
-// std::nth_element's (branchy, and it moves the keys).
+// about three keys: 25% less time than 32-bit steps over all keys. fused_layer.cc had
+// used std::nth_element (branchy, and it moves the keys): a third of its time at 64 rows.
 
 #ifndef LRCC_JAX_CSRC_TOPK_H_
 #define LRCC_JAX_CSRC_TOPK_H_
