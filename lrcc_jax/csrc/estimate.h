@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace lrcc_estimate {
 
@@ -26,6 +27,16 @@ inline V16 Load16(const float* p) {
   return v;
 }
 inline void Store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+
+// U (n_in, r) with its columns padded to rp = r rounded up to 16: U itself when r already
+// is a multiple of 16, else a zero-padded copy held in `storage`.
+inline const float* PaddedU(const float* u, int64_t n_in, int64_t r, int64_t rp,
+                            std::vector<float>& storage) {
+  if (rp == r) return u;
+  storage.assign(n_in * rp, 0.f);
+  for (int64_t i = 0; i < n_in; ++i) std::memcpy(&storage[i * rp], u + i * r, r * sizeof(float));
+  return storage.data();
+}
 
 struct Estimator {
   const float* x;  // (rows, n_in)

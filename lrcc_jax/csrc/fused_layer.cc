@@ -332,12 +332,8 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
     // 1-2. Eight rows at a time (estimate.h): each load of U and V feeds eight rows.
     const int64_t rp = (r + 15) / 16 * 16;
     std::vector<float> padded;
-    if (rp != r) {  // zero columns up to a multiple of 16: whole vectors, no masked loads
-      padded.assign(m * rp, 0.f);
-      for (int64_t i = 0; i < m; ++i) std::memcpy(&padded[i * rp], L.u + i * r, r * sizeof(float));
-    }
-    const lrcc_estimate::Estimator e{L.x,    m,        rp == r ? L.u : padded.data(), rp, r, L.v,
-                                     L.bias, n_blocks, bs, scores.data()};
+    const float* u = lrcc_estimate::PaddedU(L.u, m, r, rp, padded);  // whole vectors
+    const lrcc_estimate::Estimator e{L.x, m, u, rp, r, L.v, L.bias, n_blocks, bs, scores.data()};
     ParallelFor(pool, (rows + 7) / 8, rows * r * (m + n_out), [&](int64_t g) {
       std::vector<float> t(8 * rp), z(8 * n_out);
       lrcc_estimate::EstimateRows(e, 8 * g, std::min(rows, 8 * g + 8), t.data(), z.data());

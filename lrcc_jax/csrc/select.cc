@@ -255,14 +255,8 @@ ffi::Error EstimatedMaskedRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   if (jb->rows == 0) return ffi::Error::Success();
   const int64_t n_in = xd[1], r = ud[1], rp = (r + 15) / 16 * 16;
   std::vector<float> scores(jb->rows * jb->n_blocks), padded;
-  if (rp != r) {  // zero columns up to a multiple of 16: whole vectors, no masked loads
-    padded.assign(n_in * rp, 0.f);
-    for (int64_t i = 0; i < n_in; ++i) {
-      std::memcpy(padded.data() + i * rp, u.typed_data() + i * r, r * sizeof(float));
-    }
-  }
   jb->x = x.typed_data();
-  jb->u = rp == r ? u.typed_data() : padded.data();
+  jb->u = lrcc_estimate::PaddedU(u.typed_data(), n_in, r, rp, padded);  // whole vectors
   jb->v = v.typed_data();
   jb->n_in = n_in;
   jb->r = r;
