@@ -81,7 +81,7 @@ def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | Non
   """Whether the fused kernel replaces `policy`'s dense fallback: up to `MAX_ROWS` rows
   while `rows · capacity ≤ policy.fused_max_layers · n_blocks` (1 layer in the shipped CPU
   policy), and up to `MAX_REPLACE_ROWS` rows while `capacity ≤
-  policy.fused_small_fraction · n_blocks` (6% in the shipped CPU policy).
+  policy.fused_small_fraction · n_blocks` (10.1% in the shipped CPU policy).
 
   Where the policy would compute densely, the fused kernel still wins while the rows'
   per-row gathers add up to at most one layer (one row at any capacity, two rows at half,
@@ -95,7 +95,8 @@ def replaces_dense(rows: int, capacity: int, n_blocks: int, policy: Policy | Non
   few rows the dense product is bound by its flops, which the fused kernel does `f` of:
   with single units at 5% per row, 16-128 rows ran at 0.94-4.7x of dense jit fused against
   0.81-3.1x for the dense fallback (1024-4096 wide); at 10% the fused kernel lost past 32
-  rows.
+  rows until it ran the eight-row estimate of `csrc/estimate.h`, and then won by
+  1.10-1.74x against the dense fallback at 16-128 rows.
   """
   if policy is None:
     return False

@@ -157,13 +157,14 @@ CPU_NATIVE = Policy(
   # `lrcc-jax bench --suite full` covers these settings.
   shared_max_fraction=0.12,
   # `_fused.replaces_dense`'s measurements: up to one layer of per-row gathers, and at
-  # most 6% per row up to 128 rows. The latter measured with the fused kernel's two-stage
-  # selection (`csrc/topk.h`), single units, one interleaved run on 2 cores, against the
-  # dense fallback: 16-128 rows at 5%, 0.94-4.7x of dense jit (1024: 1.05x at 64 rows
-  # against 0.83x; 2048: 1.25-1.34x at 64-128 against 0.90x; 4096: 2.2x at 64 against
-  # 1.25x); at 10% it lost past 32 rows (0.72-0.86x against 0.85-0.90x).
+  # most 10% per row up to 128 rows. The latter set by `lrcc-jax tune` on 2 cores once the
+  # fused kernel ran the eight-row estimate (`csrc/estimate.h`); `lrcc-jax bench --suite
+  # full --compare-default` against 6%: the 10 cells it changes (single units at 10%,
+  # 16-128 rows, 1024-4096 wide) ran 1.10-1.74x faster (1024 at 64 rows 0.79 -> 0.98x of
+  # dense jit, 2048 at 64 rows 0.91 -> 1.12x). 0.101 keeps the suite's `round(0.1 · 2048)`
+  # = 205 units in.
   fused_max_layers=1.0,
-  fused_small_fraction=0.06,
+  fused_small_fraction=0.101,
 )
 # CPU, XLA gathers: the `_packed.MAX_GATHER_*` measurements.
 CPU_XLA = Policy(

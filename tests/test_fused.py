@@ -241,14 +241,14 @@ def test_property_random_shapes_match_the_xla_path(rows, bs, n_blocks, n_in, see
 
 def test_replaces_dense_by_layers_up_to_8_rows_and_small_fractions_up_to_128():
   """Guards both clauses of `replaces_dense` and their bounds: at most one layer of per-row
-  gathers up to `MAX_ROWS` rows, and at most 6% of the layer per row up to
+  gathers up to `MAX_ROWS` rows, and at most 10.1% of the layer per row up to
   `MAX_REPLACE_ROWS` rows (the shipped CPU policy)."""
   from lrcc_jax._policy import CPU_NATIVE
 
   replaces = lambda rows, cap: _fused.replaces_dense(rows, cap, 1000, CPU_NATIVE)
   assert replaces(4, 250) and replaces(8, 125) and not replaces(4, 251)  # one layer
-  assert not replaces(9, 100)  # 0.9 layers but past MAX_ROWS, and 10% per row
-  assert replaces(64, 60) and replaces(128, 60) and not replaces(64, 61)  # 6% of 1000 blocks
+  assert not replaces(9, 110)  # 0.99 layers but past MAX_ROWS, and 11% per row
+  assert replaces(64, 101) and replaces(128, 101) and not replaces(64, 102)  # 10.1% of 1000
   assert not replaces(129, 10)  # past MAX_REPLACE_ROWS
   assert not _fused.replaces_dense(64, 60, 1000, None)
   off = Policy("cpu", "native", max_fraction_one_row=0.6, max_gathered_layers=0.6, fused_max_layers=1.0)
@@ -259,7 +259,7 @@ def test_replaces_dense_by_layers_up_to_8_rows_and_small_fractions_up_to_128():
 @pytest.mark.parametrize("capacity, fused", [(15, True), (26, False)])
 def test_auto_runs_the_fused_kernel_for_many_rows_of_small_fractions(capacity, fused):
   """Guards the small-fraction replacement end to end: 16 rows of single units at 15 of 256
-  (5.9%) run one fused call and give the dense path's values; at 26 (10%) the dense
+  (5.9%) run one fused call and give the dense path's values; at 26 (10.2%) the dense
   fallback with its native epilogue runs instead."""
   rng = np.random.default_rng(capacity)
   w = jnp.asarray(rng.standard_normal((256, 256)) / 16, jnp.float32)
