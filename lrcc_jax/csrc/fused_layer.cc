@@ -394,12 +394,9 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
     std::vector<uint16_t> high(n_blocks), low(n_blocks);
     lrcc_topk::Keys(sr, n_blocks, keys.data(), high.data());
     const uint32_t kth = lrcc_topk::KthKey(keys.data(), high.data(), n_blocks, k, low.data()).first;
-    int64_t above = 0;
-    for (int64_t b = 0; b < n_blocks; ++b) above += keys[b] > kth;
-    int64_t ties = k - above, n = 0;
-    for (int64_t b = 0; b < n_blocks && n < k; ++b) {
-      if (keys[b] > kth || (keys[b] == kth && ties-- > 0)) out[n++] = static_cast<int32_t>(b);
-    }
+    int64_t n = 0;
+    lrcc_topk::ForEachTopK(keys.data(), n_blocks, k, kth,
+                           [&](int64_t b) { out[n++] = static_cast<int32_t>(b); });
   });
   // 4. Exact products of the kept blocks: relu(W_block x + b), zero where not kept.
   const int64_t runs = sparse ? m / L.b_in : 1;

@@ -55,13 +55,8 @@ struct Job {
   float threshold;
   float* y;
   int64_t rows, n_blocks, bs, capacity, chunk, n_chunks;
-  // The estimated variant: scores (writable) are computed from x (rows, n_in), U padded to
-  // rp columns (n_in, rp; rp a multiple of 16, the padding zero) and V (r, n_out).
-  const float* x = nullptr;
-  const float* u = nullptr;
-  const float* v = nullptr;
-  float* est_scores = nullptr;
-  int64_t n_in = 0, r = 0, rp = 0;
+  // The estimated variant (est.x set): `scores` are computed by est (estimate.h) first.
+  lrcc_estimate::Estimator est{};
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -140,18 +135,9 @@ void Row(const Job& jb, int64_t r, RowBuffers& buf) {
     const auto [kth, exact] = KthKey(kp, buf.high.data(), nb, k, buf.low.data());
     if (exact) {
       KeepAtLeast(kp, nb, kth, keep);
-    } else {  // kth is the k-th highest key; equal keys go to the lower index
-      int64_t greater = 0;
-      for (int64_t b = 0; b < nb; ++b) greater += kp[b] > kth;
-      int64_t ties_left = k - greater;
-      for (int64_t b = 0; b < nb; ++b) {
-        bool in_top = kp[b] > kth;
-        if (kp[b] == kth && ties_left > 0) {
-          in_top = true;
-          --ties_left;
-        }
-        keep[b] = keep[b] && in_top;
-      }
+    } else {  // ties at kth: the top k (all passing) are kept, the lower-indexed ties first
+      std::memset(keep, 0, nb);
+      lrcc_topk::ForEachTopK(kp, nb, k, kth, [keep](int64_t b) { keep[b] = 1; });
     }
   }
   const float* bias = jb.bias;
@@ -170,26 +156,20 @@ void Row(const Job& jb, int64_t r, RowBuffers& buf) {
 }
 
 
-// The scores of rows [begin, end), eight rows at a time (estimate.h).
-void Estimate(const Job& jb, int64_t begin, int64_t end, std::vector<float>& t,
-              std::vector<float>& z) {
-  const lrcc_estimate::Estimator e{jb.x,    jb.n_in,      jb.u,  jb.rp,         jb.r, jb.v,
-                                   jb.bias, jb.n_blocks, jb.bs, jb.est_scores};
-  lrcc_estimate::EstimateRows(e, begin, end, t.data(), z.data());
-}
-
 void RunChunks(Job& jb) {
   RowBuffers buf(jb.n_blocks);
   std::vector<float> t, z;
-  if (jb.x != nullptr) {
-    t.assign(8 * jb.rp, 0.f);
+  if (jb.est.x != nullptr) {
+    t.assign(8 * jb.est.rp, 0.f);
     z.assign(8 * jb.n_blocks * jb.bs, 0.f);
   }
   for (;;) {
     const int64_t c = jb.next.fetch_add(1, std::memory_order_relaxed);
     if (c >= jb.n_chunks) return;
     const int64_t end = std::min(jb.rows, (c + 1) * jb.chunk);
-    if (jb.x != nullptr) Estimate(jb, c * jb.chunk, end, t, z);
+    if (jb.est.x != nullptr) {  // the scores of these rows, eight at a time
+      lrcc_estimate::EstimateRows(jb.est, c * jb.chunk, end, t.data(), z.data());
+    }
     for (int64_t r = c * jb.chunk; r < end; ++r) Row(jb, r, buf);
     jb.done.fetch_add(1, std::memory_order_release);
   }
@@ -255,13 +235,9 @@ ffi::Error EstimatedMaskedRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   if (jb->rows == 0) return ffi::Error::Success();
   const int64_t n_in = xd[1], r = ud[1], rp = (r + 15) / 16 * 16;
   std::vector<float> scores(jb->rows * jb->n_blocks), padded;
-  jb->x = x.typed_data();
-  jb->u = lrcc_estimate::PaddedU(u.typed_data(), n_in, r, rp, padded);  // whole vectors
-  jb->v = v.typed_data();
-  jb->n_in = n_in;
-  jb->r = r;
-  jb->rp = rp;
-  jb->est_scores = scores.data();
+  const float* up = lrcc_estimate::PaddedU(u.typed_data(), n_in, r, rp, padded);  // whole vectors
+  jb->est = {x.typed_data(), n_in, up, rp, r, v.typed_data(), jb->bias, jb->n_blocks, jb->bs,
+             scores.data()};
   jb->scores = scores.data();
   // A row costs its epilogue (n_out) and about r (n_in + n_out) / 16 vector multiply-adds;
   // chunks of at least 64k of those, in whole groups of eight rows.

@@ -112,6 +112,22 @@ inline std::pair<uint32_t, bool> KthKey(const uint32_t* kp, const uint16_t* high
   return {(hi << 16) | lo, at_least == need};
 }
 
+// Calls take(b), in ascending b, for each of the k highest of the nb keys given the k-th
+// highest, kth (KthKey): every key above kth, then keys equal to it from the lowest index
+// until there are k (lax.top_k's tie order).
+template <class Take>
+inline void ForEachTopK(const uint32_t* keys, int64_t nb, int64_t k, uint32_t kth, Take&& take) {
+  int64_t above = 0;
+  for (int64_t b = 0; b < nb; ++b) above += keys[b] > kth;
+  int64_t ties = k - above, n = 0;
+  for (int64_t b = 0; b < nb && n < k; ++b) {
+    if (keys[b] > kth || (keys[b] == kth && ties-- > 0)) {
+      take(b);
+      ++n;
+    }
+  }
+}
+
 }  // namespace lrcc_topk
 
 #endif  // LRCC_JAX_CSRC_TOPK_H_
