@@ -135,6 +135,28 @@ def test_estimator_ranks_past_one_vector_match_the_xla_path(rank, sparse_in, row
 
 
 @needs_native
+@pytest.mark.parametrize("block_size, lanes", [(16, (0, 7, 15)), (32, (3, 16, 31))])
+def test_few_rows_block_scores_of_whole_vectors_rank_a_nan_unit_first(block_size, lanes):
+  """Guards the per-row block maxima in vectors of 16 (1-7 rows, blocks of 16 and 32): a NaN
+  estimate in any one lane of a block makes its score NaN, ranked first; the others are
+  their blocks' largest unit, as in the XLA path."""
+  rng = np.random.default_rng(block_size)
+  n_out = 8 * block_size
+  w = jnp.asarray(rng.standard_normal((64, n_out)) / 8, jnp.float32)
+  bias = rng.standard_normal(n_out).astype(np.float32) / 4
+  nan_blocks = (1, 4, 6)
+  for blk, lane in zip(nan_blocks, lanes, strict=True):
+    bias[blk * block_size + lane] = np.nan
+  p = L.pack(w, jnp.asarray(bias), L.fit_svd(w, 8), block_size=block_size)
+  x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+  idx, vals = jax.jit(_fused_dense, static_argnums=3)(x, p, 0.0, 4)
+  ref_idx, ref_vals = _xla_selected(x, p, 0.0, 4)
+  np.testing.assert_array_equal(idx, ref_idx)
+  assert all(set(nan_blocks) <= set(np.asarray(row).tolist()) for row in idx)
+  np.testing.assert_allclose(vals, ref_vals, rtol=1e-5, atol=1e-5)  # NaN where the bias is
+
+
+@needs_native
 def test_nan_input_and_nan_estimates_are_computed_and_propagate():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)

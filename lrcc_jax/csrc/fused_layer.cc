@@ -368,6 +368,13 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
         for (int64_t j = 0; j < width; ++j) out[j] = z[j] + L.bias[j0 + j];
         return;
       }
+      if (bs % 16 == 0) {  // 16 lanes at a time, as in the eight-row estimate
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          scores[row * n_blocks + blk] =
+            lrcc_estimate::BlockMax16(z + (blk - b0) * bs, L.bias + blk * bs, bs);
+        }
+        return;
+      }
       for (int64_t blk = b0; blk < b1; ++blk) {
         float s = -INFINITY;
         bool nan = false;
