@@ -282,17 +282,22 @@ class FFNPlan(NamedTuple):
     kernel: `gathered_matvec`'s kernel for the input (and gate) projection.
     out_kernel: the output projection's kernel: "native" (`csrc/ffn.cc`) or "xla".
     policy: the `_policy.Policy` that decided, if one did.
+    select: the capacity's selection (`_mask.top_blocks`): "native" on CPU where
+      `_policy.epilogue_kernel` says so, else "xla".
   """
 
   gather: bool
   kernel: str
   out_kernel: str
   policy: _policy.Policy | None
+  select: str = "xla"
 
   @property
   def key(self) -> tuple:
     """Equal keys stage the same code (`_policy.dispatch`)."""
-    return (True, self.kernel, self.out_kernel) if self.gather else (False,)
+    if self.gather:
+      return (True, self.kernel, self.out_kernel, self.select)
+    return (False, self.select)
 
 
 def plan_ffn(
@@ -318,16 +323,17 @@ def plan_ffn(
   kernel = _policy.gather_kernel(platform, g_bs, d, w_dtype, x_dtype, policy)
   native_out = kernel == "native" and _native.usable(packed.w_out.dtype, x_dtype)
   out_kernel = "native" if native_out else "xla"
+  select = _policy.epilogue_kernel(platform, x_dtype)
   if capacity is None or strategy == "dense":
-    return FFNPlan(False, kernel, out_kernel, None)
+    return FFNPlan(False, kernel, out_kernel, None, select)
   if strategy == "gather":
-    return FFNPlan(True, kernel, out_kernel, None)
+    return FFNPlan(True, kernel, out_kernel, None, select)
   if ffn_weight_bytes(packed) < MIN_GATHER_WEIGHT_BYTES:
-    return FFNPlan(False, kernel, out_kernel, None)
+    return FFNPlan(False, kernel, out_kernel, None, select)
   plat = platform if platform in _policy.PLATFORMS else "cuda"
   pol = _policy.policy_for(plat, kernel, w_dtype, policy)
   gather = _policy.gather_pays(pol, rows, capacity, n_blocks, ffn_block_bytes(packed))
-  return FFNPlan(gather, kernel, out_kernel, pol)
+  return FFNPlan(gather, kernel, out_kernel, pol, select)
 
 
 def ffn_gathers(
@@ -513,7 +519,8 @@ def packed_ffn(
     b_out = jnp.reshape(packed.b_out, (1, d_out)).astype(dtype)
     if not plan.gather:
       with jax.named_scope("select"):
-        keep = _mask.expand_blocks(_mask.block_selection(scores, threshold, capacity), bs)
+        selected = _mask.block_selection(scores, threshold, capacity, kernel=plan.select)
+        keep = _mask.expand_blocks(selected, bs)
       w_in = jnp.reshape(packed.w_in, (n_blocks * rows_per_block, d))
       zz = unit_major_product(xr, w_in) + jnp.reshape(packed.b_in, (1, -1)).astype(dtype)
       zz = jnp.reshape(zz, (rows, n_blocks, g, bs))
@@ -524,7 +531,7 @@ def packed_ffn(
       return h @ jnp.reshape(packed.w_out, (d_ff, d_out)).astype(dtype) + b_out
     assert capacity is not None  # a plan without a capacity never gathers
     with jax.named_scope("select"):
-      idx = _mask.top_blocks(scores, capacity)  # (rows, k) ascending
+      idx = _mask.top_blocks(scores, capacity, kernel=plan.select)  # (rows, k) ascending
       keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
     with jax.named_scope("gather_in"):
       zz = gathered_matvec(packed.w_in, idx, xr, kernel=plan.kernel)  # (rows, k, g·bs)

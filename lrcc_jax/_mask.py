@@ -37,11 +37,28 @@ def ranking_scores(scores: Array) -> Array:
   return jnp.where(jnp.isnan(scores), jnp.inf, scores)
 
 
-def top_blocks(scores: Array, capacity: int) -> Array:
+def top_blocks(scores: Array, capacity: int, *, kernel: str = "xla") -> Array:
   """Indices (..., capacity) of the highest block scores of each row, sorted ascending.
 
-  Sorting keeps the later gathers of weight rows in memory order.
+  NaN ranks first and ties go to the lower index (`lax.top_k`'s order). Sorting keeps the
+  later gathers of weight rows in memory order.
+
+  `kernel="native"` (XLA:CPU, f32 scores; staged in CPU lowerings only) runs
+  `csrc/select.cc`'s selection: the k-th highest order-preserving integer key by bisection
+  over its high, then its low 16 bits, and one ascending scan for the members, in time
+  linear in the row. XLA:CPU's `top_k` sorts each row: measured on 2 cores, 40 µs for one
+  row of 1024 scores, 0.4 ms for one row of 8192 and for 64 rows of 256. The scores carry
+  no gradient through the indices either way.
   """
+  if kernel == "native":
+    if not _native.available():
+      raise ValueError(f"kernel='native' needs the native library: {_native.status()['reason']}")
+    if scores.dtype == jnp.float32:
+      out = jax.ShapeDtypeStruct(scores.shape[:-1] + (capacity,), jnp.int32)
+      call = jax.ffi.ffi_call(_native.TOP_BLOCKS, out, vmap_method="broadcast_all")
+      return call(lax.stop_gradient(scores))
+  elif kernel != "xla":
+    raise ValueError(f"kernel={kernel!r} must be 'native' or 'xla'.")
   _, idx = lax.top_k(ranking_scores(scores), capacity)
   return jnp.sort(idx, axis=-1)
 
@@ -83,13 +100,22 @@ BISECT_MIN_WIDTH = 256
 BISECT_MIN_SCORES = 32768
 
 
-def block_selection(scores: Array, threshold: float | Array, capacity: int | None) -> Array:
-  """bool (..., n_blocks): the selected blocks of each row."""
+def block_selection(
+  scores: Array, threshold: float | Array, capacity: int | None, *, kernel: str = "xla"
+) -> Array:
+  """bool (..., n_blocks): the selected blocks of each row.
+
+  `kernel="native"` finds the capacity's members with `top_blocks`' native selection.
+  """
   selected = above(scores, threshold)
   if capacity is None or capacity == scores.shape[-1]:
     return selected
   flat = jnp.reshape(scores, (-1, scores.shape[-1]))
-  if flat.shape[1] >= BISECT_MIN_WIDTH and flat.size >= BISECT_MIN_SCORES:
+  if kernel == "native":
+    idx = top_blocks(flat, capacity, kernel="native")
+    rows = jnp.arange(flat.shape[0])[:, None]
+    in_top = jnp.zeros(flat.shape, bool).at[rows, idx].set(True)
+  elif flat.shape[1] >= BISECT_MIN_WIDTH and flat.size >= BISECT_MIN_SCORES:
     in_top = top_k_membership(flat, capacity)
   else:
     idx = top_blocks(flat, capacity)

@@ -54,6 +54,8 @@ _SHARED_TARGETS = {
 MASKED_RELU = "lrcc_masked_relu"
 # The same epilogue computing the estimate's block scores itself from x, U and V.
 ESTIMATED_MASKED_RELU = "lrcc_estimated_masked_relu"
+# The capacity's selection alone (`csrc/select.cc`, called by `_mask.top_blocks`).
+TOP_BLOCKS = "lrcc_top_blocks"
 # Every FFI target of the library: name -> exported handler symbol. All sources in
 # `csrc/` are compiled into one shared library; adding a kernel is a new `.cc` file
 # and a line here.
@@ -66,6 +68,7 @@ SYMBOLS = {
   "lrcc_ffn_rows_product_bf16": "LrccFfnRowsProductBf16",
   MASKED_RELU: "LrccMaskedRelu",
   ESTIMATED_MASKED_RELU: "LrccEstimatedMaskedRelu",
+  TOP_BLOCKS: "LrccTopBlocks",
   # csrc/fused_layer.cc: one whole conditional layer per call (`_fused`).
   "lrcc_fused_layer": "LrccFusedLayer",
   "lrcc_fused_layer_bf16": "LrccFusedLayerBf16",

@@ -275,6 +275,7 @@ def gather_selected(
   *,
   kernel: str | None = None,
   policy: Policies = None,
+  select: str = "xla",
 ) -> tuple[Array, Array]:
   """Each row's `capacity` best blocks and their activations, computing only those.
 
@@ -286,12 +287,13 @@ def gather_selected(
     capacity: static number of blocks per row.
     kernel: `gathered_matvec`'s kernel; None picks it per lowering platform.
     policy: the caller's policies (they may select the XLA gather on a platform).
+    select: `_mask.top_blocks`' kernel: "native" (CPU only) or "xla".
 
   Returns:
     `idx` (rows, capacity) ascending block indices and `vals` (rows, capacity,
     block_size) = `where(score > threshold, relu(W_blocks x + b), 0)`.
   """
-  idx = _mask.top_blocks(scores, capacity)
+  idx = _mask.top_blocks(scores, capacity, kernel=select)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
   z = gathered_matvec(packed.weight, idx, xr, kernel=kernel, policy=policy) + packed.bias[
     idx
@@ -426,7 +428,14 @@ def packed_dense(
       )
     else:
       idx, vals = gather_selected(
-        xr, packed, scores, threshold, capacity, kernel=plan.kernel, policy=policy
+        xr,
+        packed,
+        scores,
+        threshold,
+        capacity,
+        kernel=plan.kernel,
+        policy=policy,
+        select=plan.epilogue,
       )
     row_ids = jnp.arange(rows)[:, None]
     y = (

@@ -368,9 +368,10 @@ def _policy_platform(platform: str) -> str:
 
 
 def epilogue_kernel(platform: str, x_dtype: jnp.dtype) -> str:
-  """The dense fallback's epilogue (`_mask.masked_relu`) on `platform`: "native" or "xla".
+  """The dense fallback's epilogue (`_mask.masked_relu`) and the gathers' selection
+  (`_mask.top_blocks`) on `platform`: "native" or "xla".
 
-  The native one (`csrc/select.cc`) on CPU for f32 products when the library is built;
+  The native ones (`csrc/select.cc`) on CPU for f32 products when the library is built;
   XLA's ops elsewhere.
   """
   if platform == "cpu" and _native.usable(jnp.float32, x_dtype):
@@ -384,12 +385,14 @@ class Plan(NamedTuple):
   gather: bool
   kernel: str  # the gather kernel (meaningless when not gathering)
   policy: Policy | None
-  epilogue: str = "xla"  # the dense fallback's epilogue kernel (meaningless when gathering)
+  # The dense fallback's epilogue kernel, and the gather path's selection kernel
+  # (`_mask.top_blocks`): "native" on CPU where `epilogue_kernel` says so.
+  epilogue: str = "xla"
 
   @property
-  def key(self) -> tuple[bool, str | None]:
+  def key(self) -> tuple[bool, str | None, str]:
     """What the branch computes: equal keys stage the same code."""
-    return (self.gather, self.kernel if self.gather else self.epilogue)
+    return (self.gather, self.kernel if self.gather else None, self.epilogue)
 
 
 def plan_layer(

@@ -135,11 +135,12 @@ def sparse_packed_dense(
     rows, m, dtype, b_in = x.shape[0], n_in, x.dtype, 1
     operands = (x,)
 
-  def plan_of(platform: str) -> str:
-    return _layer_path(platform, rows, capacity, packed, dtype, m, b_in, sparse, policy)
+  def plan_of(platform: str) -> tuple[str, str]:
+    path = _layer_path(platform, rows, capacity, packed, dtype, m, b_in, sparse, policy)
+    return path, _policy.epilogue_kernel(platform, dtype)  # and the selection's kernel
 
-  def run(path: str, operands: tuple, packed: PackedDense, threshold: Array) -> tuple:
-    return _run_layer(path, operands, packed, threshold, capacity, b_in, policy)
+  def run(plan: tuple[str, str], operands: tuple, packed: PackedDense, threshold: Array) -> tuple:
+    return _run_layer(*plan, operands, packed, threshold, capacity, b_in, policy)
 
   with jax.named_scope("lrcc_sparse_packed_dense"):
     idx, vals = _policy.dispatch(plan_of, run, (operands, packed, threshold))
@@ -174,6 +175,7 @@ def _layer_path(
 
 def _run_layer(
   path: str,
+  select: str,
   operands: tuple,
   packed: PackedDense,
   threshold: Array,
@@ -181,7 +183,8 @@ def _run_layer(
   b_in: int,
   policy: Policies,
 ) -> tuple[Array, Array]:
-  """`(idx, vals)` of `sparse_packed_dense` on one path (see `_layer_path`)."""
+  """`(idx, vals)` of `sparse_packed_dense` on one path (see `_layer_path`), selecting
+  with `_mask.top_blocks`' kernel `select` outside the fused kernel."""
   n_blocks, block_size, n_in = packed.weight.shape
   sparse = len(operands) == 2
   if path == "fused":
@@ -216,14 +219,16 @@ def _run_layer(
     xd = densify(SparseRows(operands[0], operands[1], b_in), n_in) if sparse else values
     z = unit_major_product(xd, jnp.reshape(packed.weight, (n_blocks * block_size, n_in)))
     z = jnp.reshape(z, (rows, n_blocks, block_size)) + packed.bias[None].astype(z.dtype)
-    idx = _mask.top_blocks(scores, capacity)
+    idx = _mask.top_blocks(scores, capacity, kernel=select)
     keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
     z = jnp.take_along_axis(z, idx[..., None], axis=1)
     return idx, jnp.where(keep[..., None], jax.nn.relu(z), jnp.zeros((), z.dtype))
   if not sparse:
-    return gather_selected(values, packed, scores, threshold, capacity, policy=policy)
+    return gather_selected(
+      values, packed, scores, threshold, capacity, policy=policy, select=select
+    )
   x = SparseRows(operands[0], operands[1], b_in)
-  idx = _mask.top_blocks(scores, capacity)  # (rows, k)
+  idx = _mask.top_blocks(scores, capacity, kernel=select)  # (rows, k)
   keep = _mask.above(jnp.take_along_axis(scores, idx, axis=-1), threshold)
   dtype = values.dtype
   z = _tile_product(packed.weight, idx, x, policy).astype(dtype) + packed.bias[idx].astype(dtype)

@@ -15,8 +15,8 @@ from lrcc_jax.apps import lowering_table as T
 NATIVE = "native FFI" if _native.available() else "XLA gather"
 PALLAS = {"cuda": "Pallas Triton", "tpu": "Pallas Mosaic TPU"}
 FOREIGN = {"cpu": ("Pallas Triton", "Pallas Mosaic TPU"),
-           "cuda": ("native FFI", "native epilogue", "Pallas Mosaic TPU"),
-           "tpu": ("native FFI", "native epilogue", "Pallas Triton")}
+           "cuda": ("native FFI", "native epilogue", "native selection", "Pallas Mosaic TPU"),
+           "tpu": ("native FFI", "native epilogue", "native selection", "Pallas Triton")}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,15 @@ def test_the_dense_fallback_runs_the_native_epilogue_only_on_cpu(table):
   assert ("native epilogue" in row["kernels"]) == _native.available(), row
   for platform in ("cuda", "tpu"):
     assert table[("packed_dense auto, 64 rows", platform)]["kernels"] == ["dense"]
+
+
+def test_gathers_past_eight_rows_select_natively_only_on_cpu(table):
+  """Past the fused kernel's 8 rows the tile kernel gathers, and the capacity's selection is
+  `csrc/select.cc`'s (`lrcc_top_blocks`) in the CPU lowering only."""
+  row = table[("packed_dense gather bs=16, 16 rows", "cpu")]
+  assert ("native selection" in row["kernels"]) == _native.available(), row
+  for platform in ("cuda", "tpu"):
+    assert "native selection" not in table[("packed_dense gather bs=16, 16 rows", platform)]["kernels"]
 
 
 def test_one_program_lowers_for_all_platforms_at_once(table):

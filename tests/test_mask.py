@@ -16,6 +16,8 @@ import lrcc_jax as L
 from helpers import int_layers, np_block_mask, np_estimate, np_unit_mask, scaled_examples
 from lrcc_jax import _mask, _native
 
+needs_native = pytest.mark.skipif(not _native.available(), reason="native library not built")
+
 # Few distinct values, so every row has ties, values equal to the thresholds below, NaN
 # and infinities in single entries, both signed zeros, and neighbours one float32 ulp
 # apart (the bisection's integer keys must order them too).
@@ -43,36 +45,73 @@ def _force_algorithm(mp, algorithm):
     mp.setattr(_mask, "BISECT_MIN_WIDTH", 10**9)
 
 
-@pytest.mark.parametrize("algorithm", ["top_k", "bisection"])
+ALGORITHMS = ["top_k", "bisection", pytest.param("native", marks=needs_native)]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @given(score_rows())
 def test_block_selection_at_ties_thresholds_and_non_finite_scores(algorithm, case):
   """Guards `>` (not `>=`) at the threshold, NaN counted above it and ranked first under a
-  capacity, +0.0 above -0.0 and lower-index-first ties at the capacity boundary, for both
-  selection algorithms (run eagerly: forcing the bisection on short rows is only slow to
-  compile under jit)."""
+  capacity, +0.0 above -0.0 and lower-index-first ties at the capacity boundary, for the
+  three selection algorithms (run eagerly: forcing the bisection on short rows is only slow
+  to compile under jit)."""
   scores, threshold, capacity = case
   event(f"nan in scores: {bool(np.isnan(scores).any())}")
+  kernel = "native" if algorithm == "native" else "xla"
   with pytest.MonkeyPatch.context() as mp:
     _force_algorithm(mp, algorithm)
-    got = np.asarray(_mask.block_selection(jnp.asarray(scores), threshold, capacity))
+    got = np.asarray(_mask.block_selection(jnp.asarray(scores), threshold, capacity, kernel=kernel))
   np.testing.assert_array_equal(got, np_block_mask(scores, threshold, capacity, 1))
 
 
 @pytest.mark.parametrize("capacity", [1, 37, 200])
-@pytest.mark.parametrize("algorithm", ["top_k", "bisection"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_block_selection_at_real_sizes_with_massive_ties(algorithm, capacity):
-  """Guards both algorithms at the size where `block_selection` picks the bisection
+  """Guards the three algorithms at the size where `block_selection` picks the bisection
   (128 rows x 256 blocks): scores in 7 values plus NaN/±inf, ties straddle every boundary."""
   rng = np.random.default_rng(capacity)
   scores = rng.integers(-3, 4, (128, 256)).astype(np.float32)
   scores[rng.random(scores.shape) < 0.01] = np.nan
   scores[rng.random(scores.shape) < 0.01] = np.inf
   scores[rng.random(scores.shape) < 0.01] = -np.inf
+  kernel = "native" if algorithm == "native" else "xla"
   with pytest.MonkeyPatch.context() as mp:
     if algorithm == "top_k":
       _force_algorithm(mp, "top_k")
-    got = np.asarray(jax.jit(lambda s: _mask.block_selection(s, 0.0, capacity))(jnp.asarray(scores)))
+    select = jax.jit(lambda s: _mask.block_selection(s, 0.0, capacity, kernel=kernel))
+    got = np.asarray(select(jnp.asarray(scores)))
   np.testing.assert_array_equal(got, np_block_mask(scores, 0.0, capacity, 1))
+
+
+@needs_native
+@settings(deadline=None)
+@given(score_rows())
+def test_native_top_blocks_are_top_ks_indices_ascending(case):
+  """Guards `top_blocks(kernel="native")` against `lax.top_k` + sort: the same indices, in
+  ascending order, with NaN first, ties to the lower index and -0.0 below +0.0."""
+  scores, _, capacity = case
+  s = jnp.asarray(scores)
+  got = np.asarray(_mask.top_blocks(s, capacity, kernel="native"))
+  np.testing.assert_array_equal(got, np.asarray(_mask.top_blocks(s, capacity)))
+  assert got.dtype == np.int32 and np.all(np.diff(got, axis=-1) > 0)
+
+
+@needs_native
+@pytest.mark.parametrize("n, capacity", [(256, 26), (1000, 999), (1024, 1024), (8192, 819)])
+def test_native_top_blocks_at_real_sizes_leading_axes_and_vmap(n, capacity):
+  """Guards the native selection at real widths with ties everywhere (a tail past the last
+  32 keys at 1000, the whole row at k = n), over leading axes and under vmap and jit."""
+  rng = np.random.default_rng(n)
+  scores = rng.integers(-3, 4, (2, 3, n)).astype(np.float32)
+  scores[rng.random(scores.shape) < 0.01] = np.nan
+  s = jnp.asarray(scores)
+  want = np.asarray(_mask.top_blocks(s, capacity))
+  native = lambda s: _mask.top_blocks(s, capacity, kernel="native")
+  np.testing.assert_array_equal(np.asarray(jax.jit(native)(s)), want)
+  np.testing.assert_array_equal(np.asarray(jax.vmap(native)(s)), want)
+  np.testing.assert_array_equal(np.asarray(jax.vmap(jax.vmap(native))(s)), want)
+  with pytest.raises(ValueError, match="kernel='gpu' must be 'native' or 'xla'"):
+    _mask.top_blocks(s, capacity, kernel="gpu")
 
 
 def test_bisection_is_what_large_rows_use():
@@ -124,7 +163,6 @@ def test_unit_mask_defaults_are_threshold_zero_no_capacity_single_units():
 
 # --- The dense fallback's epilogue (`masked_relu`), native (`csrc/select.cc`) and XLA. ---
 
-needs_native = pytest.mark.skipif(not _native.available(), reason="native library not built")
 
 
 def _np_masked_relu(z, scores, bias, threshold, capacity):

@@ -8,6 +8,7 @@ found in the text, with any control flow left in it:
 - ``native FFI``: a native CPU gather kernel's custom call (`lrcc_tile_product`, ...);
 - ``native epilogue``: the dense fallback's native CPU epilogue (`lrcc_masked_relu`,
   `lrcc_estimated_masked_relu`);
+- ``native selection``: the capacity's native CPU selection (`lrcc_top_blocks`);
 - ``Pallas Triton``: ``__gpu$xla.gpu.triton``; ``Pallas Mosaic TPU``: ``tpu_custom_call``;
   ``Pallas Mosaic GPU``: ``mosaic_gpu`` (none expected);
 - ``XLA gather``: a ``stablehlo.gather`` reading a packed weight;
@@ -37,8 +38,9 @@ PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cpu", "cuda", "tpu"))
 _EPILOGUES = (_native.MASKED_RELU, _native.ESTIMATED_MASKED_RELU)
 # Each kernel's custom-call target names (any of them marks the kernel as present).
 KERNEL_MARKERS = {
-  "native FFI": tuple(t for t in _native.SYMBOLS if t not in _EPILOGUES),
+  "native FFI": tuple(t for t in _native.SYMBOLS if t not in (*_EPILOGUES, _native.TOP_BLOCKS)),
   "native epilogue": _EPILOGUES,
+  "native selection": (_native.TOP_BLOCKS,),
   "Pallas Triton": ("__gpu$xla.gpu.triton",),
   "Pallas Mosaic TPU": ("tpu_custom_call",),
   "Pallas Mosaic GPU": ("mosaic_gpu",),
@@ -104,6 +106,12 @@ def paths(width: int = 256) -> list[Path]:
     ),
     Path("packed_dense auto bs=16", lambda x: L.packed_dense(x, p16, capacity=2), x, (shape16,)),
     Path(
+      "packed_dense gather bs=16, 16 rows",
+      lambda x: L.packed_dense(x, p16, capacity=2, strategy="gather"),
+      jnp.ones((16, width)),
+      (shape16,),
+    ),
+    Path(
       "packed_dense auto, 64 rows",
       lambda x: L.packed_dense(x, p16, capacity=8),
       jnp.ones((64, width)),
@@ -141,7 +149,7 @@ def kernels_in(text: str, weight_shapes) -> list[str]:
   found = [name for name, markers in KERNEL_MARKERS.items() if any(m in text for m in markers)]
   if _gathers_weight(text, weight_shapes):
     found.append("XLA gather")
-  if not set(found) - {"native epilogue"}:
+  if not set(found) - {"native epilogue", "native selection"}:
     found.insert(0, "dense")
   return found
 
