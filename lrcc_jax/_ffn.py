@@ -258,15 +258,15 @@ def ffn_block_bytes(packed: PackedFFN) -> int:
 
 # "auto" computes an FFN densely while all its weights (every projection) take fewer bytes
 # than this: such an FFN sits in the cache, its dense products cost a few microseconds, and
-# the fixed costs of skipping (estimate, top_k, the gathers' index work, one op per step)
-# are comparable. Measured on XLA:CPU, 2 shared cores, batch 1, d_ff = 4 d, ReLU², blocks
-# of 1, rank d / 8, the native kernels, gathers forced against a dense jit at 10% and 25%
-# computed (`lrcc-jax bench --suite ffn`, "widths"; one run, load average 7-9): d = 128
-# (0.5 MB) 0.21-0.24x; 256 (2 MB) 0.25x; 512 (8 MB) 1.4-1.9x; 1024 (32 MB) 2.6-8.7x. The
-# whole decode step of `lrcc-jax lm` crosses at the same place (d_model 256: 0.86x, 512:
-# 1.38x). Other platforms: unmeasured; the same bound is used (a cache-resident FFN is
-# launch-bound there too).
-MIN_GATHER_WEIGHT_BYTES = 4 * 2**20
+# the fixed costs of skipping (estimate, selection, the gathers' index work, one op per
+# step) are comparable. Measured on XLA:CPU, 2 shared cores, batch 1, d_ff = 4 d, ReLU²,
+# blocks of 1, rank d / 8, the native kernels, gathers forced against a dense jit at 10% and
+# 25% computed (`lrcc-jax bench --suite ffn`, "widths"), with the native selection
+# (`_mask.top_blocks`): d = 128 (0.5 MB) 0.61x; 256 (2 MB) 1.98-2.03x; 512 (8 MB)
+# 2.7-5.3x. With XLA's top_k the 2 MB FFN had gathered at 0.25x, then 1.1-1.9x (two runs)
+# as the native kernels' fixed costs fell, and the bound was 4 MB. Other platforms:
+# unmeasured; the same bound is used (a cache-resident FFN is launch-bound there too).
+MIN_GATHER_WEIGHT_BYTES = 2**20
 
 
 def ffn_weight_bytes(packed: PackedFFN) -> int:

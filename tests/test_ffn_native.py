@@ -251,3 +251,10 @@ def test_auto_runs_small_ffns_dense_and_large_ones_gathered(platform):
   assert not _ffn.plan_ffn(platform, "auto", 64, 8, pk, jnp.float32).gather  # 64 rows: dense
   tiny = _pack(*_int_ffn(0, 64, 256, 64, 4, False, rows=1)[:2], 16)
   assert not _ffn.plan_ffn(platform, "auto", 1, 1, tiny, jnp.float32).gather
+  # either side of the 1 MB bound: 256 x 1024 (2 MB) gathers 10% of its units at batch 1,
+  # 128 x 512 (0.5 MB) does not
+  mid = _pack(*_int_ffn(0, 256, 1024, 256, 4, False, rows=1)[:2], 1)
+  assert _ffn.ffn_weight_bytes(mid) == 2 * 2**20
+  assert _ffn.plan_ffn(platform, "auto", 1, 102, mid, jnp.float32).gather
+  half_mb = _pack(*_int_ffn(0, 128, 512, 128, 4, False, rows=1)[:2], 1)
+  assert not _ffn.plan_ffn(platform, "auto", 1, 51, half_mb, jnp.float32).gather
