@@ -357,3 +357,23 @@ def test_estimated_epilogue_nan_unit_scores_its_block_nan(block_size, column):
   want = np.zeros((5, n_out), np.float32)
   want[:, block] = np.maximum(np.asarray(z)[:, block] + np.asarray(bias)[block], 0)
   np.testing.assert_array_equal(got, want)
+
+
+@needs_native
+def test_gathers_past_eight_rows_select_natively_under_grad_jit_and_vmap():
+  """Guards the native selection inside `packed_dense`'s tile-kernel gathers (16 rows): it
+  is in the program, and the gradient (through the kept blocks only) and vmap agree with
+  the dense path's, which selects with XLA's ops."""
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32)
+  p = L.pack(w, jnp.asarray(rng.standard_normal(64) / 4, jnp.float32), L.fit_svd(w, 4), block_size=16)
+  x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+  gather = lambda x: L.packed_dense(x, p, capacity=2, strategy="gather")
+  dense = lambda x: L.packed_dense(x, p, capacity=2, strategy="dense")
+  assert "lrcc_top_blocks" in jax.jit(gather).lower(x).as_text()
+  np.testing.assert_allclose(np.asarray(jax.jit(gather)(x)), np.asarray(dense(x)), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x: jnp.sum(f(x) ** 2)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss(gather)))(x)),
+                             np.asarray(jax.grad(loss(dense))(x)), rtol=1e-4, atol=1e-5)
+  rows = jax.vmap(lambda r: gather(r[None])[0])(x)  # one row each: the fused kernel
+  np.testing.assert_allclose(np.asarray(rows), np.asarray(dense(x)), rtol=1e-5, atol=1e-5)
