@@ -111,14 +111,11 @@ def block_selection(
   if capacity is None or capacity == scores.shape[-1]:
     return selected
   flat = jnp.reshape(scores, (-1, scores.shape[-1]))
-  if kernel == "native":
-    idx = top_blocks(flat, capacity, kernel="native")
-    rows = jnp.arange(flat.shape[0])[:, None]
-    in_top = jnp.zeros(flat.shape, bool).at[rows, idx].set(True)
-  elif flat.shape[1] >= BISECT_MIN_WIDTH and flat.size >= BISECT_MIN_SCORES:
+  large = flat.shape[1] >= BISECT_MIN_WIDTH and flat.size >= BISECT_MIN_SCORES
+  if kernel == "xla" and large:
     in_top = top_k_membership(flat, capacity)
   else:
-    idx = top_blocks(flat, capacity)
+    idx = top_blocks(flat, capacity, kernel=kernel)
     rows = jnp.arange(flat.shape[0])[:, None]
     in_top = jnp.zeros(flat.shape, bool).at[rows, idx].set(True)
   return selected & jnp.reshape(in_top, scores.shape)

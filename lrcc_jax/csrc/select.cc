@@ -161,6 +161,18 @@ void Row(const Job& jb, int64_t r, RowBuffers& buf) {
 }
 
 
+// Claims chunks of jb's rows from its counter until none is left, calling body(begin, end)
+// for each; counts each finished chunk in jb.done (Launch waits on it).
+template <typename J, typename Body>
+void PullChunks(J& jb, Body&& body) {
+  for (;;) {
+    const int64_t c = jb.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= jb.n_chunks) return;
+    body(c * jb.chunk, std::min(jb.rows, (c + 1) * jb.chunk));
+    jb.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
 void RunChunks(Job& jb) {
   RowBuffers buf(jb.n_blocks);
   std::vector<float> t, z;
@@ -168,16 +180,12 @@ void RunChunks(Job& jb) {
     t.assign(8 * jb.est.rp, 0.f);
     z.assign(8 * jb.n_blocks * jb.bs, 0.f);
   }
-  for (;;) {
-    const int64_t c = jb.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= jb.n_chunks) return;
-    const int64_t end = std::min(jb.rows, (c + 1) * jb.chunk);
+  PullChunks(jb, [&](int64_t begin, int64_t end) {
     if (jb.est.x != nullptr) {  // the scores of these rows, eight at a time
-      lrcc_estimate::EstimateRows(jb.est, c * jb.chunk, end, t.data(), z.data());
+      lrcc_estimate::EstimateRows(jb.est, begin, end, t.data(), z.data());
     }
-    for (int64_t r = c * jb.chunk; r < end; ++r) Row(jb, r, buf);
-    jb.done.fetch_add(1, std::memory_order_release);
-  }
+    for (int64_t r = begin; r < end; ++r) Row(jb, r, buf);
+  });
 }
 
 // lrcc_top_blocks' rows: the k highest of n_blocks scores each, ascending.
@@ -193,11 +201,8 @@ void RunChunks(TopJob& jb) {
   const int64_t nb = jb.n_blocks, k = jb.k;
   std::vector<uint32_t> keys(nb);
   std::vector<uint16_t> high(nb), low(nb);
-  for (;;) {
-    const int64_t c = jb.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= jb.n_chunks) return;
-    const int64_t end = std::min(jb.rows, (c + 1) * jb.chunk);
-    for (int64_t r = c * jb.chunk; r < end; ++r) {
+  PullChunks(jb, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
       int32_t* out = jb.idx + r * k;
       if (k >= nb) {
         for (int64_t b = 0; b < k; ++b) out[b] = static_cast<int32_t>(b);
@@ -209,8 +214,7 @@ void RunChunks(TopJob& jb) {
       lrcc_topk::ForEachTopK(keys.data(), nb, k, kth,
                              [&](int64_t b) { out[n++] = static_cast<int32_t>(b); });
     }
-    jb.done.fetch_add(1, std::memory_order_release);
-  }
+  });
 }
 
 // Splits jb's rows into chunks of at least `min_rows` (a multiple of `multiple`) and runs
