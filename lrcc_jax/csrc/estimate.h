@@ -107,6 +107,27 @@ inline float BlockMax16(const float* z, const float* bias, int64_t bs) {
   return nan[0] ? NAN : best[0];
 }
 
+// out[b] = max over block b's units of z + bias (NaN if any is), for nb blocks of bs units:
+// zhat itself for single units, BlockMax16 for multiples of 16, a scalar loop otherwise.
+inline void BlockScores(const float* z, const float* bias, int64_t nb, int64_t bs, float* out) {
+  if (bs == 1) {  // a unit is its block: the score is zhat itself (NaN included)
+    for (int64_t b = 0; b < nb; ++b) out[b] = z[b] + bias[b];
+  } else if (bs % 16 == 0) {
+    for (int64_t b = 0; b < nb; ++b) out[b] = BlockMax16(z + b * bs, bias + b * bs, bs);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      float best = -INFINITY;
+      bool nan = false;
+      for (int64_t u = b * bs; u < (b + 1) * bs; ++u) {
+        const float z_u = z[u] + bias[u];
+        nan |= z_u != z_u;
+        best = std::max(best, z_u);
+      }
+      out[b] = nan ? NAN : best;
+    }
+  }
+}
+
 // Block scores of rows [r0, r0 + R) from their t (R x rp):
 // zhat = t V + bias (into z, R x n_out), then each block's max
 // (NaN if any unit is NaN).
@@ -123,28 +144,7 @@ void Scores(const Estimator& e, int64_t r0, const float* t, float* z) {
       z[s * n_out + j] = acc;
     }
   }
-  for (int s = 0; s < R; ++s) {
-    const float* zs = z + s * n_out;
-    float* out = e.scores + (r0 + s) * nb;
-    if (bs == 1) {
-      for (int64_t b = 0; b < nb; ++b) out[b] = zs[b] + e.bias[b];
-      continue;
-    }
-    if (bs % 16 == 0) {
-      for (int64_t b = 0; b < nb; ++b) out[b] = BlockMax16(zs + b * bs, e.bias + b * bs, bs);
-      continue;
-    }
-    for (int64_t b = 0; b < nb; ++b) {
-      float best = -INFINITY;
-      bool nan = false;
-      for (int64_t u = b * bs; u < (b + 1) * bs; ++u) {
-        const float z_u = zs[u] + e.bias[u];
-        nan |= z_u != z_u;
-        best = std::max(best, z_u);
-      }
-      out[b] = nan ? NAN : best;
-    }
-  }
+  for (int s = 0; s < R; ++s) BlockScores(z + s * n_out, e.bias, nb, bs, e.scores + (r0 + s) * nb);
 }
 
 // Calls fn(std::integral_constant<int, R>(), r0) for rows [begin, end) in groups of R = 8

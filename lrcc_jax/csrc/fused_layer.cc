@@ -23,7 +23,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -363,47 +362,15 @@ ffi::Error Run(ffi::ThreadPool* pool, const Layer<W>& L) {
       const int64_t j0 = b0 * bs, width = (b1 - b0) * bs;
       float z[kUnitChunk + 64];
       TimesV(L, t.data() + row * r, j0, width, z);
-      if (bs == 1) {  // a unit is its block: the score is zhat itself (NaN included)
-        float* out = scores.data() + row * n_blocks + b0;
-        for (int64_t j = 0; j < width; ++j) out[j] = z[j] + L.bias[j0 + j];
-        return;
-      }
-      if (bs % 16 == 0) {  // 16 lanes at a time, as in the eight-row estimate
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          scores[row * n_blocks + blk] =
-            lrcc_estimate::BlockMax16(z + (blk - b0) * bs, L.bias + blk * bs, bs);
-        }
-        return;
-      }
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        float s = -INFINITY;
-        bool nan = false;
-        for (int64_t j = 0; j < bs; ++j) {
-          const float zj = z[(blk - b0) * bs + j] + L.bias[blk * bs + j];
-          nan |= std::isnan(zj);
-          s = std::max(s, zj);
-        }
-        scores[row * n_blocks + blk] = nan ? NAN : s;
-      }
+      lrcc_estimate::BlockScores(z, L.bias + j0, b1 - b0, bs, scores.data() + row * n_blocks + b0);
     });
   }
   // 3. Selection: the k best blocks of each row, ascending. The bisection of topk.h finds
   // the k-th best key; one ascending scan then takes every block above it and the
   // lowest-indexed ties (no index sort).
   ParallelFor(pool, rows, rows * n_blocks * 8, [&](int64_t row) {
-    const float* sr = scores.data() + row * n_blocks;
-    int32_t* out = L.idx + row * k;
-    if (k >= n_blocks) {
-      std::iota(out, out + k, 0);
-      return;
-    }
-    std::vector<uint32_t> keys(n_blocks);
-    std::vector<uint16_t> high(n_blocks), low(n_blocks);
-    lrcc_topk::Keys(sr, n_blocks, keys.data(), high.data());
-    const uint32_t kth = lrcc_topk::KthKey(keys.data(), high.data(), n_blocks, k, low.data()).first;
-    int64_t n = 0;
-    lrcc_topk::ForEachTopK(keys.data(), n_blocks, k, kth,
-                           [&](int64_t b) { out[n++] = static_cast<int32_t>(b); });
+    lrcc_topk::TopKBuffers buf(k >= n_blocks ? 0 : n_blocks);
+    lrcc_topk::TopKIndices(scores.data() + row * n_blocks, n_blocks, k, L.idx + row * k, buf);
   });
   // 4. Exact products of the kept blocks: relu(W_block x + b), zero where not kept.
   const int64_t runs = sparse ? m / L.b_in : 1;

@@ -118,10 +118,9 @@ inline void BlockEpilogue16(const float* z, const float* bias, bool kept, int64_
 
 // Scratch of one thread for Row.
 struct RowBuffers {
-  std::vector<uint32_t> keys;
-  std::vector<uint16_t> high, low;
+  lrcc_topk::TopKBuffers topk;
   std::vector<uint8_t> keep;
-  explicit RowBuffers(int64_t nb) : keys(nb), high(nb), low(nb), keep(nb) {}
+  explicit RowBuffers(int64_t nb) : topk(nb), keep(nb) {}
 };
 
 void Row(const Job& jb, int64_t r, RowBuffers& buf) {
@@ -135,9 +134,9 @@ void Row(const Job& jb, int64_t r, RowBuffers& buf) {
   // pass (passing keys order above the others), so only the rank among all keys matters.
   const int64_t k = jb.capacity;
   if (k > 0 && k < passing) {
-    uint32_t* kp = buf.keys.data();
-    Keys(s, nb, kp, buf.high.data());
-    const auto [kth, exact] = KthKey(kp, buf.high.data(), nb, k, buf.low.data());
+    uint32_t* kp = buf.topk.keys.data();
+    Keys(s, nb, kp, buf.topk.high.data());
+    const auto [kth, exact] = KthKey(kp, buf.topk.high.data(), nb, k, buf.topk.low.data());
     if (exact) {
       KeepAtLeast(kp, nb, kth, keep);
     } else {  // ties at kth: the top k (all passing) are kept, the lower-indexed ties first
@@ -199,20 +198,10 @@ struct TopJob {
 
 void RunChunks(TopJob& jb) {
   const int64_t nb = jb.n_blocks, k = jb.k;
-  std::vector<uint32_t> keys(nb);
-  std::vector<uint16_t> high(nb), low(nb);
+  lrcc_topk::TopKBuffers buf(nb);
   PullChunks(jb, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      int32_t* out = jb.idx + r * k;
-      if (k >= nb) {
-        for (int64_t b = 0; b < k; ++b) out[b] = static_cast<int32_t>(b);
-        continue;
-      }
-      Keys(jb.scores + r * nb, nb, keys.data(), high.data());
-      const uint32_t kth = KthKey(keys.data(), high.data(), nb, k, low.data()).first;
-      int64_t n = 0;
-      lrcc_topk::ForEachTopK(keys.data(), nb, k, kth,
-                             [&](int64_t b) { out[n++] = static_cast<int32_t>(b); });
+      lrcc_topk::TopKIndices(jb.scores + r * nb, nb, k, jb.idx + r * k, buf);
     }
   });
 }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace lrcc_topk {
 
@@ -126,6 +127,26 @@ inline void ForEachTopK(const uint32_t* keys, int64_t nb, int64_t k, uint32_t kt
       ++n;
     }
   }
+}
+
+// Scratch of one thread for TopKIndices, for rows of up to nb scores.
+struct TopKBuffers {
+  std::vector<uint32_t> keys;
+  std::vector<uint16_t> high, low;
+  explicit TopKBuffers(int64_t nb) : keys(nb), high(nb), low(nb) {}
+};
+
+// out[0:k] = the indices of the k highest of the nb scores `s`, ascending (NaN first, ties
+// to the lower index): every index when k >= nb, else KthKey and one ForEachTopK scan.
+inline void TopKIndices(const float* s, int64_t nb, int64_t k, int32_t* out, TopKBuffers& buf) {
+  if (k >= nb) {
+    for (int64_t b = 0; b < k; ++b) out[b] = static_cast<int32_t>(b);
+    return;
+  }
+  Keys(s, nb, buf.keys.data(), buf.high.data());
+  const uint32_t kth = KthKey(buf.keys.data(), buf.high.data(), nb, k, buf.low.data()).first;
+  int64_t n = 0;
+  ForEachTopK(buf.keys.data(), nb, k, kth, [&](int64_t b) { out[n++] = static_cast<int32_t>(b); });
 }
 
 }  // namespace lrcc_topk
